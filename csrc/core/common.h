@@ -1,0 +1,20 @@
+// Shared definitions for the per-coordinate math used by both the CPU and the CUDA kernels.
+#pragma once
+#include <cstdint>
+
+// Marks a function callable from host and device code, so that the CPU and CUDA backends run the
+// same arithmetic (SPEC §1).
+#if defined(__CUDACC__)
+#define RA_HD __host__ __device__ __forceinline__
+#else
+#define RA_HD inline
+#endif
+
+namespace robustagg {
+
+// Arithmetic type per storage type (SPEC §2): float32 for 16/32-bit inputs, float64 for float64.
+template <typename T> struct acc_type { using type = float; };
+template <> struct acc_type<double> { using type = double; };
+template <typename T> using acc_t = typename acc_type<T>::type;
+
+}  // namespace robustagg

@@ -1,0 +1,1 @@
+"""Triton kernels of robustagg, one module per op family; installed as ``robustagg.triton_kernels``."""

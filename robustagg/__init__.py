@@ -1,0 +1,35 @@
+"""robustagg: compiled kernels for robust federated-learning aggregation.
+
+The ops are in ``robustagg.ops`` (also re-exported here), the pure-PyTorch references in
+``robustagg.reference``, flattening of client updates in ``robustagg.layout``, the defenses in
+``robustagg.aggregators`` and the attacks in ``robustagg.attacks``.
+"""
+from ._backend import BACKENDS, available_backends
+from ._errors import BackendUnavailableError, NonFiniteUpdateError
+from .layout import Layout, flatten
+from .ops import (
+    ClientStats,
+    client_stats,
+    clip_rows,
+    invariant,
+    maxpool_amplify,
+    median,
+    order_mean,
+    pairwise_cosine,
+    pairwise_sqdist,
+    rlr,
+    sign_agreement,
+    sign_sum,
+    topk_abs,
+    topk_ef_step,
+    trimmed_mean,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "available_backends", "BackendUnavailableError", "NonFiniteUpdateError", "Layout", "flatten",
+    "ClientStats", "client_stats", "clip_rows", "invariant", "maxpool_amplify", "median", "order_mean",
+    "pairwise_cosine", "pairwise_sqdist", "rlr", "sign_agreement", "sign_sum", "topk_abs", "topk_ef_step",
+    "trimmed_mean",
+]

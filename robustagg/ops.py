@@ -1,0 +1,494 @@
+r"""The public functional API of robustagg (SPEC §4).
+
+Every op takes ``G`` of shape (n, d): row i is client i, column j coordinate j. Each op
+
+* checks its arguments and raises ``ValueError``/``TypeError`` naming the argument, its value and
+  the allowed range;
+* picks a backend (``backend=None``: automatic, SPEC §2) and calls ``torch.ops.robustagg.*``
+  (or the Triton / torch implementation of the same raw signature);
+* applies the non-finite policy (SPEC §3): ``nonfinite="raise"`` (default) raises
+  ``NonFiniteUpdateError``, ``"drop"`` computes on the finite rows only, ``"propagate"`` skips the
+  check. The kernels find non-finite rows in the same pass that computes the result; under
+  ``"drop"`` a coordinate-wise op runs again on the surviving rows, while per-client ops just
+  give the dropped rows NaN outputs.
+
+Supported dtypes are float16, bfloat16, float32 and float64; arithmetic is float32 (float64 for
+float64). Results have G's dtype, except counts (int32), indices (int64), masks (bool) and the
+per-client statistics and pairwise matrices, which have the arithmetic dtype so that a legitimate
+float16 row norm cannot overflow.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from . import _backend
+from . import _fake  # noqa: F401  (registers the fake implementations)
+from ._errors import NonFiniteUpdateError
+from .layout import Layout
+from .reference import acc_dtype
+
+__all__ = [
+    "ClientStats", "sign_sum", "sign_agreement", "order_mean", "trimmed_mean", "median", "invariant",
+    "rlr", "client_stats", "clip_rows", "topk_ef_step", "topk_abs", "maxpool_amplify",
+    "pairwise_sqdist", "pairwise_cosine",
+]
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+POLICIES = ("raise", "drop", "propagate")
+
+
+# ---------------------------------------------------------------- argument checks
+
+def _check_matrix(G, op: str, name: str = "G") -> torch.Tensor:
+    if not isinstance(G, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(G).__name__}")
+    if G.dim() != 2:
+        raise ValueError(f"{op}: {name} has shape {tuple(G.shape)}; it must be 2-D (n clients, d coordinates)")
+    n, d = G.shape
+    if n == 0:
+        raise ValueError(f"{op}: {name} has n=0 rows; at least 1 client row is required")
+    if d == 0:
+        raise ValueError(f"{op}: {name} has d=0 columns; at least 1 coordinate is required")
+    _check_dtype(G, op, name)
+    return G.contiguous()
+
+
+def _check_vector(x, op: str, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 1 or x.shape[0] == 0:
+        raise ValueError(f"{op}: {name} has shape {tuple(x.shape)}; it must be 1-D with at least 1 element")
+    _check_dtype(x, op, name)
+    return x
+
+
+def _check_dtype(x, op, name):
+    if x.dtype not in DTYPES:
+        raise TypeError(f"{op}: {name} has dtype {x.dtype}; supported dtypes are float16, bfloat16, float32, float64")
+
+
+def _check_int(value, op: str, name: str, lo: int, hi: int | None = None, why: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{op}: {name}={value} is out of range; allowed {allowed}{why}")
+    return value
+
+
+def _check_float(value, op: str, name: str, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    bad = not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi)
+    if bad:
+        allowed = {(True, True): f"in [{lo}, {hi}]", (True, False): f">= {lo}",
+                   (False, True): f"<= {hi}", (False, False): "finite"}[(lo is not None, hi is not None)]
+        raise ValueError(f"{op}: {name}={value} is out of range; allowed {allowed} (and finite)")
+    return value
+
+
+def _check_policy(nonfinite, op, allowed=POLICIES):
+    if nonfinite not in allowed:
+        raise ValueError(f"{op}: nonfinite={nonfinite!r} is not a policy; choose one of {allowed}")
+
+
+class _Rows:
+    """How many rows an op runs on, for error messages after non-finite rows were dropped."""
+
+    def __init__(self, n, n_total, dropped=()):
+        self.n, self.n_total, self.dropped = n, n_total, list(dropped)
+
+    def why(self) -> str:
+        if not self.dropped:
+            return f" for n={self.n} rows"
+        return (f" for the n'={self.n} finite rows left of n={self.n_total} after dropping "
+                f"non-finite clients {self.dropped}")
+
+
+# ---------------------------------------------------------------- the non-finite policy
+
+def _coordinatewise(op, G, nonfinite, backend, run):
+    """Run a coordinate-wise op under the policy; ``run(kernel, X, rows)`` returns (..., nonfinite)."""
+    _check_policy(nonfinite, op)
+    fn = _backend.kernel(op, _backend.select(op, G.device, backend))
+    n = G.shape[0]
+    *result, bad = run(fn, G, _Rows(n, n))
+    if nonfinite == "propagate" or not bool(bad.any()):
+        return result
+    dropped = bad.nonzero().flatten()
+    if nonfinite == "raise":
+        raise NonFiniteUpdateError(dropped.tolist(), op)
+    kept = (~bad).nonzero().flatten()
+    if kept.numel() == 0:
+        raise ValueError(f"{op}: all n={n} client rows hold NaN or Inf; no finite row is left to aggregate")
+    rows = _Rows(kept.numel(), n, dropped.tolist())
+    *result, _ = run(fn, G.index_select(0, kept), rows, kept)
+    return result
+
+
+def _per_client(op, G, nonfinite, backend, run, row_outputs, matrix_outputs=()):
+    """Run a per-client op; under "drop" the listed outputs get NaN in the non-finite rows.
+
+    ``row_outputs`` index outputs whose dim 0 is the client; ``matrix_outputs`` index [n, n]
+    outputs whose rows and columns are clients.
+    """
+    _check_policy(nonfinite, op)
+    fn = _backend.kernel(op, _backend.select(op, G.device, backend))
+    *result, bad = run(fn, G)
+    if nonfinite == "propagate":
+        return result, bad
+    if bool(bad.any()):
+        if nonfinite == "raise":
+            raise NonFiniteUpdateError(bad.nonzero().flatten().tolist(), op)
+        for i in row_outputs:
+            result[i] = result[i].masked_fill(bad.reshape(-1, *([1] * (result[i].dim() - 1))), float("nan"))
+        for i in matrix_outputs:
+            result[i] = result[i].masked_fill(bad[:, None] | bad[None, :], float("nan"))
+    return result, bad
+
+
+# ---------------------------------------------------------------- §4.1 sign votes
+
+def sign_sum(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
+    r"""$s_j = \sum_i \operatorname{sign}(G_{ij})$, with sign(±0) = 0. Returns int32[d]."""
+    G = _check_matrix(G, "sign_sum")
+    (out,) = _coordinatewise("sign_sum", G, nonfinite, backend, lambda fn, X, rows, kept=None: fn(X))
+    return out
+
+
+def sign_agreement(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
+    r"""$|s_j| / n$, the Invariant Aggregator's AND-mask sign consistency, in G's dtype.
+
+    Under ``nonfinite="drop"`` n counts the finite rows.
+    """
+    G = _check_matrix(G, "sign_agreement")
+    n_used = []
+
+    def run(fn, X, rows, kept=None):
+        n_used.append(X.shape[0])
+        return fn(X)
+
+    (s,) = _coordinatewise("sign_sum", G, nonfinite, backend, run)
+    return (s.abs().to(acc_dtype(G.dtype)) / n_used[-1]).to(G.dtype)
+
+
+# ---------------------------------------------------------------- §4.2 order statistics
+
+def _order_bounds(op, lo, hi, rows):
+    lo = _check_int(lo, op, "lo", 0, rows.n - 1, rows.why())
+    hi = _check_int(hi, op, "hi", lo + 1, rows.n, f" (lo={lo} < hi <= n){rows.why()}")
+    return lo, hi
+
+
+def order_mean(G, lo: int, hi: int, *, nonfinite="raise", backend=None) -> torch.Tensor:
+    r"""Per coordinate, the mean of the sorted values at positions lo..hi-1:
+    $\frac{1}{hi-lo}\sum_{r=lo}^{hi-1} G_{(r),j}$ with $0 \le lo < hi \le n$.
+
+    Only the kept values are added up, in float32 (float64 for float64 input).
+    """
+    op = "order_mean"
+    G = _check_matrix(G, op)
+
+    def run(fn, X, rows, kept=None):
+        a, b = _order_bounds(op, lo, hi, rows)
+        return fn(X, a, b)
+
+    (out,) = _coordinatewise(op, G, nonfinite, backend, run)
+    return out
+
+
+def _trim_bounds(op, trim, rows):
+    trim = _check_int(trim, op, "trim", 0, (rows.n - 1) // 2,
+                      f": n - 2*trim must be >= 1 so that a value is left{rows.why()}")
+    return trim, rows.n - trim
+
+
+def trimmed_mean(G, trim: int, *, nonfinite="raise", backend=None) -> torch.Tensor:
+    r"""Coordinate-wise trimmed mean: drop the ``trim`` smallest and largest values, average the rest.
+
+    ``trim=0`` is the plain mean. Needs n - 2*trim >= 1 (on the finite rows under ``"drop"``).
+    """
+    op = "trimmed_mean"
+    G = _check_matrix(G, op)
+
+    def run(fn, X, rows, kept=None):
+        return fn(X, *_trim_bounds(op, trim, rows))
+
+    (out,) = _coordinatewise("order_mean", G, nonfinite, backend, run)
+    return out
+
+
+def median(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
+    r"""Coordinate-wise median, numpy-style: the mean of the two middle values for even n
+    (``torch.median`` returns the lower one)."""
+    G = _check_matrix(G, "median")
+
+    def run(fn, X, rows, kept=None):
+        return fn(X, (rows.n - 1) // 2, rows.n // 2 + 1)
+
+    (out,) = _coordinatewise("order_mean", G, nonfinite, backend, run)
+    return out
+
+
+# ---------------------------------------------------------------- §4.3 invariant aggregation
+
+def _min_votes(tau: float, n: int, strict: bool) -> int:
+    """The least integer v with v/n > tau (>= tau if not strict), v/n evaluated in float64.
+
+    Comparing integer vote counts keeps every backend bit-exact on the mask.
+    """
+    passes = (lambda v: v / n > tau) if strict else (lambda v: v / n >= tau)
+    v = max(0, math.floor(tau * n) - 1)
+    while v <= n and not passes(v):
+        v += 1
+    return v
+
+
+def invariant(G, tau: float, trim: int, strict: bool = True, *, return_mask: bool = False,
+              nonfinite="raise", backend=None):
+    r"""Invariant Aggregator (SPEC §4.3): $\mathrm{out}_j = [a_j > \tau]\cdot\mathrm{trimmed\_mean}_j$
+    with $a_j = |s_j|/n$ (``>=`` when ``strict=False``). G is read once.
+
+    The paper uses trim = ceil(alpha*n) with alpha = 0.25; see
+    ``aggregators.InvariantAggregator.official()`` for the authors' released-code variant.
+    ``return_mask=True`` returns ``(out, mask)``.
+    """
+    op = "invariant"
+    G = _check_matrix(G, op)
+    tau = _check_float(tau, op, "tau", 0.0, 1.0)
+    if not isinstance(strict, bool):
+        raise TypeError(f"{op}: strict must be a bool, got {strict!r}")
+
+    def run(fn, X, rows, kept=None):
+        lo, hi = _trim_bounds(op, trim, rows)
+        return fn(X, lo, hi, _min_votes(tau, rows.n, strict))
+
+    out, mask = _coordinatewise(op, G, nonfinite, backend, run)
+    return (out, mask) if return_mask else out
+
+
+def invariant_ranks(G, tau: float, lo: int, hi: int, strict: bool = True, *, return_mask: bool = False,
+                    nonfinite="raise", backend=None):
+    """``invariant`` with explicit kept ranks lo..hi-1 instead of a symmetric trim.
+
+    The authors' released code keeps ranks int(0.45n)..int(0.55n)-1 (SPEC §4.3).
+    """
+    op = "invariant"
+    G = _check_matrix(G, op)
+    tau = _check_float(tau, op, "tau", 0.0, 1.0)
+
+    def run(fn, X, rows, kept=None):
+        a, b = _order_bounds(op, lo, hi, rows)
+        return fn(X, a, b, _min_votes(tau, rows.n, strict))
+
+    out, mask = _coordinatewise(op, G, nonfinite, backend, run)
+    return (out, mask) if return_mask else out
+
+
+# ---------------------------------------------------------------- §4.4 robust learning rate
+
+def _check_weights(weights, op, n, G):
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor):
+        weights = torch.as_tensor(weights)
+    if weights.shape != (n,):
+        raise ValueError(f"{op}: weights has shape {tuple(weights.shape)}; it must be ({n},), one per client")
+    w = weights.to(device=G.device, dtype=acc_dtype(G.dtype))
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"{op}: weights must be finite and >= 0, got min={w.min().item()} max={w.max().item()}")
+    if float(w.sum()) <= 0:
+        raise ValueError(f"{op}: weights sum to {float(w.sum())}; at least one weight must be > 0")
+    return w.contiguous()
+
+
+def rlr(G, theta: int, weights=None, server_lr: float = 1.0, *, nonfinite="raise", backend=None):
+    r"""Robust learning rate (Ozdayi et al. 2021): $\mathrm{out}_j = \eta_j\,\bar g_j$ with
+    $\bar g = \sum_i w_i G_i / \sum_i w_i$ and $\eta_j = +\mathrm{lr}$ if $|s_j| \ge \theta$ else
+    $-\mathrm{lr}$. ``theta`` is a vote count in 0..n; ``weights`` are the clients' sample counts."""
+    op = "rlr"
+    G = _check_matrix(G, op)
+    n = G.shape[0]
+    w = _check_weights(weights, op, n, G)
+    server_lr = _check_float(server_lr, op, "server_lr")
+
+    def run(fn, X, rows, kept=None):
+        th = _check_int(theta, op, "theta", 0, rows.n, f" (a vote count){rows.why()}")
+        wk = w if (w is None or kept is None) else w.index_select(0, kept)
+        if wk is not None and float(wk.sum()) <= 0:
+            raise ValueError(f"{op}: the weights of the finite rows sum to 0{rows.why()}")
+        return fn(X, wk, th, server_lr)
+
+    (out,) = _coordinatewise(op, G, nonfinite, backend, run)
+    return out
+
+
+# ---------------------------------------------------------------- §4.5 client statistics
+
+@dataclass
+class ClientStats:
+    """Per-client statistics from one read of G (SPEC §4.5)."""
+    norm: torch.Tensor            # [n] L2 norm of each row
+    sign_frac: torch.Tensor       # [n, 3] fractions > 0, == 0, < 0 inside the window
+    dot: torch.Tensor | None      # [n] G_i . ref, if ref was given
+    ref_norm: torch.Tensor | None  # scalar ||ref||, if ref was given
+    finite: torch.Tensor          # [n] bool, False for rows holding NaN/Inf
+
+    @property
+    def cosine(self) -> torch.Tensor:
+        """cos(G_i, ref); 0 where either norm is 0."""
+        if self.dot is None:
+            raise ValueError("client_stats was called without ref; there is no cosine to report")
+        denom = self.norm * self.ref_norm
+        return torch.where(denom > 0, self.dot / denom, torch.zeros_like(denom))
+
+
+def client_stats(G, window: tuple[int, int] | None = None, ref=None, *, nonfinite="raise",
+                 backend=None) -> ClientStats:
+    r"""Row norms $\|G_i\|$, sign fractions inside the column window ``[start, start+length)`` and
+    dot products $G_i\cdot\mathrm{ref}$, in one read of G. Under ``"drop"`` non-finite rows get NaN."""
+    op = "client_stats"
+    G = _check_matrix(G, op)
+    n, d = G.shape
+    if window is None:
+        start, length = 0, d
+    else:
+        if not isinstance(window, (tuple, list)) or len(window) != 2:
+            raise TypeError(f"{op}: window must be a (start, length) tuple or None, got {window!r}")
+        start = _check_int(window[0], op, "window start", 0, d - 1, f" for d={d}")
+        length = _check_int(window[1], op, "window length", 1, d - start, f" (start={start}, d={d})")
+    if ref is not None:
+        ref = _check_vector(ref, op, "ref")
+        if ref.shape[0] != d:
+            raise ValueError(f"{op}: ref has length {ref.shape[0]}; it must have d={d} entries")
+        if not bool(torch.isfinite(ref).all()):
+            raise ValueError(f"{op}: ref holds NaN or Inf; the reference update must be finite")
+        ref = ref.to(device=G.device, dtype=G.dtype).contiguous()
+    (norm, frac, dot, ref_norm), bad = _per_client(
+        op, G, nonfinite, backend, lambda fn, X: fn(X, start, length, ref), row_outputs=(0, 1, 2) if ref is not None else (0, 1))
+    return ClientStats(norm, frac, dot if ref is not None else None,
+                       ref_norm.reshape(()) if ref is not None else None, ~bad)
+
+
+def clip_rows(G, max_norm, *, nonfinite="raise", backend=None) -> torch.Tensor:
+    r"""$G_i \cdot \min(1, c_i/\|G_i\|)$ with $c$ a scalar or an [n] tensor; a zero row stays zero."""
+    op = "clip_rows"
+    G = _check_matrix(G, op)
+    n = G.shape[0]
+    acc = acc_dtype(G.dtype)
+    if isinstance(max_norm, torch.Tensor) and max_norm.dim() > 0:
+        if max_norm.shape != (n,):
+            raise ValueError(f"{op}: max_norm has shape {tuple(max_norm.shape)}; it must be a scalar or ({n},)")
+        bound = max_norm.to(device=G.device, dtype=acc).contiguous()
+        if not bool(torch.isfinite(bound).all()) or bool((bound < 0).any()):
+            raise ValueError(f"{op}: max_norm must be finite and >= 0, got min={bound.min().item()}")
+    else:
+        value = _check_float(float(max_norm) if isinstance(max_norm, torch.Tensor) else max_norm, op, "max_norm", 0.0)
+        bound = torch.full((n,), value, dtype=acc, device=G.device)
+    (out,), _ = _per_client(op, G, nonfinite, backend, lambda fn, X: fn(X, bound), row_outputs=(0,))
+    return out
+
+
+# ---------------------------------------------------------------- §4.6 top-k with error feedback
+
+def _check_k(k, op):
+    return _check_int(k, op, "k", 0)
+
+
+def _raise_vector_nonfinite(op, name, x):
+    bad = (~torch.isfinite(x)).nonzero().flatten()[:10].tolist()
+    raise ValueError(f"{op}: {name} holds NaN or Inf (first at indices {bad}); nothing was updated")
+
+
+def topk_ef_step(u, error, momentum, k: int, rho: float, *, nonfinite="raise", backend=None):
+    r"""SparseFed's server step with error feedback and momentum factor masking (SPEC §4.6)::
+
+        momentum = rho * momentum + u;  error += momentum
+        S = indices of the k largest |error| (ties to the lower index)
+        values = error[S];  error[S] = 0;  momentum[S] = 0
+
+    Updates ``error`` and ``momentum`` in place; returns ``(indices int64[k] ascending, values[k])``.
+    ``nonfinite="raise"`` (default) raises ``ValueError`` if u holds NaN/Inf, leaving the state
+    untouched; ``"propagate"`` skips the check.
+    """
+    op = "topk_ef_step"
+    _check_policy(nonfinite, op, ("raise", "propagate"))
+    u = _check_vector(u, op, "u")
+    for name, t in (("error", error), ("momentum", momentum)):
+        _check_vector(t, op, name)
+        if t.shape != u.shape or t.dtype != u.dtype or t.device != u.device:
+            raise ValueError(f"{op}: {name} is {tuple(t.shape)} {t.dtype} on {t.device}; it must match u: "
+                             f"{tuple(u.shape)} {u.dtype} on {u.device}")
+    k = _check_k(k, op)
+    rho = _check_float(rho, op, "rho", 0.0)
+    fn = _backend.kernel(op, _backend.select(op, u.device, backend))
+    e = error if error.is_contiguous() else error.contiguous()
+    m = momentum if momentum.is_contiguous() else momentum.contiguous()
+    idx, values, bad = fn(u.contiguous(), e, m, k, rho)
+    if nonfinite == "raise" and bool(bad.any()):
+        _raise_vector_nonfinite(op, "u", u)
+    if e is not error:
+        error.copy_(e)
+    if m is not momentum:
+        momentum.copy_(m)
+    return idx, values
+
+
+def topk_abs(x, k: int, *, nonfinite="raise", backend=None):
+    """Indices (int64, ascending) and values of the k largest |x|; ties go to the lower index."""
+    op = "topk_abs"
+    _check_policy(nonfinite, op, ("raise", "propagate"))
+    x = _check_vector(x, op, "x").contiguous()
+    k = _check_k(k, op)
+    fn = _backend.kernel(op, _backend.select(op, x.device, backend))
+    idx, values, bad = fn(x, k)
+    if nonfinite == "raise" and bool(bad.any()):
+        _raise_vector_nonfinite(op, "x", x)
+    return idx, values
+
+
+# ---------------------------------------------------------------- §4.7 max-pool amplification
+
+def maxpool_amplify(G, layout: Layout, kernel: int = 2, restore: bool = False, *, nonfinite="raise",
+                    backend=None) -> torch.Tensor:
+    r"""AGRAmplifier's max-pooling (SPEC §4.7): every pooled segment is viewed as a (rows, cols)
+    matrix and max-pooled with a ``kernel x kernel`` window, stride ``kernel``, floor mode, over
+    raw signed values; 0-D/1-D segments pass through. Returns [n, d_amp], or [n, d] with
+    ``restore=True`` (each window's max at its first arg-max position, zeros elsewhere).
+    One call handles every segment and client."""
+    op = "maxpool_amplify"
+    G = _check_matrix(G, op)
+    if not isinstance(layout, Layout):
+        raise TypeError(f"{op}: layout must be a robustagg.layout.Layout (Layout.from_shapes or Layout.flat), "
+                        f"got {type(layout).__name__}")
+    kernel = _check_int(kernel, op, "kernel", 1)
+    if not isinstance(restore, bool):
+        raise TypeError(f"{op}: restore must be a bool, got {restore!r}")
+    d = G.shape[1]
+    table = layout.segment_table(d, kernel, restore).to(G.device)
+    width = d if restore else layout.pooled_width(d, kernel)
+    (out,), _ = _per_client(op, G, nonfinite, backend, lambda fn, X: fn(X, table, kernel, restore, width),
+                            row_outputs=(0,))
+    return out
+
+
+# ---------------------------------------------------------------- §4.8 pairwise geometry
+
+def pairwise_sqdist(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
+    r"""$D_{ij} = \|G_i - G_j\|^2$, [n, n]; exactly 0 for identical rows, symmetric, zero diagonal."""
+    G = _check_matrix(G, "pairwise_sqdist")
+    (out,), _ = _per_client("pairwise_sqdist", G, nonfinite, backend, lambda fn, X: fn(X), (), matrix_outputs=(0,))
+    return out
+
+
+def pairwise_cosine(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
+    r"""$C_{ij} = \cos(G_i, G_j)$, [n, n]; exactly 1 for identical non-zero rows, 0 for zero rows."""
+    G = _check_matrix(G, "pairwise_cosine")
+    (out,), _ = _per_client("pairwise_cosine", G, nonfinite, backend, lambda fn, X: fn(X), (), matrix_outputs=(0,))
+    return out
