@@ -126,9 +126,18 @@ def clip_rows(G: torch.Tensor, max_norm) -> torch.Tensor:
 # ---------------------------------------------------------------- §4.6 top-k with error feedback
 
 def _topk_indices(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest values, ties to the lower index, returned ascending."""
-    order = torch.sort(magnitude, descending=True, stable=True).indices[: min(k, magnitude.numel())]
-    return torch.sort(order).values
+    """Indices of the k largest values, ties at the k-th value to the lower index, ascending.
+
+    ``torch.topk`` finds the k-th largest value; its own choice among equal values is not
+    specified, so the selection is rebuilt: everything above it, then the lowest-index ties.
+    """
+    k = min(k, magnitude.numel())
+    if k == 0:
+        return torch.empty(0, dtype=torch.int64, device=magnitude.device)
+    kth = torch.topk(magnitude, k, sorted=False).values.min()
+    above = (magnitude > kth).nonzero().flatten()
+    ties = (magnitude == kth).nonzero().flatten()[: k - above.numel()]
+    return torch.sort(torch.cat([above, ties])).values
 
 
 def topk_abs(x: torch.Tensor, k: int):

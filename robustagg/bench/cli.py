@@ -1,0 +1,205 @@
+"""``python -m robustagg bench``: time every op (and aggregator) on every available backend next
+to the torch reference, in one process, at real model sizes (SPEC §8)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .. import _backend
+from .cases import Case, op_cases
+from .models import EXPECTED_D, MODELS, model_layout
+from .timing import Timer
+
+DEFAULT_OPS = None  # every op case
+
+
+@dataclass
+class Row:
+    section: str
+    case: str
+    n: int
+    d: int
+    backend: str
+    ms: float
+    speedup: float | None     # reference time / this time
+    floor_ms: float           # bytes the op must move / bandwidth measured in this run
+    x_floor: float            # ms / floor_ms (1.0 = at the floor)
+
+
+def _device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def _commit():
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _backends(device, op):
+    names = []
+    for name in ("cpu", "cuda", "triton"):
+        if name == "triton" and device.type != "cuda":
+            continue  # the interpreter is a correctness tool, not a speed one
+        if _backend._unavailable_reason(name, op, device) is None:
+            names.append(name)
+    return names
+
+
+def _run_case(section, case: Case, G, timer, bandwidth, progress=None):
+    n, d = G.shape
+    floor_s = case.bytes_moved / bandwidth
+    rows = []
+    t_ref = timer.median(case.run("reference"))
+    rows.append(Row(section, case.name, n, d, "torch-ref", t_ref * 1e3, 1.0, floor_s * 1e3, t_ref / floor_s))
+    for name, thunk in (case.extra_baselines or {}).items():
+        t = timer.median(thunk)
+        rows.append(Row(section, case.name, n, d, name, t * 1e3, t_ref / t, floor_s * 1e3, t / floor_s))
+    for backend in (_backends(G.device, case.op) if case.op else ["auto"]):
+        t = timer.median(case.run(backend if backend != "auto" else None))
+        rows.append(Row(section, case.name, n, d, backend, t * 1e3, t_ref / t, floor_s * 1e3, t / floor_s))
+    return rows
+
+
+def _aggregator_cases(G, layout):
+    try:
+        from .aggregators import make_aggregators
+    except ImportError:
+        return []
+    n, d = G.shape
+    root = G[: max(1, n // 10)].mean(0)
+    auto = make_aggregators(n, layout, root, backend=None)
+    torch_ref = make_aggregators(n, layout, root, backend="torch")
+    cases = []
+    for name in auto:
+        def run(backend, name=name):
+            agg = torch_ref[name] if backend == "reference" else auto[name]
+            return lambda: agg(G)
+        cases.append(Case(name, None, run, G.numel() * G.element_size()))
+    return cases
+
+
+def _table(rows, meta):
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"robustagg bench - {meta['model']} (d={meta['d']:,}), {meta['dtype']}, {meta['device']}\n"
+                        f"floor: {meta['floor']} at {meta['bandwidth_GBps']:.1f} GB/s")
+    for col in ("section", "case", "n", "backend", "ms", "speedup vs torch", "floor ms", "x floor", "% of floor"):
+        table.add_column(col, justify="left" if col in ("section", "case", "backend") else "right")
+    for r in rows:
+        table.add_row(r.section, r.case, str(r.n), r.backend, f"{r.ms:.1f}",
+                      f"{r.speedup:.1f}x" if r.speedup is not None else "-", f"{r.floor_ms:.1f}",
+                      f"{r.x_floor:.2f}", f"{100 / r.x_floor:.0f}%")
+    Console(width=max(160, Console().width)).print(table)
+
+
+def _plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fast = [r for r in rows if r.backend not in ("torch-ref",) and r.speedup is not None]
+    labels = [f"{r.case} n={r.n} [{r.backend}]" for r in fast]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 0.32 * len(fast) + 1.5), sharey=True)
+    ax1.barh(labels, [r.speedup for r in fast])
+    ax1.set_xscale("log")
+    ax1.set_xlabel("speedup over the torch reference")
+    ax2.barh(labels, [100 / r.x_floor for r in fast])
+    ax2.set_xlabel("% of the memory floor")
+    ax1.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m robustagg bench", description=__doc__)
+    parser.add_argument("--model", default="resnet18-cifar", choices=sorted(MODELS),
+                        help="model preset giving d and the per-parameter layout")
+    parser.add_argument("--n", type=int, nargs="+", default=[20, 100], help="client counts")
+    parser.add_argument("--ops", nargs="*", default=None,
+                        help="substrings selecting op cases (default: all); pass none to skip ops")
+    parser.add_argument("--aggregators", action="store_true",
+                        help="also time every aggregator (auto backend vs backend='torch')")
+    parser.add_argument("--aggregator-n", type=int, default=50, help="client count for the aggregators")
+    parser.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32", "float64"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats after warm-up (median)")
+    parser.add_argument("--json", help="write results as JSON")
+    parser.add_argument("--csv", help="write results as CSV")
+    parser.add_argument("--plot", help="write a PNG of speedup and %% of floor")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from rich.progress import Progress
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    layout = model_layout(args.model)
+    d = EXPECTED_D[args.model]
+    timer = Timer(device, repeats=args.repeats)
+    rows, meta = [], None
+    plan = [(n, "ops") for n in args.n if args.ops is None or args.ops]
+    if args.aggregators:
+        plan.append((args.aggregator_n, "aggregators"))
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    with Progress(transient=True) as progress:
+        task = progress.add_task("benchmarking", total=None)
+        for n, section in plan:
+            G = torch.randn(n, d, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+            bandwidth, floor_t, floor_what = timer.bandwidth(G)
+            meta = meta or {}
+            cases = op_cases(G, layout) if section == "ops" else _aggregator_cases(G, layout)
+            if section == "ops" and args.ops:
+                cases = [c for c in cases if any(s in c.name for s in args.ops)]
+            progress.update(task, total=(progress.tasks[0].total or 0) + len(cases))
+            for case in cases:
+                progress.update(task, description=f"{section}: {case.name} n={n}")
+                rows.extend(_run_case(section, case, G, timer, bandwidth))
+                progress.advance(task)
+            meta.setdefault("bandwidth_GBps", bandwidth / 1e9)
+            meta.setdefault("floor", floor_what)
+            del G
+    meta.update(model=args.model, d=d, dtype=args.dtype, device=_device_name(device), torch=torch.__version__,
+                triton=_triton_version(), commit=_commit(), python=sys.version.split()[0],
+                backends=_backend.available_backends())
+    _table(rows, meta)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])) + ["device", "commit"])
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({**asdict(r), "device": meta["device"], "commit": meta["commit"]})
+    if args.plot:
+        _plot(rows, args.plot)
+    return 0
+
+
+def _triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None

@@ -1,0 +1,231 @@
+"""The public API's contract: argument errors, the non-finite policy machinery and backend selection
+(SPEC §2, §3, §4). Per-op numerics are tested in the per-family test files."""
+import math
+
+import pytest
+import torch
+
+import robustagg
+from robustagg import BackendUnavailableError, NonFiniteUpdateError, _backend, ops
+from robustagg.layout import Layout
+
+from conftest import DEVICE
+
+
+def _G(n=6, d=11, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+
+
+# ---------------------------------------------------------------- G itself
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (torch.zeros(5), ValueError, r"shape \(5,\); it must be 2-D"),
+    (torch.zeros(0, 4), ValueError, "n=0 rows"),
+    (torch.zeros(3, 0), ValueError, "d=0 columns"),
+    (torch.zeros(3, 4, dtype=torch.int32), TypeError, "dtype torch.int32; supported dtypes"),
+    ([[1.0, 2.0]], TypeError, "G must be a torch.Tensor, got list"),
+])
+def test_bad_G_is_rejected_with_its_shape_or_type(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        robustagg.median(bad)
+
+
+def test_noncontiguous_G_is_accepted():
+    G = _G(5, 12)
+    assert torch.equal(robustagg.median(G.T.contiguous().T, backend="torch"), robustagg.median(G, backend="torch"))
+
+
+# ---------------------------------------------------------------- parameter ranges
+
+def test_trim_too_large_names_value_and_range():
+    with pytest.raises(ValueError, match=r"trim=3 is out of range; allowed in \[0, 2\].*n=6"):
+        robustagg.trimmed_mean(_G(6), 3)
+
+
+@pytest.mark.parametrize("lo, hi, match", [
+    (-1, 3, r"lo=-1 .*allowed in \[0, 5\]"),
+    (3, 3, r"hi=3 .*allowed in \[4, 6\]"),
+    (0, 7, r"hi=7 .*allowed in \[1, 6\]"),
+])
+def test_order_bounds_name_value_and_range(lo, hi, match):
+    with pytest.raises(ValueError, match=match):
+        robustagg.order_mean(_G(6), lo, hi)
+
+
+def test_non_int_trim_is_a_type_error():
+    with pytest.raises(TypeError, match="trim must be an int, got 1.5"):
+        robustagg.trimmed_mean(_G(), 1.5)
+
+
+@pytest.mark.parametrize("tau", [-0.1, 1.5, math.nan])
+def test_tau_outside_unit_interval_is_rejected(tau):
+    with pytest.raises(ValueError, match=r"tau=.*allowed in \[0.0, 1.0\]"):
+        robustagg.invariant(_G(), tau, 1)
+
+
+def test_theta_outside_vote_range_is_rejected():
+    with pytest.raises(ValueError, match=r"theta=7 .*allowed in \[0, 6\]"):
+        robustagg.rlr(_G(6), 7)
+
+
+@pytest.mark.parametrize("weights, match", [
+    (torch.ones(5), r"weights has shape \(5,\); it must be \(6,\)"),
+    (torch.tensor([1.0, -1, 1, 1, 1, 1]), "finite and >= 0"),
+    (torch.zeros(6), "sum to 0"),
+])
+def test_bad_weights_are_rejected(weights, match):
+    with pytest.raises(ValueError, match=match):
+        robustagg.rlr(_G(6), 3, weights=weights)
+
+
+@pytest.mark.parametrize("window, exc, match", [
+    ((11, 1), ValueError, r"window start=11 .*\[0, 10\]"),
+    ((4, 0), ValueError, r"window length=0 .*\[1, 7\]"),
+    ((4, 8), ValueError, r"window length=8 .*\[1, 7\]"),
+    (5, TypeError, "window must be a \\(start, length\\) tuple"),
+])
+def test_bad_window_is_rejected(window, exc, match):
+    with pytest.raises(exc, match=match):
+        robustagg.client_stats(_G(), window)
+
+
+def test_ref_of_wrong_length_or_nonfinite_is_rejected():
+    with pytest.raises(ValueError, match="ref has length 3; it must have d=11"):
+        robustagg.client_stats(_G(), ref=torch.zeros(3, device=DEVICE))
+    ref = torch.zeros(11, device=DEVICE)
+    ref[4] = math.inf
+    with pytest.raises(ValueError, match="ref holds NaN or Inf"):
+        robustagg.client_stats(_G(), ref=ref)
+
+
+@pytest.mark.parametrize("max_norm, match", [(-1.0, r"max_norm=-1.0 .*>= 0.0"), (math.inf, "max_norm=inf")])
+def test_bad_scalar_clip_bound_is_rejected(max_norm, match):
+    with pytest.raises(ValueError, match=match):
+        robustagg.clip_rows(_G(), max_norm)
+
+
+def test_per_row_clip_bound_must_have_n_entries():
+    with pytest.raises(ValueError, match=r"max_norm has shape \(2,\); it must be a scalar or \(6,\)"):
+        robustagg.clip_rows(_G(6), torch.ones(2))
+
+
+def test_topk_arguments_are_checked():
+    u = torch.randn(10, device=DEVICE)
+    with pytest.raises(ValueError, match=r"k=-1 .*>= 0"):
+        robustagg.topk_abs(u, -1)
+    with pytest.raises(ValueError, match="error is \\(9,\\).*must match u"):
+        robustagg.topk_ef_step(u, torch.zeros(9, device=DEVICE), torch.zeros(10, device=DEVICE), 2, 0.9)
+    with pytest.raises(ValueError, match=r"rho=-0.5 .*>= 0.0"):
+        robustagg.topk_ef_step(u, torch.zeros_like(u), torch.zeros_like(u), 2, -0.5)
+    with pytest.raises(ValueError, match="nonfinite='drop' is not a policy"):
+        robustagg.topk_abs(u, 2, nonfinite="drop")
+
+
+def test_maxpool_arguments_are_checked():
+    G = _G(3, 12)
+    with pytest.raises(TypeError, match="layout must be a robustagg.layout.Layout"):
+        robustagg.maxpool_amplify(G, [(3, 4)])
+    with pytest.raises(ValueError, match=r"kernel=0 .*>= 1"):
+        robustagg.maxpool_amplify(G, Layout.from_shapes([(3, 4)]), 0)
+    with pytest.raises(ValueError, match="covers 9 values but G has d=12"):
+        robustagg.maxpool_amplify(G, Layout.from_shapes([(3, 3)]), 2)
+
+
+def test_unknown_policy_is_rejected():
+    with pytest.raises(ValueError, match="nonfinite='ignore' is not a policy"):
+        robustagg.median(_G(), nonfinite="ignore")
+
+
+# ---------------------------------------------------------------- non-finite machinery
+
+def _poisoned(n=8, d=13, rows=(2, 5)):
+    G = _G(n, d)
+    G[rows[0], 3] = math.nan
+    G[rows[1], 0] = -math.inf
+    return G
+
+
+def test_raise_reports_original_row_indices():
+    with pytest.raises(NonFiniteUpdateError) as info:
+        robustagg.trimmed_mean(_poisoned(), 1, backend="torch")
+    assert info.value.clients == [2, 5]
+    assert "[2, 5]" in str(info.value)
+
+
+def test_drop_equals_the_op_on_the_finite_rows():
+    G = _poisoned()
+    kept = G[[0, 1, 3, 4, 6, 7]]
+    torch.testing.assert_close(robustagg.median(G, nonfinite="drop", backend="torch"),
+                               robustagg.median(kept, backend="torch"))
+
+
+def test_drop_with_too_few_rows_left_names_the_counts():
+    with pytest.raises(ValueError, match=r"trim=3 .*\[0, 2\].*n'=6 finite rows left of n=8.*\[2, 5\]"):
+        robustagg.trimmed_mean(_poisoned(), 3, nonfinite="drop", backend="torch")
+
+
+def test_drop_with_no_finite_row_left_is_an_error():
+    G = torch.full((3, 4), math.nan, device=DEVICE)
+    with pytest.raises(ValueError, match="all n=3 client rows hold NaN or Inf"):
+        robustagg.median(G, nonfinite="drop", backend="torch")
+
+
+def test_propagate_skips_the_check():
+    out = robustagg.sign_sum(_poisoned(), nonfinite="propagate", backend="torch")
+    assert out.shape == (13,)
+
+
+def test_per_client_drop_gives_nan_rows_and_finite_flags():
+    stats = robustagg.client_stats(_poisoned(), nonfinite="drop", backend="torch")
+    assert stats.finite.tolist() == [True, True, False, True, True, False, True, True]
+    assert torch.isnan(stats.norm[[2, 5]]).all() and torch.isfinite(stats.norm[[0, 1, 3]]).all()
+    D = robustagg.pairwise_sqdist(_poisoned(), nonfinite="drop", backend="torch")
+    assert torch.isnan(D[2]).all() and torch.isnan(D[:, 5]).all()
+    assert torch.isfinite(D[[0, 1]][:, [0, 1, 3]]).all()
+
+
+def test_sign_agreement_counts_only_finite_rows_under_drop():
+    G = torch.ones(4, 3, device=DEVICE)
+    G[1, 0] = math.nan
+    agreement = robustagg.sign_agreement(G, nonfinite="drop", backend="torch")
+    assert agreement.tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 20, 33, 100, 257])
+@pytest.mark.parametrize("tau", [0.0, 0.2, 0.25, 0.5, 0.6, 1 / 3, 0.999, 1.0])
+@pytest.mark.parametrize("strict", [True, False])
+def test_min_votes_is_the_exact_float64_threshold(n, tau, strict):
+    v = ops._min_votes(tau, n, strict)
+    passes = [(c / n > tau) if strict else (c / n >= tau) for c in range(n + 1)]
+    assert passes == [c >= v for c in range(n + 1)]
+
+
+# ---------------------------------------------------------------- backends
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="backend='fast' is not a backend"):
+        robustagg.median(_G(), backend="fast")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")
+def test_unavailable_backend_raises_with_the_reason():
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' is unavailable: .*CUDA"):
+        robustagg.median(_G(), backend="cuda")
+
+
+def test_environment_forces_the_backend(monkeypatch):
+    monkeypatch.setenv("ROBUSTAGG_BACKEND", "torch")
+    assert _backend.select("order_mean", DEVICE, None) == "torch"
+    monkeypatch.setenv("ROBUSTAGG_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend='bogus'"):
+        robustagg.median(_G())
+
+
+def test_auto_selection_prefers_compiled_kernels():
+    if DEVICE.type == "cpu":
+        expected = "cpu" if _backend._unavailable_reason("cpu", "order_mean", DEVICE) is None else "torch"
+    else:
+        expected = next(b for b in ("cuda", "triton", "torch")
+                        if _backend._unavailable_reason(b, "order_mean", DEVICE) is None)
+    assert _backend.select("order_mean", DEVICE, None) == expected
