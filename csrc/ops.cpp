@@ -125,6 +125,58 @@ TORCH_LIBRARY_IMPL(robustagg, CPU, m) {
 }
 
 // ---- CPU: topk_ef_step, topk_abs (csrc/cpu/topk.cpp)
+namespace robustagg_topk {
+
+at::Tensor vector_arg(const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(x.dim() == 1 && x.size(0) > 0, op, ": ", name, " must be 1-D with at least 1 element, got shape ",
+              x.sizes());
+  return x.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_ef_step(const at::Tensor& u_in, at::Tensor& error,
+                                                            at::Tensor& momentum, int64_t k, double rho) {
+  const at::Tensor u = vector_arg(u_in, "topk_ef_step", "u");
+  const int64_t d = u.size(0);
+  TORCH_CHECK(k >= 0, "topk_ef_step: k=", k, " is out of range; allowed >= 0");
+  for (const at::Tensor* t : {&error, &momentum}) {
+    TORCH_CHECK(t->sizes() == u.sizes() && t->scalar_type() == u.scalar_type(), "topk_ef_step: error and momentum ",
+                "must match u's shape ", u.sizes(), " and dtype ", u.scalar_type(), ", got ", t->sizes(), " ",
+                t->scalar_type());
+    TORCH_CHECK(t->is_contiguous(), "topk_ef_step: error and momentum are updated in place and must be contiguous");
+  }
+  const int64_t kk = std::min(k, d);
+  at::Tensor indices = at::empty({kk}, u.options().dtype(at::kLong)), values = at::empty({kk}, u.options());
+  bool finite = true;
+  RA_STATS_DISPATCH(u.scalar_type(), "topk_ef_step", [&] {
+    finite = robustagg::cpu::topk_ef_step<scalar_t>(u.data_ptr<scalar_t>(), error.data_ptr<scalar_t>(),
+                                                    momentum.data_ptr<scalar_t>(), d, k, rho,
+                                                    indices.data_ptr<int64_t>(), values.data_ptr<scalar_t>());
+  });
+  at::Tensor bad = at::full({1}, !finite, u.options().dtype(at::kBool));
+  if (!finite) return {indices.narrow(0, 0, 0), values.narrow(0, 0, 0), bad};
+  return {indices, values, bad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_abs(const at::Tensor& x_in, int64_t k) {
+  const at::Tensor x = vector_arg(x_in, "topk_abs", "x");
+  const int64_t d = x.size(0);
+  TORCH_CHECK(k >= 0, "topk_abs: k=", k, " is out of range; allowed >= 0");
+  const int64_t kk = std::min(k, d);
+  at::Tensor indices = at::empty({kk}, x.options().dtype(at::kLong)), values = at::empty({kk}, x.options());
+  bool finite = true;
+  RA_STATS_DISPATCH(x.scalar_type(), "topk_abs", [&] {
+    finite = robustagg::cpu::topk_abs<scalar_t>(x.data_ptr<scalar_t>(), d, k, indices.data_ptr<int64_t>(),
+                                                values.data_ptr<scalar_t>());
+  });
+  return {indices, values, at::full({1}, !finite, x.options().dtype(at::kBool))};
+}
+
+}  // namespace robustagg_topk
+
+TORCH_LIBRARY_IMPL(robustagg, CPU, m) {
+  m.impl("topk_ef_step", &robustagg_topk::topk_ef_step);
+  m.impl("topk_abs", &robustagg_topk::topk_abs);
+}
 
 // ---- CPU: maxpool_amplify (csrc/cpu/maxpool.cpp)
 
