@@ -179,5 +179,47 @@ TORCH_LIBRARY_IMPL(robustagg, CPU, m) {
 }
 
 // ---- CPU: maxpool_amplify (csrc/cpu/maxpool.cpp)
+namespace robustagg_maxpool {
+
+// The segment table must describe values inside a row of G and outputs inside a row of the result.
+void check_segments(const at::Tensor& table, int64_t d, int64_t kernel, bool restore, int64_t out_width) {
+  const int64_t S = table.size(0);
+  const int64_t* t = table.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t off = t[5 * s], rows = t[5 * s + 1], cols = t[5 * s + 2], out = t[5 * s + 4];
+    const bool pooled = t[5 * s + 3] != 0;
+    TORCH_CHECK(off >= 0 && rows >= 0 && cols >= 0 && rows * cols <= d - off, "maxpool_amplify: segment ", s,
+                " (offset ", off, ", rows ", rows, ", cols ", cols, ") does not fit in d=", d);
+    const int64_t produced = restore ? rows * cols : (pooled ? (rows / kernel) * (cols / kernel) : rows * cols);
+    TORCH_CHECK(out >= 0 && produced <= out_width - out, "maxpool_amplify: segment ", s, " writes ", produced,
+                " values at output offset ", out, ", past out_width=", out_width);
+    TORCH_CHECK(!restore || out == off, "maxpool_amplify: with restore=True segment ", s,
+                " must write where it reads (out_offset ", out, " != in_offset ", off, ")");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> maxpool_amplify(const at::Tensor& G_in, const at::Tensor& segments_in,
+                                                   int64_t kernel, bool restore, int64_t out_width) {
+  const at::Tensor G = robustagg_stats::matrix_arg(G_in, "maxpool_amplify");
+  const int64_t n = G.size(0), d = G.size(1);
+  TORCH_CHECK(kernel >= 1, "maxpool_amplify: kernel=", kernel, " is out of range; allowed >= 1");
+  TORCH_CHECK(segments_in.dim() == 2 && segments_in.size(1) == 5 && segments_in.scalar_type() == at::kLong,
+              "maxpool_amplify: segments must be int64[S, 5], got ", segments_in.scalar_type(), " ", segments_in.sizes());
+  TORCH_CHECK(restore ? out_width == d : out_width >= 0, "maxpool_amplify: out_width=", out_width,
+              restore ? " must equal d with restore=True" : " must be >= 0");
+  const at::Tensor table = segments_in.to(at::kCPU).contiguous();
+  check_segments(table, d, kernel, restore, out_width);
+  at::Tensor out = at::empty({n, out_width}, G.options()), bad = robustagg_stats::row_flags(G);
+  RA_STATS_DISPATCH(G.scalar_type(), "maxpool_amplify", [&] {
+    robustagg::cpu::maxpool_amplify<scalar_t>(G.data_ptr<scalar_t>(), n, d, table.data_ptr<int64_t>(),
+                                              table.size(0), kernel, restore, out_width, out.data_ptr<scalar_t>(),
+                                              bad.data_ptr<bool>());
+  });
+  return {out, bad};
+}
+
+}  // namespace robustagg_maxpool
+
+TORCH_LIBRARY_IMPL(robustagg, CPU, m) { m.impl("maxpool_amplify", &robustagg_maxpool::maxpool_amplify); }
 
 // ---- CPU: pairwise_sqdist, pairwise_cosine (csrc/cpu/pairwise.cpp)
