@@ -201,7 +201,9 @@ def pairwise_cosine(G: torch.Tensor) -> torch.Tensor:
     acc = acc_dtype(G.dtype)
     X = G.double()
     norm = X.norm(dim=1)
-    cos = (X @ X.T) / (norm[:, None] * norm[None, :])
+    gram = X @ X.T
+    gram = torch.triu(gram) + torch.triu(gram, 1).T  # BLAS need not return a symmetric product
+    cos = gram / (norm[:, None] * norm[None, :])
     cos = cos.clamp(-1.0, 1.0)
     nonzero = norm > 0
     identical = pairwise_sqdist(X) == 0
