@@ -172,3 +172,17 @@ def test_opcheck_maxpool_amplify(dtype, restore):
     table = layout.segment_table(layout.d, 2, restore)
     width = layout.d if restore else layout.pooled_width(layout.d, 2)
     torch.library.opcheck(torch.ops.robustagg.maxpool_amplify.default, (G, table, 2, restore, width))
+
+
+@pytest.mark.parametrize("backend", backends_for("maxpool_amplify"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+def test_maxpool_nonfinite_in_wide_rows_propagates_like_reference(backend, dtype, bad_value):
+    """Rows wide enough for the vectorized kernel-2 path; NaN must still win its window."""
+    G = _G(3, 128 * 6, dtype)
+    G[1, 2 * 128 + 37] = bad_value
+    G[1, 3 * 128 + 64] = bad_value
+    G[2, 5] = bad_value
+    out = ops.maxpool_amplify(G, Layout.flat(128), 2, nonfinite="propagate", backend=backend)
+    expected = reference.maxpool_amplify(G.cpu(), Layout.flat(128), 2)
+    torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=0, equal_nan=True)

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "core/maxpool.h"
@@ -97,6 +98,63 @@ RA_ALWAYS_INLINE bool pool_row(const T* x, int64_t cols, int64_t kernel_rt, int6
   return bad;
 }
 
+// One 64-byte vector of the arithmetic type, and the integer mask type of its comparisons.
+template <typename A> struct Lanes;
+template <> struct Lanes<float> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t M __attribute__((vector_size(64)));
+  static constexpr int kWidth = 16;
+};
+template <> struct Lanes<double> {
+  typedef double V __attribute__((vector_size(64)));
+  typedef int64_t M __attribute__((vector_size(64)));
+  static constexpr int kWidth = 8;
+};
+
+// kernel 2 without restore, the paper's setting: W windows per step, the even and odd columns of
+// both input rows split apart by shuffles. Same result as pool_row (first NaN, else the maximum).
+template <typename T, typename A = acc_t<T>>
+RA_ALWAYS_INLINE bool pool_row_2x2(const T* x0, const T* x1, int64_t cols, T* out) {
+  const int64_t pooled_cols = cols / 2;
+  int64_t c = 0;
+  bool bad = false;
+  if constexpr (std::is_same<T, A>::value) {
+    using V = typename Lanes<A>::V;
+    using M = typename Lanes<A>::M;
+    constexpr int W = Lanes<A>::kWidth;
+    M even, odd, nonfinite = {};
+    for (int l = 0; l < W; ++l) even[l] = 2 * l, odd[l] = 2 * l + 1;
+    for (; c + W <= pooled_cols; c += W) {
+      V r0[2], r1[2];
+      std::memcpy(r0, x0 + 2 * c, sizeof(r0));
+      std::memcpy(r1, x1 + 2 * c, sizeof(r1));
+      const V a = __builtin_shuffle(r0[0], r0[1], even), b = __builtin_shuffle(r0[0], r0[1], odd);
+      const V e = __builtin_shuffle(r1[0], r1[1], even), f = __builtin_shuffle(r1[0], r1[1], odd);
+      V m = b > a ? b : a;  // ties keep the earlier value, as window_takes does
+      m = e > m ? e : m;
+      m = f > m ? f : m;
+      std::memcpy(out + c, &m, sizeof(m));
+      const V z = (a - a) + (b - b) + (e - e) + (f - f);  // NaN exactly when a value is NaN/Inf
+      nonfinite |= z != z;
+    }
+    // A NaN breaks the plain max chain: redo such a row with window_takes (rare: attacked rows).
+    for (int l = 0; l < W; ++l) bad |= nonfinite[l] != 0;
+    if (bad) c = 0;
+  }
+  for (; c < pooled_cols; ++c) {
+    const A a = static_cast<A>(x0[2 * c]), b = static_cast<A>(x0[2 * c + 1]);
+    const A e = static_cast<A>(x1[2 * c]), f = static_cast<A>(x1[2 * c + 1]);
+    A m = a;
+    m = window_takes(b, m) ? b : m;
+    m = window_takes(e, m) ? e : m;
+    m = window_takes(f, m) ? f : m;
+    out[c] = static_cast<T>(m);
+    bad |= any_nonfinite(x0 + 2 * c, 2) | any_nonfinite(x1 + 2 * c, 2);
+  }
+  if (cols % 2) bad |= any_nonfinite(x0 + cols - 1, 1) | any_nonfinite(x1 + cols - 1, 1);
+  return bad;
+}
+
 template <int K, typename T, typename A = acc_t<T>>
 RA_ALWAYS_INLINE bool pool_band_body(const T* g, const PoolSegment& s, int64_t kernel_rt, int64_t r0, int64_t r1,
                                      bool restore, T* out, A* best, int32_t* arg) {
@@ -105,6 +163,10 @@ RA_ALWAYS_INLINE bool pool_band_body(const T* g, const PoolSegment& s, int64_t k
   bool bad = false;
   for (int64_t r = r0; r < r1; ++r) {
     const T* x = g + s.in_offset + r * k * s.cols;
+    if (K == 2 && !restore) {
+      bad |= pool_row_2x2(x, x + s.cols, s.cols, out + s.out_offset + r * pooled_cols);
+      continue;
+    }
     bad |= pool_row<K, T>(x, s.cols, k, pooled_cols, best, arg, restore);
     if (!restore) {
       T* o = out + s.out_offset + r * pooled_cols;
