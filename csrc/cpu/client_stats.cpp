@@ -1,10 +1,9 @@
 // CPU kernels of client_stats and clip_rows (SPEC §4.5): one read of G for the statistics.
 //
 // G is cut into a fixed number of column chunks (a function of d only, never of the thread
-// count), each walked in L1-sized blocks: for one block every row is read once while the block of
-// ref, converted to float64 once, stays in L1. Squares and products accumulate in float64 over 8
-// fixed lanes (the same order on every ISA), chunks are merged in column order, so the result is
-// bitwise reproducible.
+// count), each walked in blocks: for one block every row is read once while ref's block stays in
+// cache. Squares and products accumulate in float64 over 8 fixed lanes (the same order on every
+// ISA), chunks are merged in column order, so the result is bitwise reproducible.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -21,7 +20,9 @@ namespace cpu {
 namespace {
 
 constexpr int kLanes = 8;
-constexpr int64_t kBlock = 4096;         // columns per block: 16 KiB of float32 per row
+// Columns per block: each visit of a row streams 128 KiB of float32, long enough for the hardware
+// prefetcher (8 KiB visits ran 2x slower, benchmarks/NOTES-cpu-stats.md); ref's block stays in L2.
+constexpr int64_t kBlock = 32768;
 constexpr int64_t kChunkColumns = 1 << 16;
 constexpr int64_t kMaxChunks = 256;
 
@@ -29,18 +30,18 @@ template <typename T> RA_ALWAYS_INLINE double load(const T* p, int64_t j) {
   return static_cast<double>(static_cast<acc_t<T>>(p[j]));
 }
 
-// Squares (and products with ref) of one row over one block. A float64 value can square to Inf
-// while finite, so float64 rows also sum x * 0, which is NaN exactly when x is NaN/Inf.
-template <typename T, bool kDot>
+// Squares (and products with ref, given as float64) of one row over one block. A float64 value
+// can square to Inf while finite, so float64 rows also sum x * 0, NaN exactly when x is NaN/Inf.
+template <Isa isa, typename T, bool kDot>
 RA_ALWAYS_INLINE void row_block_body(const T* g, const T* ref, int64_t len, double* sumsq, double* dot,
                                      double* check) {
   constexpr bool kCheck = std::is_same<T, double>::value;
   f64x8 s = {}, t = {}, f = {};
   int64_t j = 0;
   for (; j + kLanes <= len; j += kLanes) {
-    const f64x8 x = load_f64x8(g + j);
+    const f64x8 x = load_f64x8_on<isa>(g + j);
     s += x * x;
-    if (kDot) t += x * load_f64x8(ref + j);
+    if (kDot) t += x * load_f64x8_on<isa>(ref + j);
     if (kCheck) f += x * 0.0;
   }
   for (int l = 0; j < len; ++j, ++l) {
@@ -56,15 +57,15 @@ RA_ALWAYS_INLINE void row_block_body(const T* g, const T* ref, int64_t len, doub
 
 template <typename T, bool kDot>
 RA_TARGET_AVX512 void row_block_avx512(const T* g, const T* r, int64_t len, double* s, double* t, double* f) {
-  row_block_body<T, kDot>(g, r, len, s, t, f);
+  row_block_body<Isa::kAvx512, T, kDot>(g, r, len, s, t, f);
 }
 template <typename T, bool kDot>
 RA_TARGET_AVX2 void row_block_avx2(const T* g, const T* r, int64_t len, double* s, double* t, double* f) {
-  row_block_body<T, kDot>(g, r, len, s, t, f);
+  row_block_body<Isa::kAvx2, T, kDot>(g, r, len, s, t, f);
 }
 template <typename T, bool kDot>
 void row_block_base(const T* g, const T* r, int64_t len, double* s, double* t, double* f) {
-  row_block_body<T, kDot>(g, r, len, s, t, f);
+  row_block_body<Isa::kBase, T, kDot>(g, r, len, s, t, f);
 }
 
 template <typename T, bool kDot>
@@ -101,25 +102,29 @@ Totals accumulate(const T* G, int64_t n, int64_t d, const T* ref, int64_t wstart
   std::vector<RowStats> part(chunks * n);
   std::vector<double> check(chunks * n, 0.0), ref_part(chunks, 0.0);
   const Isa isa = cpu_isa();
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t c = 0; c < chunks; ++c) {
-    RowStats* st = &part[c * n];
-    double* ck = &check[c * n];
-    for (int64_t i = 0; i < n; ++i) row_stats_init(st[i]);
-    const int64_t c0 = d * c / chunks, c1 = d * (c + 1) / chunks;
-    for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
-      const int64_t len = std::min(kBlock, c1 - b0);
-      // ref's block is read here first and then stays in L1 for the n rows
-      double ref_check = 0.0;  // unused: ops.client_stats rejects a non-finite ref before the kernel
-      if (ref) row_block<T, false>(isa, ref + b0, nullptr, len, &ref_part[c], nullptr, &ref_check);
-      const int64_t w0 = std::max(b0, wstart), w1 = std::min(b0 + len, wstart + wlen);
-      for (int64_t i = 0; i < n; ++i) {
-        const T* g = G + i * d;
-        if (ref)
-          row_block<T, true>(isa, g + b0, ref + b0, len, &st[i].sumsq, &st[i].dot, &ck[i]);
-        else
-          row_block<T, false>(isa, g + b0, nullptr, len, &st[i].sumsq, &st[i].dot, &ck[i]);
-        if (w0 < w1) count_signs(g, w0, w1, st[i]);
+#pragma omp parallel
+  {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+      RowStats* st = &part[c * n];
+      double* ck = &check[c * n];
+      for (int64_t i = 0; i < n; ++i) row_stats_init(st[i]);
+      const int64_t c0 = d * c / chunks, c1 = d * (c + 1) / chunks;
+      for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
+        const int64_t len = std::min(kBlock, c1 - b0);
+        if (ref) {  // ref's block is read here first and then stays in cache for the n rows
+          double unused = 0.0;  // ops.client_stats rejects a non-finite ref before the kernel
+          row_block<T, false>(isa, ref + b0, nullptr, len, &ref_part[c], nullptr, &unused);
+        }
+        const int64_t w0 = std::max(b0, wstart), w1 = std::min(b0 + len, wstart + wlen);
+        for (int64_t i = 0; i < n; ++i) {
+          const T* g = G + i * d;
+          if (ref)
+            row_block<T, true>(isa, g + b0, ref + b0, len, &st[i].sumsq, &st[i].dot, &ck[i]);
+          else
+            row_block<T, false>(isa, g + b0, nullptr, len, &st[i].sumsq, &st[i].dot, &ck[i]);
+          if (w0 < w1) count_signs(g, w0, w1, st[i]);
+        }
       }
     }
   }
