@@ -270,3 +270,12 @@ def test_opcheck_clip_rows(dtype):
     G = _G(5, 37, dtype)
     bound = torch.full((5,), 2.0, dtype=reference.acc_dtype(dtype))
     torch.library.opcheck(torch.ops.robustagg.clip_rows.default, (G, bound))
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_client_stats_rejects_nonfinite_ref(bad_value, dtype):
+    ref = torch.zeros(9, dtype=dtype)
+    ref[4] = bad_value
+    with pytest.raises(ValueError, match="ref holds NaN or Inf"):
+        ops.client_stats(torch.ones(2, 9, dtype=dtype), ref=ref)
