@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import DEVICE, DTYPES, RESOLUTION, assert_close, backends_for, to_reference
+import robustagg
 from robustagg import NonFiniteUpdateError, ops, reference
 
 NS = [1, 2, 3, 5, 20, 33, 64, 100, 257]
@@ -279,3 +280,21 @@ def test_client_stats_rejects_nonfinite_ref(bad_value, dtype):
     ref[4] = bad_value
     with pytest.raises(ValueError, match="ref holds NaN or Inf"):
         ops.client_stats(torch.ones(2, 9, dtype=dtype), ref=ref)
+
+
+@pytest.mark.skipif(robustagg.available_backends()["cpu"] != "available", reason="the cpu backend is not built")
+def test_cpu_results_independent_of_thread_count():
+    """The C++ kernels cut work by d only, so OMP thread counts cannot change a bit."""
+    G = _G(9, 300_001, torch.float32)
+    ref = _G(1, 300_001, torch.float32, seed=5)[0]
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            stats = ops.client_stats(G, (5, 30_000), ref, backend="cpu")
+            outs.append((stats.norm, stats.dot, stats.ref_norm, ops.clip_rows(G, 1.0, backend="cpu")))
+    finally:
+        torch.set_num_threads(before)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))

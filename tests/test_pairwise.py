@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import DEVICE, DTYPES, RESOLUTION, assert_close, backends_for, to_reference
+import robustagg
 from robustagg import NonFiniteUpdateError, ops, reference
 
 NS = [1, 2, 3, 5, 20, 33, 64, 100, 257]
@@ -202,3 +203,20 @@ def test_pairwise_property(n, d, data):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_opcheck_pairwise(op, dtype):
     torch.library.opcheck(getattr(torch.ops.robustagg, op).default, (_G(7, 33, dtype),))
+
+
+@pytest.mark.skipif(robustagg.available_backends()["cpu"] != "available", reason="the cpu backend is not built")
+def test_cpu_results_independent_of_thread_count():
+    """Column chunks depend on d and n only, so OMP thread counts cannot change a bit."""
+    G = _G(9, 300_001, torch.float32)
+    G[5] = G[2]
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append((ops.pairwise_sqdist(G, backend="cpu"), ops.pairwise_cosine(G, backend="cpu")))
+    finally:
+        torch.set_num_threads(before)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
