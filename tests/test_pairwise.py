@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import DEVICE, DTYPES, RESOLUTION, assert_close, backends_for, to_reference
+from conftest import DEVICE, DTYPES, backends_for, to_reference
 import robustagg
 from robustagg import NonFiniteUpdateError, ops, reference
 
