@@ -55,7 +55,8 @@ TORCH_LIBRARY(robustagg, m) {
 
 namespace robustagg_stats {
 
-// Storage dtypes of SPEC §2; `body` is instantiated once per dtype with scalar_t bound to it.
+// The storage dtypes of SPEC §2: the lambda is instantiated once per dtype, with scalar_t bound to
+// it; any other dtype fails with a message naming the op and the dtype.
 #define RA_STATS_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
@@ -63,7 +64,7 @@ at::ScalarType arithmetic_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// G as a contiguous, non-empty [n, d] matrix of a supported dtype.
+// G as a contiguous, non-empty [n, d] matrix (the dtype is checked by the dispatch).
 at::Tensor matrix_arg(const at::Tensor& G, const char* op) {
   TORCH_CHECK(G.dim() == 2, op, ": G must be 2-D (n, d), got shape ", G.sizes());
   TORCH_CHECK(G.size(0) > 0 && G.size(1) > 0, op, ": G must have n >= 1 rows and d >= 1 columns, got ", G.sizes());
