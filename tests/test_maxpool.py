@@ -66,6 +66,13 @@ def test_maxpool_ties_restore_keeps_first_argmax(backend):
     # windows (rows 0-1, cols 0-1): [1, 5 / 5, 5] -> first 5 at (0, 1); cols 2-3: [5, -1 / -1, -1] -> (0, 2)
     assert out.cpu().tolist() == [[0.0, 5.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
     _assert_matches(backend, _G(4, 200, torch.float32, kind="ties"), Layout.flat(10), 2, True)
+    for dtype in (torch.float32, torch.float64):  # rows wide enough for the vectorized path
+        _assert_matches(backend, _G(4, 64 * 9, dtype, kind="ties"), Layout.flat(64), 2, True)
+        signed_zeros = torch.zeros(4, 64 * 9, dtype=dtype, device=DEVICE)
+        signed_zeros[:, ::3] = -0.0
+        out = ops.maxpool_amplify(signed_zeros, Layout.flat(64), 2, restore=True, backend=backend)
+        expected = reference.maxpool_amplify(signed_zeros.cpu(), Layout.flat(64), 2, restore=True)
+        assert torch.equal(out.cpu().signbit(), expected.signbit())
 
 
 @pytest.mark.parametrize("backend", backends_for("maxpool_amplify"))

@@ -111,47 +111,78 @@ template <> struct Lanes<double> {
   static constexpr int kWidth = 8;
 };
 
-// kernel 2 without restore, the paper's setting: W windows per step, the even and odd columns of
-// both input rows split apart by shuffles. Same result as pool_row (first NaN, else the maximum).
+// Kernel 2, the paper's setting: W windows per step, the even and odd columns of both input rows
+// split apart by shuffles. Writes the pooled row to `out`, or with restore (out0, out1 not null)
+// the two restored rows. Same result as pool_row: the first maximum in row-major window order,
+// or the first NaN.
 template <typename T, typename A = acc_t<T>>
-RA_ALWAYS_INLINE bool pool_row_2x2(const T* x0, const T* x1, int64_t cols, T* out) {
+RA_ALWAYS_INLINE bool pool_row_2x2(const T* x0, const T* x1, int64_t cols, T* out, T* out0, T* out1) {
   const int64_t pooled_cols = cols / 2;
+  const bool restore = out0 != nullptr;
   int64_t c = 0;
   bool bad = false;
   if constexpr (std::is_same<T, A>::value) {
     using V = typename Lanes<A>::V;
     using M = typename Lanes<A>::M;
     constexpr int W = Lanes<A>::kWidth;
-    M even, odd, nonfinite = {};
-    for (int l = 0; l < W; ++l) even[l] = 2 * l, odd[l] = 2 * l + 1;
+    M even, odd, low, high, nonfinite = {};
+    for (int l = 0; l < W; ++l) {
+      even[l] = 2 * l, odd[l] = 2 * l + 1;
+      low[l] = l / 2 + (l % 2) * W, high[l] = W / 2 + l / 2 + (l % 2) * W;  // interleave two vectors
+    }
     for (; c + W <= pooled_cols; c += W) {
       V r0[2], r1[2];
       std::memcpy(r0, x0 + 2 * c, sizeof(r0));
       std::memcpy(r1, x1 + 2 * c, sizeof(r1));
       const V a = __builtin_shuffle(r0[0], r0[1], even), b = __builtin_shuffle(r0[0], r0[1], odd);
       const V e = __builtin_shuffle(r1[0], r1[1], even), f = __builtin_shuffle(r1[0], r1[1], odd);
-      V m = b > a ? b : a;  // ties keep the earlier value, as window_takes does
-      m = e > m ? e : m;
-      m = f > m ? f : m;
-      std::memcpy(out + c, &m, sizeof(m));
+      // strictly greater replaces, so ties keep the earlier value, as window_takes does
+      const V m1 = b > a ? b : a;
+      const V m2 = e > m1 ? e : m1;
+      const V m = f > m2 ? f : m2;
       const V z = (a - a) + (b - b) + (e - e) + (f - f);  // NaN exactly when a value is NaN/Inf
       nonfinite |= z != z;
+      if (!restore) {
+        std::memcpy(out + c, &m, sizeof(m));
+        continue;
+      }
+      // The winner is the last of a, b, e, f that replaced the running max; its position is
+      // carried as a float (0..3) so that every select tests one comparison of two vectors
+      // (GCC 12 scalarizes selects on combined or inverted float masks).
+      const V zero = {}, one = zero + 1, two = zero + 2, three = zero + 3;
+      V at = b > a ? one : zero;
+      at = e > m1 ? two : at;
+      at = f > m2 ? three : at;
+      const V ra = at == zero ? m : zero, rb = at == one ? m : zero;
+      const V re = at == two ? m : zero, rf = at == three ? m : zero;
+      const V w0[2] = {__builtin_shuffle(ra, rb, low), __builtin_shuffle(ra, rb, high)};
+      const V w1[2] = {__builtin_shuffle(re, rf, low), __builtin_shuffle(re, rf, high)};
+      std::memcpy(out0 + 2 * c, w0, sizeof(w0));
+      std::memcpy(out1 + 2 * c, w1, sizeof(w1));
     }
     // A NaN breaks the plain max chain: redo such a row with window_takes (rare: attacked rows).
     for (int l = 0; l < W; ++l) bad |= nonfinite[l] != 0;
     if (bad) c = 0;
   }
   for (; c < pooled_cols; ++c) {
-    const A a = static_cast<A>(x0[2 * c]), b = static_cast<A>(x0[2 * c + 1]);
-    const A e = static_cast<A>(x1[2 * c]), f = static_cast<A>(x1[2 * c + 1]);
-    A m = a;
-    m = window_takes(b, m) ? b : m;
-    m = window_takes(e, m) ? e : m;
-    m = window_takes(f, m) ? f : m;
-    out[c] = static_cast<T>(m);
+    const A v[4] = {static_cast<A>(x0[2 * c]), static_cast<A>(x0[2 * c + 1]), static_cast<A>(x1[2 * c]),
+                    static_cast<A>(x1[2 * c + 1])};
+    int arg = 0;
+    for (int w = 1; w < 4; ++w) arg = window_takes(v[w], v[arg]) ? w : arg;
     bad |= any_nonfinite(x0 + 2 * c, 2) | any_nonfinite(x1 + 2 * c, 2);
+    if (!restore) {
+      out[c] = static_cast<T>(v[arg]);
+      continue;
+    }
+    out0[2 * c] = arg == 0 ? static_cast<T>(v[0]) : T(0);
+    out0[2 * c + 1] = arg == 1 ? static_cast<T>(v[1]) : T(0);
+    out1[2 * c] = arg == 2 ? static_cast<T>(v[2]) : T(0);
+    out1[2 * c + 1] = arg == 3 ? static_cast<T>(v[3]) : T(0);
   }
-  if (cols % 2) bad |= any_nonfinite(x0 + cols - 1, 1) | any_nonfinite(x1 + cols - 1, 1);
+  if (cols % 2) {
+    bad |= any_nonfinite(x0 + cols - 1, 1) | any_nonfinite(x1 + cols - 1, 1);
+    if (restore) out0[cols - 1] = out1[cols - 1] = T(0);  // the dropped column
+  }
   return bad;
 }
 
@@ -163,8 +194,10 @@ RA_ALWAYS_INLINE bool pool_band_body(const T* g, const PoolSegment& s, int64_t k
   bool bad = false;
   for (int64_t r = r0; r < r1; ++r) {
     const T* x = g + s.in_offset + r * k * s.cols;
-    if (K == 2 && !restore) {
-      bad |= pool_row_2x2(x, x + s.cols, s.cols, out + s.out_offset + r * pooled_cols);
+    if (K == 2) {
+      T* o = out + s.out_offset + (restore ? r * 2 * s.cols : r * pooled_cols);
+      bad |= restore ? pool_row_2x2<T>(x, x + s.cols, s.cols, nullptr, o, o + s.cols)
+                     : pool_row_2x2<T>(x, x + s.cols, s.cols, o, nullptr, nullptr);
       continue;
     }
     bad |= pool_row<K, T>(x, s.cols, k, pooled_cols, best, arg, restore);
