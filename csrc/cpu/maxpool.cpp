@@ -74,12 +74,10 @@ template <typename T> RA_ALWAYS_INLINE bool any_nonfinite(const T* x, int64_t le
   return bad;
 }
 
-// One pooled row: best[c] / arg[c] over the kernel x kernel windows of input rows x[0..kernel).
-// K is the kernel when known at compile time (2, the paper's default), 0 otherwise.
-template <int K, typename T, typename A = acc_t<T>>
-RA_ALWAYS_INLINE bool pool_row(const T* x, int64_t cols, int64_t kernel_rt, int64_t pooled_cols, A* best,
-                               int32_t* arg, bool want_arg) {
-  const int64_t k = K ? K : kernel_rt;
+// One pooled row, any kernel k: best[c] / arg[c] over the k x k windows of input rows x[0..k).
+template <typename T, typename A = acc_t<T>>
+RA_ALWAYS_INLINE bool pool_row(const T* x, int64_t cols, int64_t k, int64_t pooled_cols, A* best, int32_t* arg,
+                               bool want_arg) {
   bool bad = false;
   for (int64_t dr = 0; dr < k; ++dr) {
     const T* row = x + dr * cols;
@@ -186,6 +184,8 @@ RA_ALWAYS_INLINE bool pool_row_2x2(const T* x0, const T* x1, int64_t cols, T* ou
   return bad;
 }
 
+// Pooled rows [r0, r1) of segment s for every kernel; K = 2 (the paper's setting) selects the
+// vectorized row at compile time, K = 0 means the kernel is only known at run time.
 template <int K, typename T, typename A = acc_t<T>>
 RA_ALWAYS_INLINE bool pool_band_body(const T* g, const PoolSegment& s, int64_t kernel_rt, int64_t r0, int64_t r1,
                                      bool restore, T* out, A* best, int32_t* arg) {
@@ -200,7 +200,7 @@ RA_ALWAYS_INLINE bool pool_band_body(const T* g, const PoolSegment& s, int64_t k
                      : pool_row_2x2<T>(x, x + s.cols, s.cols, o, nullptr, nullptr);
       continue;
     }
-    bad |= pool_row<K, T>(x, s.cols, k, pooled_cols, best, arg, restore);
+    bad |= pool_row<T>(x, s.cols, k, pooled_cols, best, arg, restore);
     if (!restore) {
       T* o = out + s.out_offset + r * pooled_cols;
       for (int64_t c = 0; c < pooled_cols; ++c) o[c] = static_cast<T>(best[c]);
