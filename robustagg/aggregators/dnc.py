@@ -1,0 +1,79 @@
+"""Divide-and-Conquer (Shejwalkar & Houmansadr 2021)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import Aggregator, Clients, Report, check_float, check_int, make_generator
+
+
+@dataclass
+class DnCReport(Report):
+    scores: list[dict[int, float]] = field(default_factory=list)   # per iteration: client -> outlier score
+
+
+class DnC(Aggregator):
+    r"""Divide-and-Conquer (Shejwalkar & Houmansadr, NDSS 2021, Alg. 2).
+
+    ``niters`` times: sample ``subsample_dim`` coordinates without replacement (from
+    ``generator``/``seed``), center the sampled submatrix, take its top right singular vector v,
+    score each client by $((g_i - \mu) \cdot v)^2$ and keep the ``n - int(c*f)`` lowest (ties to
+    the lower index). The output is the mean of the clients kept in every iteration.
+
+    The sampled n x subsample_dim submatrix is small, so the SVD runs in torch (float64).
+    Ignores weights.
+    """
+
+    def __init__(self, f: int, niters: int = 1, subsample_dim: int = 10000, c: float = 1.0, *,
+                 generator=None, seed=None, **kw):
+        super().__init__(**kw)
+        self.f = check_int(self.name, "f", f, 0)
+        self.niters = check_int(self.name, "niters", niters, 1)
+        self.subsample_dim = check_int(self.name, "subsample_dim", subsample_dim, 1)
+        self.c = check_float(self.name, "c", c, 0.0)
+        self.generator = make_generator(generator, seed)
+
+    def kept_count(self, n: int) -> int:
+        return n - int(self.c * self.f)
+
+    def check_n(self, n):
+        if self.kept_count(n) < 1:
+            raise ValueError(f"{self.name}: c*f = {self.c}*{self.f} removes {int(self.c * self.f)} of n={n} clients; "
+                             f"int(c*f) must be in [0, {n - 1}]")
+
+    def sample(self, rows: Clients) -> torch.Tensor:
+        """The sampled columns of the finite rows (float64, CPU); rows non-finite there are dropped."""
+        d = rows.G.shape[1]
+        cols = torch.randperm(d, generator=self.generator)[: min(self.subsample_dim, d)].sort().values
+        X = rows.G.index_select(1, cols.to(rows.G.device)).double().cpu()
+        bad = ~torch.isfinite(X).all(dim=1)
+        if bool(bad.any()) and rows.policy != "propagate":
+            kept = rows.drop(bad)
+            X = X[kept.cpu()]
+        return X
+
+    def aggregate(self, rows: Clients, layout):
+        good = None
+        report = DnCReport()
+        for _ in range(self.niters):
+            X = self.sample(rows)
+            if good is not None and good.shape[0] != rows.n:
+                good = good[torch.searchsorted(previous, rows.index)]
+            self.check_n(rows.n)
+            centered = X - X.mean(dim=0)
+            v = torch.linalg.svd(centered, full_matrices=False).Vh[0]
+            scores = (centered @ v) ** 2
+            kept = torch.zeros(rows.n, dtype=torch.bool)
+            kept[torch.sort(scores, stable=True).indices[: self.kept_count(rows.n)]] = True
+            good = kept if good is None else good & kept
+            previous = rows.index
+            report.scores.append(dict(zip(rows.all_ids(), scores.tolist())))
+        if not bool(good.any()):
+            report.selected = []
+            return torch.zeros(rows.G.shape[1], dtype=rows.G.dtype, device=rows.G.device), report
+        chosen = rows.ids(good)
+        out = rows.weighted_mean(good.double())   # may drop rows non-finite outside the samples
+        rejected = set(rows.rejected)
+        report.selected = [i for i in chosen if i not in rejected]
+        return out, report
