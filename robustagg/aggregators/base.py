@@ -243,7 +243,7 @@ class Aggregator:
         rows = Clients(G, _check_weights(weights, G.shape[0], G.device), self.nonfinite, self.backend)
         self.check_n(G.shape[0])
         out, report = self.aggregate(rows, layout)
-        report.rejected_nonfinite = list(rows.rejected)
+        report.rejected_nonfinite = sorted(rows.rejected)
         self.last_report = report
         return layout.unflatten(out)
 
