@@ -464,7 +464,8 @@ def test_density_rules_match_the_paper(cls, measure, score, layout):
     for m in measure:
         kept, scores = density_ref(X, layout, 2, 4, 0.25, score, m)
         chosen = kept if chosen is None else chosen & kept
-        close(torch.tensor([agg.last_report.scores[m][i] for i in range(12)], dtype=torch.float64), torch.tensor(scores, dtype=torch.float64), scale=10)
+        reported = [agg.last_report.scores[m][i] for i in range(12)]
+        close(torch.tensor(reported, dtype=torch.float64), torch.tensor(scores, dtype=torch.float64), scale=10)
     assert agg.last_report.selected == sorted(chosen)
     close(out, density_output(X, chosen, score))
 
@@ -597,7 +598,8 @@ def test_parameter_lists_and_vectors_come_back_as_given():
     params = [[torch.randn(3, 4, generator=g), torch.randn(4, generator=g)] for _ in range(5)]
     out = A.CoordinateMedian()(params)
     assert isinstance(out, list) and [p.shape for p in out] == [(3, 4), (4,)]
-    expected = torch.from_numpy(np.median(np.stack([torch.cat([p.reshape(-1) for p in ps]).numpy() for ps in params]), 0))
+    stacked = np.stack([torch.cat([p.reshape(-1) for p in ps]).numpy() for ps in params])
+    expected = torch.from_numpy(np.median(stacked, 0))
     close(torch.cat([p.reshape(-1) for p in out]).double(), expected, torch.float32)
     vectors = [torch.randn(6, generator=g) for _ in range(5)]
     out = A.FedAvg()(vectors)
@@ -715,3 +717,19 @@ def test_backend_torch_gives_the_same_aggregate():
             a.layout = b.layout = Layout.flat(6)
         b.backend = "torch"
         close(a(G), b(G), scale=10)
+
+
+# ---------------------------------------------------------------- the benchmark's configurations
+
+def test_bench_make_aggregators_covers_every_rule_and_returns_d_vectors():
+    from robustagg.bench.aggregators import make_aggregators
+
+    layout = Layout.from_shapes([(10, 12), (12,), (4, 2, 3, 3), (16,)])
+    G = rand_G(20, layout.d, dtype=torch.float32)
+    aggs = make_aggregators(20, layout, G[:2].mean(0), backend=None)
+    classes = {type(a) for a in aggs.values()}
+    rules = {getattr(A, name) for name in A.__all__ if not name.endswith("Report") and name != "Aggregator"}
+    assert rules <= classes
+    for name, agg in aggs.items():
+        out = agg(G)
+        assert out.shape == (layout.d,) and bool(torch.isfinite(out).all()), name

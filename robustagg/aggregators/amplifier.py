@@ -56,7 +56,8 @@ class _Density(Aggregator):
 
     def check_n(self, n):
         if self.k_nearest > n:
-            raise ValueError(f"{self.name}: k_nearest={self.k_nearest} exceeds n={n} clients; allowed k_nearest in [1, {n}]")
+            raise ValueError(f"{self.name}: k_nearest={self.k_nearest} exceeds n={n} clients; "
+                             f"allowed k_nearest in [1, {n}]")
         if self.kept_count(n) < 1:
             raise ValueError(f"{self.name}: malicious_frac={self.malicious_frac} keeps round(n*(1-malicious_frac))="
                              f"{self.kept_count(n)} of n={n} clients; it must keep at least 1")

@@ -21,8 +21,8 @@ class DnC(Aggregator):
     score each client by $((g_i - \mu) \cdot v)^2$ and keep the ``n - int(c*f)`` lowest (ties to
     the lower index). The output is the mean of the clients kept in every iteration.
 
-    The sampled n x subsample_dim submatrix is small, so the SVD runs in torch (float64).
-    Ignores weights.
+    The sampled n x subsample_dim submatrix is small; the top singular direction comes from the
+    eigendecomposition of its n x n Gram matrix, in torch (float64). Ignores weights.
     """
 
     def __init__(self, f: int, niters: int = 1, subsample_dim: int = 10000, c: float = 1.0, *,
@@ -62,8 +62,10 @@ class DnC(Aggregator):
                 good = good[torch.searchsorted(previous, rows.index)]
             self.check_n(rows.n)
             centered = X - X.mean(dim=0)
-            v = torch.linalg.svd(centered, full_matrices=False).Vh[0]
-            scores = (centered @ v) ** 2
+            # (centered @ v)^2 for the top right singular vector v equals lambda * u^2 for the top
+            # eigenpair of the n x n Gram matrix (centered = U S V^T): no SVD of the n x b sample.
+            eigenvalues, eigenvectors = torch.linalg.eigh(centered @ centered.T)
+            scores = eigenvalues[-1].clamp_min(0) * eigenvectors[:, -1] ** 2
             kept = torch.zeros(rows.n, dtype=torch.bool)
             kept[torch.sort(scores, stable=True).indices[: self.kept_count(rows.n)]] = True
             good = kept if good is None else good & kept
