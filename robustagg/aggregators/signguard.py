@@ -5,8 +5,10 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import sklearn
 import torch
 from sklearn.cluster import MeanShift, estimate_bandwidth
+from threadpoolctl import threadpool_limits   # installed with scikit-learn, which depends on it
 
 from .. import ops
 from .base import Aggregator, Clients, Report, check_choice, check_float, make_generator
@@ -29,12 +31,16 @@ def mean_shift_labels(F: np.ndarray) -> tuple[np.ndarray, float]:
     """
     if F.shape[0] == 1 or bool((F == F[0]).all()):
         return np.zeros(F.shape[0], dtype=np.int64), 0.0
-    bandwidth = float(estimate_bandwidth(F, quantile=0.5, n_samples=50, random_state=0))
-    if not bandwidth > 0:
-        return np.zeros(F.shape[0], dtype=np.int64), bandwidth
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # sklearn warns when bin seeding finds a single seed
-        labels = MeanShift(bandwidth=bandwidth, bin_seeding=True, cluster_all=False).fit(F).labels_
+    # One OpenMP thread and no input re-validation: on a few dozen points, sklearn's threaded
+    # neighbour searches cost more in thread wake-ups than in arithmetic (on a loaded 2-core CPU,
+    # 300 ms instead of 20 ms). The features are finite by construction; the result is the same.
+    with threadpool_limits(limits=1, user_api="openmp"), sklearn.config_context(assume_finite=True):
+        bandwidth = float(estimate_bandwidth(F, quantile=0.5, n_samples=50, random_state=0))
+        if not bandwidth > 0:
+            return np.zeros(F.shape[0], dtype=np.int64), bandwidth
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # sklearn warns when bin seeding finds a single seed
+            labels = MeanShift(bandwidth=bandwidth, bin_seeding=True, cluster_all=False).fit(F).labels_
     return labels.astype(np.int64), bandwidth
 
 
