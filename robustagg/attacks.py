@@ -42,7 +42,7 @@ def _std(X, name):
 
 
 def lie_z(n: int, f: int) -> float:
-    r"""Baruch et al. 2019, Alg. 3: $s = \lfloor n/2 + 1\rfloor - f$, $z = \Phi^{-1}((n - s)/n)$."""
+    r"""Baruch et al., NeurIPS 2019: $s = \lfloor n/2 + 1\rfloor - f$, $z = \Phi^{-1}((n - s)/n)$."""
     s = math.floor(n / 2 + 1) - f
     p = (n - s) / n
     if not 0 < p < 1:
@@ -118,14 +118,14 @@ def _agr_agnostic(G_benign, n_byz, perturbation, gamma_init, tol, name, use_max)
 
 
 def min_max(G_benign, n_byz, perturbation: str = "unit", gamma_init: float = 10.0, tol: float = 1e-5):
-    r"""Min-Max (Shejwalkar & Houmansadr 2021, Eq. 6): $\mu + \gamma p$ with the largest $\gamma$ found
+    r"""Min-Max (Shejwalkar & Houmansadr, NDSS 2021): $\mu + \gamma p$ with the largest $\gamma$ found
     by the search such that $\max_i \|\mu + \gamma p - g_i\| \le \max_{i,j} \|g_i - g_j\|$.
     ``perturbation``: "unit" ($-\mu/\|\mu\|$), "std" ($-\sigma$) or "sign" ($-\mathrm{sign}(\mu)$)."""
     return _agr_agnostic(G_benign, n_byz, perturbation, gamma_init, tol, "min_max", use_max=True)
 
 
 def min_sum(G_benign, n_byz, perturbation: str = "unit", gamma_init: float = 10.0, tol: float = 1e-5):
-    r"""Min-Sum (Shejwalkar & Houmansadr 2021, Eq. 7): as ``min_max`` with
+    r"""Min-Sum (Shejwalkar & Houmansadr, NDSS 2021): as ``min_max`` with
     $\sum_i \|\mu + \gamma p - g_i\|^2 \le \max_i \sum_j \|g_i - g_j\|^2$ (squared distances)."""
     return _agr_agnostic(G_benign, n_byz, perturbation, gamma_init, tol, "min_sum", use_max=False)
 

@@ -129,7 +129,7 @@ class FLTrustReport(Report):
 
 
 class FLTrust(Aggregator):
-    r"""FLTrust (Cao et al. 2021, Alg. 1): trust $TS_i = \mathrm{ReLU}(\cos(g_i, g_0))$ against the
+    r"""FLTrust (Cao et al., NDSS 2021): trust $TS_i = \mathrm{ReLU}(\cos(g_i, g_0))$ against the
     server's root update $g_0$; output $\sum_i TS_i\, g_i \|g_0\|/\|g_i\| / \sum_i TS_i$.
     If every trust score is 0 the output is zeros (``last_report.all_zero_trust``).
 
@@ -163,16 +163,16 @@ class FLTrust(Aggregator):
             raise ValueError(f"{self.name}: root_update has d={self._root.shape[0]} but the client updates have d={d}")
         root = self._root.to(device=rows.G.device, dtype=rows.G.dtype)
         cosine, stats = self.trust_cosine(rows, root, layout)
-        trust = cosine.clamp_min(0)                                   # Alg. 1 line 9
+        trust = cosine.clamp_min(0)                                   # ReLU-clipped cosine
         norm = stats.norm.double().cpu()
         root_norm = float(stats.ref_norm) if stats.ref_norm is not None else float(root.double().norm())
-        rescale = torch.where(norm > 0, root_norm / norm, torch.zeros_like(norm))   # line 10
+        rescale = torch.where(norm > 0, root_norm / norm, torch.zeros_like(norm))   # to the root norm
         total = float(trust.sum())
         report = FLTrustReport(trust=dict(zip(rows.all_ids(), trust.tolist())), all_zero_trust=total <= 0)
         report.selected = rows.ids(trust > 0)
         if total <= 0:
             return torch.zeros(d, dtype=rows.G.dtype, device=rows.G.device), report
-        return rows.combine(trust * rescale / total), report           # line 11
+        return rows.combine(trust * rescale / total), report           # trust-weighted mean
 
 
 class FLTrustAmp(FLTrust):

@@ -132,7 +132,7 @@ class GeometricMedianReport(Report):
 
 
 class GeometricMedian(Aggregator):
-    r"""RFA (Pillutla et al. 2022, Alg. 2, smoothed Weiszfeld):
+    r"""RFA (Pillutla et al., IEEE TSP 2022, smoothed Weiszfeld):
     $\beta_i = \alpha_i / \max(\nu, \|z - g_i\|)$, $z \leftarrow \sum_i \beta_i g_i / \sum_i \beta_i$,
     from the weighted mean, until $\|z_{t+1} - z_t\| \le \mathrm{tol}\,\|z_t\|$ or ``max_iter``.
 
@@ -173,7 +173,7 @@ class CenteredClippingReport(Report):
 
 
 class CenteredClipping(Aggregator):
-    r"""Centered clipping (Karimireddy et al. 2021, Alg. 2): from the previous aggregate $v$,
+    r"""Centered clipping (Karimireddy et al., ICML 2021): from the previous aggregate $v$,
     ``iters`` times $v \leftarrow v + \frac1n \sum_i (g_i - v)\min(1, \tau/\|g_i - v\|)$.
 
     Stateful: the center is the previous round's output (zeros at first), saved by

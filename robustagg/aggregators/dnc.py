@@ -31,7 +31,7 @@ class DnCReport(Report):
 
 
 class DnC(Aggregator):
-    r"""Divide-and-Conquer (Shejwalkar & Houmansadr, NDSS 2021, Alg. 2).
+    r"""Divide-and-Conquer (Shejwalkar & Houmansadr, NDSS 2021).
 
     ``niters`` times: sample ``subsample_dim`` coordinates without replacement (from
     ``generator``/``seed``), center the sampled submatrix, take its top right singular vector v,

@@ -16,7 +16,7 @@ class InvariantReport(Report):
 
 
 class InvariantAggregator(Aggregator):
-    r"""Invariant Aggregator (Zhao et al. 2024, Alg. 1; SPEC §4.3): an AND-mask on sign agreement
+    r"""Invariant Aggregator (Wang et al., AISTATS 2024; SPEC §4.3): an AND-mask on sign agreement
     times a coordinate-wise trimmed mean,
     $\mathrm{out}_j = [\,|\sum_i \operatorname{sign}(g_{ij})|/n > \tau\,]\cdot \mathrm{TM}_j$.
 

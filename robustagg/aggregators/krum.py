@@ -45,7 +45,7 @@ class KrumReport(Report):
 
 
 class MultiKrum(Aggregator):
-    r"""Multi-Krum (Blanchard et al. 2017, §4): score each update by the sum of its $n-f-2$ smallest
+    r"""Multi-Krum (Blanchard et al., NeurIPS 2017): score each update by the sum of its $n-f-2$ smallest
     squared distances to the others, average the ``m`` lowest (ties to the lower index).
 
     ``m`` defaults to n - f. Requires n >= 2f+3. Ignores weights.
@@ -81,7 +81,7 @@ class MultiKrum(Aggregator):
 
 
 class Krum(MultiKrum):
-    """Krum (Blanchard et al. 2017, §4): the single update with the lowest score. Requires n >= 2f+3."""
+    """Krum (Blanchard et al., NeurIPS 2017): the single update with the lowest score. Requires n >= 2f+3."""
 
     def __init__(self, f: int, **kw):
         super().__init__(f, m=1, **kw)
@@ -108,7 +108,7 @@ class BulyanReport(Report):
 
 
 class Bulyan(Aggregator):
-    r"""Bulyan (El Mhamdi et al. 2018, Alg. 1) over Krum.
+    r"""Bulyan (El Mhamdi et al., ICML 2018) over Krum.
 
     1. Pick $\theta = n - 2f$ updates by repeated Krum: each time rescore the $r$ remaining
        updates with their $r - f - 2$ nearest remaining neighbours and move the best one.

@@ -19,7 +19,7 @@ class RobustLRReport(Report):
 
 
 class RobustLR(Aggregator):
-    r"""Robust learning rate (Ozdayi et al. 2021, Eq. 2-3; SPEC §4.4):
+    r"""Robust learning rate (Ozdayi et al., AAAI 2021; SPEC §4.4):
     $\eta_j = +\mathrm{lr}$ if $|\sum_i \operatorname{sign}(g_{ij})| \ge \theta$ else $-\mathrm{lr}$,
     and the output is $\eta \odot \mathrm{base}$.
 

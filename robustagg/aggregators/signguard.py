@@ -62,7 +62,7 @@ def median_off_diagonal(M: torch.Tensor) -> torch.Tensor:
 
 
 class SignGuard(Aggregator):
-    r"""SignGuard (Xu et al. 2022, Alg. 1-2).
+    r"""SignGuard (Xu et al., ICDCS 2022).
 
     1. Norm filter $S_1$: keep $\mathrm{lower} < \|g_i\|/\mathrm{med} < \mathrm{upper}$ (strict),
        med the numpy-style median of the norms.
@@ -114,12 +114,12 @@ class SignGuard(Aggregator):
         F = self.features(rows, stats.sign_frac)
         norm = stats.norm.double().cpu()
         ratio = norm / norm.quantile(0.5)
-        norm_ok = (ratio > self.lower) & (ratio < self.upper)                     # Alg. 2, S1
+        norm_ok = (ratio > self.lower) & (ratio < self.upper)                     # step 1, S1
         labels, bandwidth = mean_shift_labels(F)
-        in_cluster, sizes = largest_cluster(labels)                                # Alg. 2, S2
+        in_cluster, sizes = largest_cluster(labels)                                # step 3, S2
         chosen = norm_ok & torch.from_numpy(in_cluster)
         count = int(chosen.sum())
-        coef = chosen.double() * clip_factor(norm, norm.median()) / max(count, 1)  # Alg. 1, clipped mean
+        coef = chosen.double() * clip_factor(norm, norm.median()) / max(count, 1)  # step 4, clipped mean
         out = rows.combine(coef)
         return out, SignGuardReport(selected=rows.ids(chosen), window=window, norm_passed=rows.ids(norm_ok),
                                     cluster_passed=rows.ids(torch.from_numpy(in_cluster)), cluster_sizes=sizes,

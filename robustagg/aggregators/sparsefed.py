@@ -19,7 +19,7 @@ class SparseFedReport(Report):
 
 
 class SparseFed(Aggregator):
-    r"""SparseFed (Panda et al. 2022, Alg. 1), server side with exact top-k:
+    r"""SparseFed (Panda et al., AISTATS 2022), server side with exact top-k:
 
     1. clip each update to L2 <= ``clip`` and take the (weighted) mean $u$;
     2. ``topk_ef_step``: momentum $m \leftarrow \rho m + u$, error $e \leftarrow e + m$, keep the
