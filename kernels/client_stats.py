@@ -83,7 +83,7 @@ def client_stats_forward(G, window_start: int, window_length: int, ref, launch=l
         empty = torch.empty(0, dtype=acc, device=G.device)
         return norm, sign_frac, empty, empty.clone(), flags
     ref_norm = sums[0, 2].sqrt().reshape(1).to(acc)
-    return norm, sign_frac, sums[:, 1].to(acc), ref_norm, flags
+    return norm, sign_frac, sums[:, 1].to(acc).contiguous(), ref_norm, flags
 
 
 @triton.jit

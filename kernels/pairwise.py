@@ -18,7 +18,8 @@ from .common import nonfinite, to_acc
 from .settings import acc_dtype, is_fp64
 
 BLOCK_I = 16
-BLOCK_D = 32
+# [BLOCK_I, BLOCK_I, BLOCK_D] float64 temporaries: 4096 values, 32 per thread with 4 warps.
+BLOCK_D = 16
 # Aim for a few programs per SM on a 132-SM GPU; chunks shorter than this are not worth a program.
 TARGET_PROGRAMS = 1024
 MIN_CHUNK = 4096
