@@ -14,8 +14,13 @@ from robustagg.layout import Layout
 
 from conftest import DEVICE, DTYPES, RESOLUTION, _backend, assert_close, to_reference
 
-pytestmark = pytest.mark.skipif(_backend._unavailable_reason("triton", None, DEVICE) is not None,
-                                reason=str(_backend._unavailable_reason("triton", None, DEVICE)))
+pytestmark = [
+    pytest.mark.skipif(_backend._unavailable_reason("triton", None, DEVICE) is not None,
+                       reason=str(_backend._unavailable_reason("triton", None, DEVICE))),
+    # the interpreter evaluates NaN/Inf arithmetic with numpy, which warns; the results are checked
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+]
 
 T = "triton"
 ALL_OPS = ["sign_sum", "order_mean", "invariant", "rlr", "client_stats", "clip_rows", "topk_ef_step",
@@ -34,6 +39,12 @@ def _randn(n, d, dtype, seed=0):
 
 
 # ---------------------------------------------------------------- registration
+
+def test_triton_backend_is_available_and_selected_explicitly():
+    assert robustagg.available_backends()["triton"] == "available"
+    assert _backend.select("order_mean", DEVICE, "triton") == "triton"
+    assert _backend.kernel("order_mean", "triton") is torch.ops.robustagg_triton.order_mean
+
 
 def test_every_schema_op_is_registered_under_robustagg_triton():
     ops = _ops()
@@ -83,6 +94,14 @@ def test_sign_sum_matches_reference(n):
 def test_sign_sum_every_dtype(dtype):
     G = _randn(9, 511, dtype)
     assert torch.equal(robustagg.sign_sum(G, backend=T).cpu(), reference.sign_sum(G.cpu()))
+
+
+def test_sign_agreement_uses_the_triton_sign_sum():
+    G = _randn(7, 300, torch.float32)
+    G[:, :5] = G[:, :5].abs()
+    out = robustagg.sign_agreement(G, backend=T)
+    assert torch.equal(out.cpu(), reference.sign_agreement(G.cpu()))
+    assert torch.equal(out[:5].cpu(), torch.ones(5))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -309,6 +328,21 @@ def test_topk_abs_ties_across_blocks_and_signed_zeros():
     x[::2] = torch.where(x[::2] == 0, torch.tensor(-0.0), x[::2])
     x = x.to(DEVICE)
     for k in [3, 5, 7, 10, 2000]:
+        idx, values = robustagg.topk_abs(x, k, backend=T)
+        ref_idx, ref_values = reference.topk_abs(x.cpu(), k)
+        assert torch.equal(idx.cpu(), ref_idx), k
+        assert torch.equal(values.cpu(), ref_values), k
+
+
+def test_topk_abs_ties_across_histogram_programs():
+    # one histogram program covers 8 x 1024 keys (kernels/topk.py HISTOGRAM_STEPS): ties span three
+    d = 2 * 8192 + 1
+    x = torch.zeros(d)
+    x[torch.arange(0, d, 97)] = -7.0
+    x[torch.arange(5, d, 1001)] = 7.0
+    x[d - 1] = 9.0
+    x = x.to(DEVICE)
+    for k in [1, 20, 190]:
         idx, values = robustagg.topk_abs(x, k, backend=T)
         ref_idx, ref_values = reference.topk_abs(x.cpu(), k)
         assert torch.equal(idx.cpu(), ref_idx), k
