@@ -133,8 +133,7 @@ def test_trimmed_mean_and_median_match_reference(n):
     ref = to_reference(G)
     trim = (n - 1) // 4
     assert_close(robustagg.trimmed_mean(G, trim, backend=T), reference.trimmed_mean(ref, trim), torch.float32)
-    if n <= 33:  # the interpreter sorts wide tiles slowly; larger n are covered by trimmed_mean
-        assert_close(robustagg.median(G, backend=T), reference.median(ref), torch.float32)
+    assert_close(robustagg.median(G, backend=T), reference.median(ref), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -147,7 +146,7 @@ def test_order_mean_every_dtype_both_paths(dtype, n):
 
 def test_order_mean_large_n_513():
     G = _randn(513, 5, torch.float32)
-    for lo, hi in [(0, 1), (100, 413), (256, 257)]:
+    for lo, hi in [(0, 1), (512, 513), (100, 413), (256, 257)]:
         assert_close(robustagg.order_mean(G, lo, hi, backend=T), reference.order_mean(to_reference(G), lo, hi),
                      torch.float32)
 
@@ -165,7 +164,7 @@ def test_order_mean_ties_and_signed_zeros(n):
     col_zeros = torch.where(torch.arange(n)[:, None] % 2 == 0, torch.tensor(-0.0), torch.tensor(0.0))
     col_steps = (torch.arange(n)[:, None] // 3).float()  # runs of three equal values
     G = torch.cat([col_equal, col_zeros, col_steps], dim=1).to(DEVICE)
-    for lo, hi in [(0, n), (n // 2, n // 2 + 1), (2, 5)]:
+    for lo, hi in [(1, n - 1), (n // 2, n // 2 + 1), (2, 5)]:
         out = robustagg.order_mean(G, lo, hi, backend=T).cpu()
         assert out[0] == 2.5
         assert out[1] == 0.0
@@ -490,7 +489,7 @@ def test_non_contiguous_inputs():
 
 
 def test_every_op_is_bitwise_deterministic():
-    G = _randn(6, 1100, torch.float32)
+    G = _randn(20, 1100, torch.float32)
     layout = Layout.flat(30)
     runs = []
     for _ in range(2):
