@@ -15,8 +15,10 @@ Deterministic radix select, with ties to the lower index, so every backend selec
 
 ``topk_ef_step`` fuses momentum = rho*momentum + u and error += momentum into the first histogram
 pass (the new error goes to a scratch buffer in the arithmetic dtype), and the masking of error and
-momentum at the selected coordinates into the compaction. When u holds NaN/Inf the state is left
-untouched and the outputs are empty; finding that out is the one host sync of the op.
+momentum at the selected coordinates into the compaction. Both compute rho * momentum + u with FMA
+contraction off, so the new state rounds exactly as the reference's separate multiply and add.
+When u holds NaN/Inf the state is left untouched and the outputs are empty; finding that out is
+the one host sync of the op.
 """
 import torch
 import triton
@@ -203,7 +205,7 @@ def _compact(values, state, flags, out_dtype, k: int, check: bool, launch, ef_ar
     u, error, momentum, rho, rho_zero = ef_args if ef_args is not None else (values, values, values, state, True)
     launch(_select_kernel)[(blocks,)](values, state, offsets, out_idx, out_val, u, error, momentum, rho, d,
                                       EF=ef_args is not None, RHO_ZERO=rho_zero, IS_FP64=is_fp64(values),
-                                      BLOCK=block, num_warps=warps)
+                                      BLOCK=block, num_warps=warps, enable_fp_fusion=False)
     return out_idx, out_val
 
 
@@ -236,7 +238,7 @@ def topk_ef_step_forward(u, error, momentum, k: int, rho: float, launch=lambda k
     top_shift = _key_bits(u.dtype) - RADIX_BITS
     launch(_ef_update_kernel)[(triton.cdiv(d, block * HISTOGRAM_STEPS),)](
         u, error, momentum, rho_t, scratch, state, hist[0], flags, d, top_shift, RHO_ZERO=rho == 0,
-        IS_FP64=is_fp64(u), BINS=BINS, BLOCK=block, STEPS=HISTOGRAM_STEPS, num_warps=warps)
+        IS_FP64=is_fp64(u), BINS=BINS, BLOCK=block, STEPS=HISTOGRAM_STEPS, num_warps=warps, enable_fp_fusion=False)
     if bool(flags.item()):
         return (torch.empty(0, dtype=torch.int64, device=u.device), torch.empty(0, dtype=u.dtype, device=u.device),
                 flags.bool())

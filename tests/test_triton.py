@@ -26,6 +26,9 @@ T = "triton"
 ALL_OPS = ["sign_sum", "order_mean", "invariant", "rlr", "client_stats", "clip_rows", "topk_ef_step",
            "topk_abs", "maxpool_amplify", "pairwise_sqdist", "pairwise_cosine"]
 N_VALUES = [1, 2, 3, 5, 20, 33, 64, 100, 257]
+ALL_KERNELS = ["_sign_sum_kernel", "_rlr_kernel", "_order_mean_kernel", "_order_mean_select_kernel",
+               "_client_stats_kernel", "_clip_rows_kernel", "_ef_update_kernel", "_histogram_kernel",
+               "_pick_digit_kernel", "_count_kernel", "_select_kernel", "_maxpool_kernel", "_pairwise_kernel"]
 
 
 def _ops():
@@ -509,3 +512,103 @@ def test_every_op_is_bitwise_deterministic():
 def test_interpreter_tolerances_are_the_shared_table():
     # the Triton results are held to the same RESOLUTION table as every other backend
     assert set(RESOLUTION) == set(DTYPES)
+
+
+# ---------------------------------------------------------------- compile for real GPUs (no GPU needed)
+
+class _LaunchRecorder:
+    """Stands in for ``wrap_triton``: records (kernel, args, kwargs) instead of launching."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, kernel):
+        recorder = self
+
+        class _Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: recorder.calls.append((kernel, args, kwargs))
+
+        return _Grid()
+
+
+def _record_launches(dtype):
+    """Every kernel launch of every op on small CPU tensors of ``dtype`` (nothing runs)."""
+    from robustagg import _triton_ops  # noqa: F401  (makes robustagg.triton_kernels importable)
+    from robustagg.triton_kernels import client_stats, maxpool, order_stats, pairwise, sign_votes, topk
+    rec = _LaunchRecorder()
+    G, v = torch.zeros(20, 300, dtype=dtype), torch.zeros(3000, dtype=dtype)
+    sign_votes.sign_sum_forward(G, rec)
+    sign_votes.rlr_forward(G, torch.ones(20), 3, 1.0, rec)
+    order_stats.order_mean_forward(G, 1, 5, rec)
+    order_stats.invariant_forward(torch.zeros(300, 5, dtype=dtype), 1, 5, 3, rec)
+    client_stats.client_stats_forward(G, 0, 10, v[:300], rec)
+    client_stats.clip_rows_forward(G, torch.ones(20), rec)
+    topk.topk_abs_forward(v, 10, rec)
+    topk.topk_ef_step_forward(v, v.clone(), v.clone(), 10, 0.9, rec)
+    layout = Layout.from_shapes([(4, 5), (4,)])
+    maxpool.maxpool_amplify_forward(torch.zeros(2, 24, dtype=dtype), layout.segment_table(24, 2, False), 2, False, 8,
+                                    rec)
+    pairwise.pairwise_cosine_forward(G, rec)
+    return rec.calls
+
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+                 torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.bool: "i1"}
+
+
+def _signature(kernel, args, kwargs):
+    signature, constants = {}, {}
+    for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
+        if param.is_constexpr:
+            signature[name], constants[name] = "constexpr", kwargs[name]
+            continue
+        value = args[i]
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+        else:
+            signature[name] = "fp32"
+    return signature, constants
+
+
+def compile_every_kernel(capability: int, dtypes=(torch.float32, torch.bfloat16)):
+    """Compile every launch of every op to a cubin for sm_<capability> (needs TRITON_INTERPRET=0)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    compiled = set()
+    for dtype in dtypes:
+        for kernel, args, kwargs in _record_launches(dtype):
+            signature, constants = _signature(kernel, args, kwargs)
+            key = (kernel.fn.__name__, tuple(sorted(signature.items())), tuple(sorted(constants.items())))
+            if key in compiled:
+                continue
+            binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                    target=GPUTarget("cuda", capability, 32),
+                                    options={key: kwargs[key] for key in ("num_warps", "enable_fp_fusion")
+                                             if key in kwargs})
+            assert binary.asm["cubin"], kernel.fn.__name__
+            compiled.add(key)
+    print("compiled:", " ".join(sorted({key[0] for key in compiled})))
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the kernels are compiled and run by the other tests")
+@pytest.mark.parametrize("capability", [80, 90])
+def test_every_kernel_compiles_for_the_gpu(capability):
+    # The interpreter accepts code the GPU compiler rejects; compile every kernel variant to a cubin.
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    code = ("import sys; sys.path.insert(0, 'tests'); import test_triton; "
+            f"test_triton.compile_every_kernel({capability})")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = result.stdout.split("compiled:")[1].split()
+    assert names == sorted(ALL_KERNELS), result.stdout
