@@ -113,14 +113,31 @@ def _vector_cases(d):
     ]
 
 
+def _time_or_none(timer, fn):
+    """The median time, or None where the call runs out of memory (the float64 references copy G)."""
+    try:
+        return timer(fn)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+
+
 def _row(timer, bandwidth, name, n, d, fn, floor_bytes, target):
-    triton_ms = timer(lambda: fn("triton"))
-    torch_ms = timer(lambda: fn("torch"))
+    triton_ms = _time_or_none(timer, lambda: fn("triton"))
+    torch_ms = _time_or_none(timer, lambda: fn("torch"))
     floor_ms = floor_bytes / bandwidth * 1e3
-    row = dict(op=name, n=n, d=d, triton_ms=triton_ms, torch_ms=torch_ms, speedup=torch_ms / triton_ms,
-               floor_ms=floor_ms, fraction_of_floor=floor_ms / triton_ms, target=target)
-    print(f"{name:16s} n={n!s:>4} d={d:>11,} triton {triton_ms:9.3f} ms  torch {torch_ms:10.3f} ms  "
-          f"x{row['speedup']:7.1f}  floor {floor_ms:7.3f} ms ({100 * row['fraction_of_floor']:5.1f}%)", flush=True)
+    both = triton_ms is not None and torch_ms is not None
+    row = dict(op=name, n=n, d=d, triton_ms=triton_ms, torch_ms=torch_ms,
+               speedup=torch_ms / triton_ms if both else None, floor_ms=floor_ms,
+               fraction_of_floor=floor_ms / triton_ms if triton_ms is not None else None, target=target)
+
+    def show(ms, width):
+        return f"{ms:{width}.3f} ms" if ms is not None else f"{'OOM':>{width + 3}}"
+
+    speedup = f"x{row['speedup']:7.1f}" if both else " " * 8
+    fraction = f"({100 * row['fraction_of_floor']:5.1f}%)" if triton_ms is not None else ""
+    print(f"{name:16s} n={n!s:>4} d={d:>11,} triton {show(triton_ms, 9)}  torch {show(torch_ms, 10)}  "
+          f"{speedup}  floor {floor_ms:7.3f} ms {fraction}", flush=True)
     return row
 
 

@@ -23,9 +23,9 @@ import triton.language as tl
 from .common import nonfinite, to_acc, to_storage
 from .settings import flat_settings, is_fp64
 
+# Work-item kinds; a work item is the int64 row (kind, in_offset, rows, cols, pitch, out_offset,
+# count, first_tile), so the kernel reads item fields at offsets 0..7 of row * 8.
 COPY, POOL, RESTORE, SCAN, ZERO = 0, 1, 2, 3, 4
-# Columns of a work item: kind, in_offset, rows, cols, pitch, out_offset, count, first_tile.
-ITEM_FIELDS = 8
 
 
 @triton.jit

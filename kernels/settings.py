@@ -9,10 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 
-# Elements one program keeps in registers for a streaming tile: 4 warps x 32 threads x 16 values
-# is enough loads in flight per SM to saturate HBM without spilling (fp64 doubles the registers).
-STREAM_TILE = 8192
-# tl.sort keeps the whole [BLOCK_D, N_PAD] tile in registers; 4096 values over 4 warps is
+# The sorting network keeps the whole [BLOCK_D, N_PAD] tile in registers; 4096 values over 4 warps is
 # 32 per thread, which leaves room for the bitonic network's temporaries.
 SORT_TILE = 4096
 # Widest n sorted in one tile; larger n goes through the radix-select path.
