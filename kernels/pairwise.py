@@ -15,11 +15,8 @@ import triton
 import triton.language as tl
 
 from .common import nonfinite, to_acc
-from .settings import acc_dtype, is_fp64
+from .settings import acc_dtype, is_fp64, pairwise_settings
 
-BLOCK_I = 16
-# [BLOCK_I, BLOCK_I, BLOCK_D] float64 temporaries: 4096 values, 32 per thread with 4 warps.
-BLOCK_D = 16
 # Aim for a few programs per SM on a 132-SM GPU; chunks shorter than this are not worth a program.
 TARGET_PROGRAMS = 1024
 MIN_CHUNK = 4096
@@ -68,10 +65,11 @@ def _pair_sums(G, want_dot: bool, launch):
     """Float64 [n, n] sums of squared differences (and dots, differing-entry counts), row flags."""
     G = G.contiguous()
     n, d = G.shape
-    tiles = triton.cdiv(n, BLOCK_I)
+    block_i, block_d, warps = pairwise_settings()
+    tiles = triton.cdiv(n, block_i)
     pairs = torch.tensor([(i, j) for i in range(tiles) for j in range(i, tiles)], dtype=torch.int32)
     chunks = max(1, min(triton.cdiv(TARGET_PROGRAMS, pairs.shape[0]), triton.cdiv(d, MIN_CHUNK)))
-    chunk_len = triton.cdiv(triton.cdiv(d, chunks), BLOCK_D) * BLOCK_D
+    chunk_len = triton.cdiv(triton.cdiv(d, chunks), block_d) * block_d
     chunks = triton.cdiv(d, chunk_len)
     # zeros: the lower tiles are never written and are mirrored from the upper ones below
     squares = torch.zeros(chunks, n, n, dtype=torch.float64, device=G.device)
@@ -80,8 +78,8 @@ def _pair_sums(G, want_dot: bool, launch):
     bad = torch.zeros(chunks, n, dtype=torch.int8, device=G.device)
     launch(_pairwise_kernel)[(pairs.shape[0], chunks)](
         G, pairs.to(G.device), squares, dots, differ, bad, n, d, chunk_len, WANT_DOT=want_dot,
-        IS_FP64=is_fp64(G), BLOCK_I=BLOCK_I, BLOCK_D=BLOCK_D, num_warps=4)
-    tile_of = torch.arange(n, device=G.device) // BLOCK_I
+        IS_FP64=is_fp64(G), BLOCK_I=block_i, BLOCK_D=block_d, num_warps=warps)
+    tile_of = torch.arange(n, device=G.device) // block_i
     upper = tile_of[:, None] <= tile_of[None, :]
 
     def full(partial):

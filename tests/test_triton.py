@@ -23,6 +23,18 @@ pytestmark = [
 ]
 
 T = "triton"
+
+try:  # block sizes of the active mode (interpreter or GPU), for the boundary cases below
+    from robustagg import _triton_ops  # noqa: F401  (makes robustagg.triton_kernels importable)
+    from robustagg.triton_kernels import settings as _settings
+    from robustagg.triton_kernels.topk import HISTOGRAM_STEPS
+    COLUMN_BLOCK = _settings.column_settings(1)[1]
+    SORT_BLOCK_N5 = _settings.sort_settings(5)[1]
+    ROW_BLOCK = _settings.row_settings(1 << 20)[1]
+    FLAT_BLOCK = _settings.flat_settings()[0]
+    PAIR_BLOCK = _settings.pairwise_settings()[0]
+except ImportError:  # no triton: every test below is skipped
+    COLUMN_BLOCK, SORT_BLOCK_N5, ROW_BLOCK, FLAT_BLOCK, HISTOGRAM_STEPS, PAIR_BLOCK = 512, 256, 1024, 1024, 8, 16
 ALL_OPS = ["sign_sum", "order_mean", "invariant", "rlr", "client_stats", "clip_rows", "topk_ef_step",
            "topk_abs", "maxpool_amplify", "pairwise_sqdist", "pairwise_cosine"]
 N_VALUES = [1, 2, 3, 5, 20, 33, 64, 100, 257]
@@ -87,7 +99,7 @@ def test_opcheck(name):
 
 @pytest.mark.parametrize("n", N_VALUES)
 def test_sign_sum_matches_reference(n):
-    G = _randn(n, 513, torch.float32, seed=n)
+    G = _randn(n, COLUMN_BLOCK + 1, torch.float32, seed=n)
     G[:, :7] = 0.0
     G[0, :3] = -0.0
     assert torch.equal(robustagg.sign_sum(G, backend=T).cpu(), reference.sign_sum(G.cpu()))
@@ -95,7 +107,7 @@ def test_sign_sum_matches_reference(n):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sign_sum_every_dtype(dtype):
-    G = _randn(9, 511, dtype)
+    G = _randn(9, COLUMN_BLOCK - 1, dtype)
     assert torch.equal(robustagg.sign_sum(G, backend=T).cpu(), reference.sign_sum(G.cpu()))
 
 
@@ -110,7 +122,7 @@ def test_sign_agreement_uses_the_triton_sign_sum():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weighted", [False, True])
 def test_rlr_matches_reference(dtype, weighted):
-    G = _randn(20, 1025, dtype)
+    G = _randn(20, COLUMN_BLOCK * 2 + 1, dtype)
     w = torch.rand(20, generator=torch.Generator().manual_seed(1)).to(DEVICE) if weighted else None
     out = robustagg.rlr(G, 12, weights=w, server_lr=0.5, backend=T)
     expected = reference.rlr(to_reference(G), 12, None if w is None else w.double().cpu(), 0.5)
@@ -154,9 +166,9 @@ def test_order_mean_large_n_513():
                      torch.float32)
 
 
-@pytest.mark.parametrize("d", [1, 7, 255, 256, 257])
+@pytest.mark.parametrize("d", [1, 7, SORT_BLOCK_N5 - 1, SORT_BLOCK_N5, SORT_BLOCK_N5 + 1])
 def test_order_mean_tile_boundaries(d):
-    # n = 5 pads to 8 rows and a tile of 256 columns (kernels/settings.py sort_settings)
+    # n = 5 pads to 8 rows and a tile of SORT_BLOCK_N5 columns (kernels/settings.py sort_settings)
     G = _randn(5, d, torch.float32)
     assert_close(robustagg.order_mean(G, 1, 4, backend=T), reference.order_mean(to_reference(G), 1, 4), torch.float32)
 
@@ -267,11 +279,11 @@ def test_per_client_ops_drop_gives_nan_rows():
 # ---------------------------------------------------------------- client statistics, clipping
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("window", [None, (0, 1), (3, 100), (1024, 1)])
+@pytest.mark.parametrize("window", [None, (0, 1), (3, 100), (ROW_BLOCK, 1)])
 def test_client_stats_matches_reference(dtype, window):
-    G = _randn(5, 1025, dtype)
+    G = _randn(5, ROW_BLOCK + 1, dtype)
     G[:, 10:20] = 0
-    ref_vec = _randn(1, 1025, dtype, seed=5)[0]
+    ref_vec = _randn(1, ROW_BLOCK + 1, dtype, seed=5)[0]
     stats = robustagg.client_stats(G, window, ref_vec, backend=T)
     expected = reference.client_stats(to_reference(G), window, to_reference(ref_vec))
     assert_close(stats.norm, expected.norm, dtype)
@@ -306,7 +318,7 @@ def _distinct(d, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", [1, 7, 1023, 1024, 1025])
+@pytest.mark.parametrize("d", [1, 7, FLAT_BLOCK - 1, FLAT_BLOCK, FLAT_BLOCK + 1])
 def test_topk_abs_matches_reference(dtype, d):
     x = _distinct(d, dtype)
     for k in sorted({0, 1, d // 3, d - 1, d, d + 5}):
@@ -324,9 +336,10 @@ def test_topk_abs_all_equal_magnitudes_take_the_lowest_indices():
 
 
 def test_topk_abs_ties_across_blocks_and_signed_zeros():
-    x = torch.zeros(3000)
-    x[[5, 1500, 2999]] = 4.0
-    x[[7, 1024, 2048, 2500]] = -2.0
+    d = 3 * FLAT_BLOCK
+    x = torch.zeros(d)
+    x[[5, FLAT_BLOCK + 3, d - 1]] = 4.0
+    x[[7, FLAT_BLOCK, 2 * FLAT_BLOCK, 2 * FLAT_BLOCK + 9]] = -2.0
     x[::2] = torch.where(x[::2] == 0, torch.tensor(-0.0), x[::2])
     x = x.to(DEVICE)
     for k in [3, 5, 7, 10, 2000]:
@@ -337,8 +350,8 @@ def test_topk_abs_ties_across_blocks_and_signed_zeros():
 
 
 def test_topk_abs_ties_across_histogram_programs():
-    # one histogram program covers 8 x 1024 keys (kernels/topk.py HISTOGRAM_STEPS): ties span three
-    d = 2 * 8192 + 1
+    # one histogram program covers HISTOGRAM_STEPS blocks of keys: these ties span three programs
+    d = 2 * HISTOGRAM_STEPS * FLAT_BLOCK + 1
     x = torch.zeros(d)
     x[torch.arange(0, d, 97)] = -7.0
     x[torch.arange(5, d, 1001)] = 7.0
@@ -360,7 +373,7 @@ def test_topk_abs_huge_values():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rho", [0.0, 0.9])
 def test_topk_ef_step_matches_reference_over_steps(dtype, rho):
-    d, k = 1500, 37
+    d, k = FLAT_BLOCK + FLAT_BLOCK // 2, 37
     error, momentum = torch.zeros(d, dtype=dtype, device=DEVICE), torch.zeros(d, dtype=dtype, device=DEVICE)
     ref_error, ref_momentum = error.cpu().clone(), momentum.cpu().clone()
     for step in range(3):
@@ -451,7 +464,7 @@ def test_maxpool_flags_nan_in_dropped_remainder_and_uncovered_tail(restore):
 # ---------------------------------------------------------------- pairwise
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 2, 17, 33])
+@pytest.mark.parametrize("n", sorted({1, 2, 17, 33, PAIR_BLOCK + 1}))
 def test_pairwise_matches_reference(dtype, n):
     G = _randn(n, 97, dtype, seed=n)
     assert_close(robustagg.pairwise_sqdist(G, backend=T), reference.pairwise_sqdist(to_reference(G)), dtype)
