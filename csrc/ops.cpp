@@ -48,6 +48,81 @@ TORCH_LIBRARY(robustagg, m) {
 // ---- CPU: sign votes, order statistics, invariant, rlr (csrc/cpu/sign_votes.cpp, order_stats.cpp)
 
 // ---- CPU: client_stats, clip_rows (csrc/cpu/client_stats.cpp)
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include "cpu/kernels.h"
+
+namespace robustagg_stats {
+
+// Storage dtypes of SPEC §2; `body` is instantiated once per dtype with scalar_t bound to it.
+#define RA_STATS_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+at::ScalarType arithmetic_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// G as a contiguous, non-empty [n, d] matrix of a supported dtype.
+at::Tensor matrix_arg(const at::Tensor& G, const char* op) {
+  TORCH_CHECK(G.dim() == 2, op, ": G must be 2-D (n, d), got shape ", G.sizes());
+  TORCH_CHECK(G.size(0) > 0 && G.size(1) > 0, op, ": G must have n >= 1 rows and d >= 1 columns, got ", G.sizes());
+  return G.contiguous();
+}
+
+at::Tensor row_flags(const at::Tensor& G) { return at::empty({G.size(0)}, G.options().dtype(at::kBool)); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> client_stats(
+    const at::Tensor& G_in, int64_t window_start, int64_t window_length, const std::optional<at::Tensor>& ref_in) {
+  const at::Tensor G = matrix_arg(G_in, "client_stats");
+  const int64_t n = G.size(0), d = G.size(1);
+  TORCH_CHECK(window_start >= 0 && window_start < d, "client_stats: window_start=", window_start,
+              " is out of range; allowed [0, ", d - 1, "]");
+  TORCH_CHECK(window_length >= 1 && window_length <= d - window_start, "client_stats: window_length=",
+              window_length, " is out of range; allowed [1, ", d - window_start, "]");
+  at::Tensor ref;
+  if (ref_in.has_value()) {
+    ref = ref_in->contiguous();
+    TORCH_CHECK(ref.dim() == 1 && ref.size(0) == d, "client_stats: ref must have shape (", d, ",), got ", ref.sizes());
+    TORCH_CHECK(ref.scalar_type() == G.scalar_type(), "client_stats: ref has dtype ", ref.scalar_type(),
+                "; it must match G's ", G.scalar_type());
+  }
+  const bool with_ref = ref.defined();
+  const auto acc = G.options().dtype(arithmetic_dtype(G));
+  at::Tensor norm = at::empty({n}, acc), frac = at::empty({n, 3}, acc);
+  at::Tensor dot = at::empty({with_ref ? n : 0}, acc), ref_norm = at::empty({with_ref ? 1 : 0}, acc);
+  at::Tensor bad = row_flags(G);
+  RA_STATS_DISPATCH(G.scalar_type(), "client_stats", [&] {
+    using A = robustagg::acc_t<scalar_t>;
+    robustagg::cpu::client_stats<scalar_t>(G.data_ptr<scalar_t>(), n, d, window_start, window_length,
+                                           with_ref ? ref.data_ptr<scalar_t>() : nullptr, norm.data_ptr<A>(),
+                                           frac.data_ptr<A>(), with_ref ? dot.data_ptr<A>() : nullptr,
+                                           with_ref ? ref_norm.data_ptr<A>() : nullptr, bad.data_ptr<bool>());
+  });
+  return {norm, frac, dot, ref_norm, bad};
+}
+
+std::tuple<at::Tensor, at::Tensor> clip_rows(const at::Tensor& G_in, const at::Tensor& max_norm_in) {
+  const at::Tensor G = matrix_arg(G_in, "clip_rows");
+  const int64_t n = G.size(0), d = G.size(1);
+  TORCH_CHECK(max_norm_in.dim() == 1 && max_norm_in.size(0) == n, "clip_rows: max_norm must have shape (", n,
+              ",), one bound per row, got ", max_norm_in.sizes());
+  const at::Tensor max_norm = max_norm_in.to(arithmetic_dtype(G)).contiguous();
+  at::Tensor out = at::empty_like(G), bad = row_flags(G);
+  RA_STATS_DISPATCH(G.scalar_type(), "clip_rows", [&] {
+    using A = robustagg::acc_t<scalar_t>;
+    robustagg::cpu::clip_rows<scalar_t>(G.data_ptr<scalar_t>(), n, d, max_norm.data_ptr<A>(),
+                                        out.data_ptr<scalar_t>(), bad.data_ptr<bool>());
+  });
+  return {out, bad};
+}
+
+}  // namespace robustagg_stats
+
+TORCH_LIBRARY_IMPL(robustagg, CPU, m) {
+  m.impl("client_stats", &robustagg_stats::client_stats);
+  m.impl("clip_rows", &robustagg_stats::clip_rows);
+}
 
 // ---- CPU: topk_ef_step, topk_abs (csrc/cpu/topk.cpp)
 
