@@ -47,7 +47,7 @@ template <> __device__ __forceinline__ double positive_infinity<double>() {
 // same byte, so the result does not depend on their order. The launchers clear the flags first.
 __device__ __forceinline__ void flag_row(bool* nonfinite, int64_t row) { nonfinite[row] = true; }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid size for a grid-stride loop over `work` items: enough blocks to fill any current GPU,
 // never more than the work needs, within the 1-D grid limit.
