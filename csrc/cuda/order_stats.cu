@@ -14,10 +14,9 @@
 //
 // Both paths add the kept values like core's kept_mean (sorted[lo] + ... + sorted[hi-1], then one
 // division by hi - lo), so float32 results equal the CPU backend's bit for bit.
-#include <utility>
-
 #include "core/order_stats.h"
 #include "core/sign_votes.h"
+#include "cuda/batcher_network.cuh"
 #include "cuda/common.cuh"
 #include "cuda/launch.h"
 
@@ -27,62 +26,6 @@ namespace {
 
 constexpr int kRegisterMaxN = 64;
 constexpr int kRegisterThreads = 128;
-
-// ---- Batcher's network as compile-time constants
-
-struct Wires {
-  int low, high;
-};
-
-__host__ __device__ constexpr int network_steps(int N) {
-  int t = 0;
-  while ((1 << t) < N) ++t;
-  return t < 2 ? t : (t * t - t + 4) * (1 << (t - 2)) - 1;
-}
-
-// Step s of Batcher's odd-even merge sort on N = 2^t wires, in the order of core's batcher_network
-// (Knuth 5.3.4, Algorithm M).
-template <int N>
-struct BatcherNetwork {
-  Wires steps[network_steps(N) > 0 ? network_steps(N) : 1];
-  __host__ __device__ constexpr BatcherNetwork() : steps() {
-    int count = 0;
-    for (int p = 1; p < N; p <<= 1)
-      for (int k = p; k >= 1; k >>= 1)
-        for (int j = k % p; j + k < N; j += 2 * k)
-          for (int i = 0; i < k && i + j + k < N; ++i) {
-            const int a = i + j, b = i + j + k;
-            if (a / (2 * p) != b / (2 * p)) continue;
-            steps[count].low = a;
-            steps[count].high = b;
-            ++count;
-          }
-  }
-};
-
-template <int N, int S>
-struct Step {
-  static constexpr BatcherNetwork<N> network{};
-  static constexpr int low = network.steps[S].low;
-  static constexpr int high = network.steps[S].high;
-};
-
-template <int N, typename A, size_t... S>
-__device__ __forceinline__ void sort_wires(A (&v)[N], std::index_sequence<S...>) {
-  (compare_exchange(v[Step<N, S>::low], v[Step<N, S>::high]), ...);
-}
-
-// core's kept_mean with every wire index a compile-time constant. -0 is the exact identity of
-// IEEE addition (x + -0 == x for every x, -0 included), so adding it for the wires outside lo..hi-1
-// leaves the sum bit for bit equal to sorted[lo] + ... + sorted[hi-1], without a branch the
-// compiler could turn back into a loop with a run-time wire index.
-template <int N, typename A>
-__device__ __forceinline__ A kept_mean_wires(const A (&v)[N], int lo, int hi) {
-  A sum = -A(0);
-#pragma unroll
-  for (int r = 0; r < N; ++r) sum = sum + ((r >= lo && r < hi) ? v[r] : -A(0));
-  return sum / static_cast<A>(hi - lo);
-}
 
 // mask == nullptr: order_mean; otherwise the fused invariant (votes and values from one read).
 template <typename T, int N>
@@ -105,7 +48,7 @@ __global__ void __launch_bounds__(kRegisterThreads)
         v[i] = positive_infinity<A>();
       }
     }
-    sort_wires(v, std::make_index_sequence<network_steps(N)>{});
+    sort_wires(v);
     const A mean = kept_mean_wires(v, lo, hi);
     if (mask == nullptr) {
       out[j] = from_acc<T>(mean);
