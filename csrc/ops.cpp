@@ -47,6 +47,114 @@ TORCH_LIBRARY(robustagg, m) {
 
 // ---- CPU: sign votes, order statistics, invariant, rlr (csrc/cpu/sign_votes.cpp, order_stats.cpp)
 
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include "core/common.h"
+
+namespace robustagg::cpu {
+template <typename T> void sign_sum(const T* G, int64_t n, int64_t d, int32_t* sums, bool* nonfinite);
+template <typename T> void rlr(const T* G, int64_t n, int64_t d, const acc_t<T>* weights, int64_t theta,
+                               double server_lr, T* out, bool* nonfinite);
+template <typename T> void order_mean(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, T* out,
+                                      bool* nonfinite);
+template <typename T> void invariant(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, int64_t min_votes,
+                                     T* out, bool* mask, bool* nonfinite);
+}  // namespace robustagg::cpu
+
+namespace votes_cpu {
+
+// G as the kernels read it: a 2-D CPU float tensor with at least one row and column, contiguous.
+at::Tensor votes_input(const at::Tensor& G, const char* op) {
+  TORCH_CHECK(G.device().is_cpu(), op, ": G must be a CPU tensor, got ", G.device());
+  TORCH_CHECK(G.dim() == 2, op, ": G must be 2-D (n, d), got shape ", G.sizes());
+  TORCH_CHECK(G.size(0) >= 1 && G.size(1) >= 1, op, ": G must have n >= 1 rows and d >= 1 columns, got shape ",
+              G.sizes());
+  const auto t = G.scalar_type();
+  TORCH_CHECK(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble, op,
+              ": G has dtype ", t, "; supported dtypes are float16, bfloat16, float32, float64");
+  return G.contiguous();
+}
+
+void check_ranks(const char* op, int64_t n, int64_t lo, int64_t hi) {
+  TORCH_CHECK(0 <= lo && lo < hi && hi <= n, op, ": need 0 <= lo < hi <= n, got lo=", lo, " hi=", hi, " n=", n);
+}
+
+at::Tensor row_flags(const at::Tensor& X) {
+  return at::empty({X.size(0)}, X.options().dtype(at::kBool));
+}
+
+std::tuple<at::Tensor, at::Tensor> sign_sum_cpu(const at::Tensor& G) {
+  const at::Tensor X = votes_input(G, "sign_sum");
+  at::Tensor sums = at::empty({X.size(1)}, X.options().dtype(at::kInt));
+  at::Tensor nonfinite = row_flags(X);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "sign_sum", [&] {
+    robustagg::cpu::sign_sum<scalar_t>(X.const_data_ptr<scalar_t>(), X.size(0), X.size(1),
+                                       sums.mutable_data_ptr<int32_t>(), nonfinite.mutable_data_ptr<bool>());
+  });
+  return {sums, nonfinite};
+}
+
+std::tuple<at::Tensor, at::Tensor> order_mean_cpu(const at::Tensor& G, int64_t lo, int64_t hi) {
+  const at::Tensor X = votes_input(G, "order_mean");
+  check_ranks("order_mean", X.size(0), lo, hi);
+  at::Tensor out = at::empty({X.size(1)}, X.options());
+  at::Tensor nonfinite = row_flags(X);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "order_mean", [&] {
+    robustagg::cpu::order_mean<scalar_t>(X.const_data_ptr<scalar_t>(), X.size(0), X.size(1), lo, hi,
+                                         out.mutable_data_ptr<scalar_t>(), nonfinite.mutable_data_ptr<bool>());
+  });
+  return {out, nonfinite};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> invariant_cpu(const at::Tensor& G, int64_t lo, int64_t hi,
+                                                             int64_t min_votes) {
+  const at::Tensor X = votes_input(G, "invariant");
+  check_ranks("invariant", X.size(0), lo, hi);
+  TORCH_CHECK(0 <= min_votes && min_votes <= X.size(0) + 1, "invariant: need 0 <= min_votes <= n + 1, got min_votes=",
+              min_votes, " n=", X.size(0));
+  at::Tensor out = at::empty({X.size(1)}, X.options());
+  at::Tensor mask = at::empty({X.size(1)}, X.options().dtype(at::kBool));
+  at::Tensor nonfinite = row_flags(X);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "invariant", [&] {
+    robustagg::cpu::invariant<scalar_t>(X.const_data_ptr<scalar_t>(), X.size(0), X.size(1), lo, hi, min_votes,
+                                        out.mutable_data_ptr<scalar_t>(), mask.mutable_data_ptr<bool>(),
+                                        nonfinite.mutable_data_ptr<bool>());
+  });
+  return {out, mask, nonfinite};
+}
+
+std::tuple<at::Tensor, at::Tensor> rlr_cpu(const at::Tensor& G, const std::optional<at::Tensor>& weights,
+                                           int64_t theta, double server_lr) {
+  const at::Tensor X = votes_input(G, "rlr");
+  const auto acc = X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor w;
+  if (weights.has_value()) {
+    TORCH_CHECK(weights->dim() == 1 && weights->size(0) == X.size(0), "rlr: weights must have shape (",
+                X.size(0), ",), got ", weights->sizes());
+    TORCH_CHECK(weights->device().is_cpu(), "rlr: weights must be a CPU tensor, got ", weights->device());
+    w = weights->to(acc).contiguous();
+  }
+  at::Tensor out = at::empty({X.size(1)}, X.options());
+  at::Tensor nonfinite = row_flags(X);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "rlr", [&] {
+    using A = robustagg::acc_t<scalar_t>;
+    robustagg::cpu::rlr<scalar_t>(X.const_data_ptr<scalar_t>(), X.size(0), X.size(1),
+                                  w.defined() ? w.const_data_ptr<A>() : nullptr, theta, server_lr,
+                                  out.mutable_data_ptr<scalar_t>(), nonfinite.mutable_data_ptr<bool>());
+  });
+  return {out, nonfinite};
+}
+
+}  // namespace votes_cpu
+
+TORCH_LIBRARY_IMPL(robustagg, CPU, m) {
+  m.impl("sign_sum", &votes_cpu::sign_sum_cpu);
+  m.impl("order_mean", &votes_cpu::order_mean_cpu);
+  m.impl("invariant", &votes_cpu::invariant_cpu);
+  m.impl("rlr", &votes_cpu::rlr_cpu);
+}
+
 // ---- CPU: client_stats, clip_rows (csrc/cpu/client_stats.cpp)
 
 // ---- CPU: topk_ef_step, topk_abs (csrc/cpu/topk.cpp)
