@@ -169,6 +169,8 @@ def maxpool_amplify(G: torch.Tensor, layout, kernel: int, restore: bool = False)
         grid = x.reshape(n, seg.rows, seg.cols)
         R, C = seg.rows // kernel, seg.cols // kernel
         if not restore:
+            if R == 0 or C == 0:
+                continue  # floor mode leaves nothing of a segment smaller than the kernel
             pieces.append(F.max_pool2d(grid.unsqueeze(1).to(acc_dtype(G.dtype)), kernel, stride=kernel)
                           .reshape(n, R * C).to(G.dtype))
             continue

@@ -29,25 +29,19 @@ template <typename T> RA_ALWAYS_INLINE double load(const T* p, int64_t j) {
   return static_cast<double>(static_cast<acc_t<T>>(p[j]));
 }
 
-double fold(const double* lanes) {
-  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-}
-
 // Squares (and products with ref) of one row over one block. A float64 value can square to Inf
 // while finite, so float64 rows also sum x * 0, which is NaN exactly when x is NaN/Inf.
 template <typename T, bool kDot>
 RA_ALWAYS_INLINE void row_block_body(const T* g, const double* ref, int64_t len, double* sumsq, double* dot,
                                      double* check) {
   constexpr bool kCheck = std::is_same<T, double>::value;
-  double s[kLanes] = {}, t[kLanes] = {}, f[kLanes] = {};
+  f64x8 s = {}, t = {}, f = {};
   int64_t j = 0;
   for (; j + kLanes <= len; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const double x = load(g, j + l);
-      s[l] += x * x;
-      if (kDot) t[l] += x * ref[j + l];
-      if (kCheck) f[l] += x * 0.0;
-    }
+    const f64x8 x = load_f64x8(g + j);
+    s += x * x;
+    if (kDot) t += x * load_f64x8(ref + j);
+    if (kCheck) f += x * 0.0;
   }
   for (int l = 0; j < len; ++j, ++l) {
     const double x = load(g, j);
@@ -55,9 +49,9 @@ RA_ALWAYS_INLINE void row_block_body(const T* g, const double* ref, int64_t len,
     if (kDot) t[l] += x * ref[j];
     if (kCheck) f[l] += x * 0.0;
   }
-  *sumsq += fold(s);
-  if (kDot) *dot += fold(t);
-  if (kCheck) *check += fold(f);
+  *sumsq += fold_f64x8(s);
+  if (kDot) *dot += fold_f64x8(t);
+  if (kCheck) *check += fold_f64x8(f);
 }
 
 template <typename T, bool kDot>

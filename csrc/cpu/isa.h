@@ -40,3 +40,42 @@ inline Isa cpu_isa() {
 
 }  // namespace cpu
 }  // namespace robustagg
+
+#include <cstring>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace robustagg {
+namespace cpu {
+
+// Eight float64 lanes (GNU vector extension, not intrinsics): one AVX-512 register, two AVX2
+// registers or four SSE2 registers, with the same per-lane arithmetic on each.
+typedef double f64x8 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int64_t i64x8 __attribute__((vector_size(64)));
+
+// p[0..7] converted to float64 (16-bit types through float, as acc_t does).
+RA_ALWAYS_INLINE f64x8 load_f64x8(const double* p) {
+  f64x8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+RA_ALWAYS_INLINE f64x8 load_f64x8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return __builtin_convertvector(v, f64x8);
+}
+template <typename T> RA_ALWAYS_INLINE f64x8 load_f64x8(const T* p) {
+  f32x8 v;
+  for (int l = 0; l < 8; ++l) v[l] = static_cast<float>(p[l]);
+  return __builtin_convertvector(v, f64x8);
+}
+
+// Sum of the lanes in a fixed pairwise order.
+RA_ALWAYS_INLINE double fold_f64x8(f64x8 v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+}  // namespace cpu
+}  // namespace robustagg
