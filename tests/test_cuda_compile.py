@@ -221,3 +221,12 @@ def test_unrolled_network_matches_core_bit_for_bit(tmp_path):
     assert build.returncode == 0, build.stdout + build.stderr
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
+def test_network_threshold_matches_the_cpu_kernel():
+    """Both backends switch from the pruned network to selection at the same n (sign of zero results)."""
+    pattern = re.compile(r"constexpr int64_t kNetworkMaxRows = (\d+);")
+    cpu = pattern.search((ROOT / "csrc" / "cpu" / "order_stats.cpp").read_text())
+    cuda = pattern.search((CUDA_DIR / "order_stats.cu").read_text())
+    assert cpu and cuda, "kNetworkMaxRows not found in csrc/cpu/order_stats.cpp or csrc/cuda/order_stats.cu"
+    assert cpu.group(1) == cuda.group(1), f"CPU switches at n={cpu.group(1)}, CUDA at n={cuda.group(1)}"
