@@ -3,13 +3,14 @@
 // One thread per coordinate; a warp reads 32 consecutive coordinates of one client row, so loads
 // are coalesced, and each row's non-finite flag and the sign votes come out of the same pass.
 //
-// * n <= 64: the n values sit in registers, padded with +Inf to N = 2^ceil(log2 n) wires, and are
+// * n <= 64 (n <= 128 for 16/32-bit data, whose 128 float wires still fit in the 255 registers of
+//   a thread): the n values sit in registers, padded with +Inf to N = 2^ceil(log2 n) wires, and are
 //   sorted by Batcher's odd-even merge network (Knuth 5.3.4, the network of core/order_stats.h)
 //   unrolled at compile time, so every wire index is a constant and nothing goes to local memory
 //   (tests/test_cuda_compile.py checks ptxas for spills). A step touching a padding wire only
 //   keeps +Inf on the higher wire, so the first n wires end up exactly as core's batcher_network(n)
 //   leaves them.
-// * n > 64: each thread copies its column into its own slice of shared memory (or, when even 32
+// * larger n: each thread copies its column into its own slice of shared memory (or, when even 32
 //   slices do not fit, of a global workspace) and runs, like the CPU kernel, core's Batcher network
 //   pruned to the kept positions (n <= 512, built on the host once per call) or core's
 //   order_mean_select (larger n).
@@ -30,6 +31,7 @@ namespace cuda {
 namespace {
 
 constexpr int kRegisterMaxN = 64;
+constexpr int kRegisterMaxFloatN = 128;  // float wires; 128 doubles would spill
 constexpr int kRegisterThreads = 128;
 
 // mask == nullptr: order_mean; otherwise the fused invariant (votes and values from one read).
@@ -209,13 +211,18 @@ cudaError_t order_statistic(const T* G, int64_t n, int64_t d, int64_t lo, int64_
   if (n <= 16) return launch_registers<T, 16>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, stream);
   if (n <= 32) return launch_registers<T, 32>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, stream);
   if (n <= kRegisterMaxN) return launch_registers<T, 64>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, stream);
+  if constexpr (sizeof(acc_t<T>) == sizeof(float)) {
+    if (n <= kRegisterMaxFloatN) {
+      return launch_registers<T, kRegisterMaxFloatN>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, stream);
+    }
+  }
   return launch_slices(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
 }
 
 }  // namespace
 
 size_t order_stats_workspace_bytes(int64_t n, int64_t d, size_t acc_size) {
-  if (n <= kRegisterMaxN || d < 1) return 0;
+  if (n <= kRegisterMaxN || (acc_size == sizeof(float) && n <= kRegisterMaxFloatN) || d < 1) return 0;
   return slice_plan(n, d, acc_size).workspace_bytes;
 }
 
