@@ -245,9 +245,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_ef_step(const at::Tensor& u_
   const at::Tensor ws = workspace(cuda::topk_workspace_bytes(d, at::elementSize(arithmetic_dtype(u))), u);
   bool host_bad = false;
   RA_CUDA_DISPATCH(u.scalar_type(), "topk_ef_step", [&] {
-    using A = acc_t<scalar_t>;
-    check_launch(cuda::topk_ef_step(ptr<scalar_t>(u), ptr<scalar_t>(error), ptr<scalar_t>(momentum), d, k,
-                                    static_cast<A>(rho), indices.data_ptr<int64_t>(), ptr<scalar_t>(values),
+    check_launch(cuda::topk_ef_step(ptr<scalar_t>(u), ptr<scalar_t>(error), ptr<scalar_t>(momentum), d, k, rho,
+                                    indices.data_ptr<int64_t>(), ptr<scalar_t>(values),
                                     bad.data_ptr<bool>(), &host_bad, ws.data_ptr(), current_stream()),
                  "topk_ef_step");
   });

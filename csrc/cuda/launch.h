@@ -67,16 +67,17 @@ cudaError_t clip_rows(const T* G, int64_t n, int64_t d, const acc_t<T>* max_norm
 
 size_t topk_workspace_bytes(int64_t d, size_t acc_size);
 
-// Top-k with error feedback, 1 <= k_sel = min(k, d) selected. Updates error and momentum in place
+// Top-k with error feedback, k_sel = min(k, d) selected. Updates error and momentum in place
 // unless u holds NaN/Inf; then it sets *host_nonfinite, leaves the state untouched and writes no
-// outputs. indices: int64[k_sel] ascending; values: T[k_sel]. Synchronizes the stream once, to
+// outputs. indices: int64[k_sel] ascending; values: T[k_sel]. rho is rounded to A once; rho == 0
+// (tested on the double, like the CPU kernel) means momentum = u. Synchronizes the stream once, to
 // learn whether u was finite.
 template <typename T>
-cudaError_t topk_ef_step(const T* u, T* error, T* momentum, int64_t d, int64_t k, acc_t<T> rho,
+cudaError_t topk_ef_step(const T* u, T* error, T* momentum, int64_t d, int64_t k, double rho,
                          int64_t* indices, T* values, bool* nonfinite, bool* host_nonfinite, void* workspace,
                          cudaStream_t stream);
 
-// Stateless top-k by magnitude; never synchronizes. k_sel = min(k, d) >= 1.
+// Stateless top-k by magnitude, k_sel = min(k, d) selected; never synchronizes.
 template <typename T>
 cudaError_t topk_abs(const T* x, int64_t d, int64_t k, int64_t* indices, T* values, bool* nonfinite,
                      void* workspace, cudaStream_t stream);

@@ -392,12 +392,12 @@ size_t topk_workspace_bytes(int64_t d, size_t acc_size) {
 }
 
 template <typename T>
-cudaError_t topk_ef_step(const T* u, T* error, T* momentum, int64_t d, int64_t k, acc_t<T> rho, int64_t* indices,
+cudaError_t topk_ef_step(const T* u, T* error, T* momentum, int64_t d, int64_t k, double rho, int64_t* indices,
                          T* values, bool* nonfinite, bool* host_nonfinite, void* workspace, cudaStream_t stream) {
   if (host_nonfinite == nullptr) return cudaErrorInvalidValue;
   *host_nonfinite = false;
-  const Inputs<T> in{u, error, momentum, rho};
-  if (rho == acc_t<T>(0)) {
+  const Inputs<T> in{u, error, momentum, static_cast<acc_t<T>>(rho)};
+  if (rho == 0.0) {
     return radix_topk<Source::kErrorFeedbackNoMomentum, T>(in, d, k, indices, values, error, momentum, nonfinite,
                                                            host_nonfinite, workspace, stream);
   }
@@ -414,7 +414,7 @@ cudaError_t topk_abs(const T* x, int64_t d, int64_t k, int64_t* indices, T* valu
 }
 
 #define RA_INSTANTIATE(T)                                                                                      \
-  template cudaError_t topk_ef_step<T>(const T*, T*, T*, int64_t, int64_t, acc_t<T>, int64_t*, T*, bool*, bool*, \
+  template cudaError_t topk_ef_step<T>(const T*, T*, T*, int64_t, int64_t, double, int64_t*, T*, bool*, bool*,   \
                                        void*, cudaStream_t);                                                     \
   template cudaError_t topk_abs<T>(const T*, int64_t, int64_t, int64_t*, T*, bool*, void*, cudaStream_t);
 RA_INSTANTIATE(__half)
