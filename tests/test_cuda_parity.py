@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import robustagg
+import robustagg.layout
 from robustagg import ops
 
 _AVAILABLE = robustagg.available_backends()
@@ -78,6 +79,15 @@ def test_median_and_trimmed_mean_bitwise(n, d):
     assert_bitwise(*both(ops.trimmed_mean, G, trim=trim))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n", [3, 20, 64, 100, 257])
+def test_median_bitwise_other_dtypes(n, dtype):
+    # The arithmetic dtype and the final rounding (nearest even) are the same on both backends.
+    G = awkward(n, 1000, 9).clamp(-6e4, 6e4).to(dtype)
+    assert_bitwise(*both(ops.median, G))
+    assert_bitwise(*both(ops.trimmed_mean, G, trim=(n - 1) // 4))
+
+
 @pytest.mark.parametrize("n", NS)
 def test_order_mean_every_window_bitwise(n):
     G = awkward(n, 257, 3)
@@ -116,6 +126,19 @@ def test_rlr_bitwise(n):
                        nonfinite="propagate")
     cpu_out = ops.rlr(G, theta=theta, weights=weights, server_lr=0.3, backend="cpu", nonfinite="propagate")
     assert_bitwise(cuda_out, cpu_out)
+
+
+@pytest.mark.parametrize("restore", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_maxpool_amplify_identical(dtype, restore):
+    # Max-pooling only moves values, so both backends must agree exactly.
+    shapes = [(16, 3, 3, 3), (16,), (32, 16, 3, 3), (32,), (10, 32), (10,), (5, 7)]
+    layout = robustagg.layout.Layout.from_shapes(shapes)
+    G = awkward(7, layout.d, 11).round().to(dtype)
+    for kernel in (1, 2, 3):
+        assert_bitwise(*both(ops.maxpool_amplify, G, layout=layout, kernel=kernel, restore=restore))
+    flat = robustagg.layout.Layout.flat(100, skip_tail=17)
+    assert_bitwise(*both(ops.maxpool_amplify, G, layout=flat, kernel=2, restore=restore))
 
 
 @pytest.mark.parametrize("d", [1, 7, 4097, 100_003])
