@@ -53,26 +53,33 @@ def presets():
 # ---------------------------------------------------------------- timing
 
 class Timer:
-    """Median of CUDA-event times with the L2 flushed before each repeat."""
+    """Median of CUDA-event times with the L2 flushed before each repeat.
 
-    def __init__(self, torch, warmup: int, repeats: int):
+    Calls slower than ``slow_ms`` (the torch reference at ResNet-101 size) get ``slow_repeats``
+    repeats, so one row cannot take minutes.
+    """
+
+    def __init__(self, torch, warmup: int, repeats: int, slow_ms: float = 500.0, slow_repeats: int = 3):
         self.torch, self.warmup, self.repeats = torch, warmup, repeats
+        self.slow_ms, self.slow_repeats = slow_ms, slow_repeats
         self.flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
 
-    def __call__(self, fn) -> float:
+    def once(self, fn) -> float:
         torch = self.torch
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for _ in range(self.repeats):
-            self.flush.fill_(1)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+        self.flush.fill_(1)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    def __call__(self, fn) -> float:
+        first = self.once(fn)
+        for _ in range(self.warmup - 1):
+            self.once(fn)
+        repeats = self.slow_repeats if first > self.slow_ms else self.repeats
+        return statistics.median(self.once(fn) for _ in range(repeats))
 
 
 def copy_bandwidth(torch, timer: Timer) -> float:
@@ -186,7 +193,12 @@ def main(argv=None):
                     if reason is not None:
                         rows.append(dict(preset=preset, d=d, n=n, op=op, backend=backend, unavailable=reason))
                         continue
-                    times[backend] = timer(lambda: call(backend))
+                    try:
+                        times[backend] = timer(lambda: call(backend))
+                    except torch.cuda.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                        rows.append(dict(preset=preset, d=d, n=n, op=op, backend=backend, error="out of memory"))
+                        print(f"{preset:15s} n={n:4d} {op:16s} {backend:7s} out of memory")
                 for backend, ms in times.items():
                     row = dict(preset=preset, d=d, n=n, op=op, backend=backend, median_ms=ms, floor_ms=floor_ms,
                                fraction_of_floor=floor_ms / ms,
