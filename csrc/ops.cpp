@@ -331,3 +331,26 @@ std::tuple<at::Tensor, at::Tensor> maxpool_amplify(const at::Tensor& G_in, const
 TORCH_LIBRARY_IMPL(robustagg, CPU, m) { m.impl("maxpool_amplify", &robustagg_maxpool::maxpool_amplify); }
 
 // ---- CPU: pairwise_sqdist, pairwise_cosine (csrc/cpu/pairwise.cpp)
+namespace robustagg_pairwise {
+
+std::tuple<at::Tensor, at::Tensor> pairwise(const at::Tensor& G_in, bool cosine, const char* op) {
+  const at::Tensor G = robustagg_stats::matrix_arg(G_in, op);
+  const int64_t n = G.size(0), d = G.size(1);
+  at::Tensor out = at::empty({n, n}, G.options().dtype(robustagg_stats::arithmetic_dtype(G)));
+  at::Tensor bad = robustagg_stats::row_flags(G);
+  RA_STATS_DISPATCH(G.scalar_type(), "pairwise", [&] {
+    robustagg::cpu::pairwise<scalar_t>(G.data_ptr<scalar_t>(), n, d, cosine,
+                                       out.data_ptr<robustagg::acc_t<scalar_t>>(), bad.data_ptr<bool>());
+  });
+  return {out, bad};
+}
+
+std::tuple<at::Tensor, at::Tensor> pairwise_sqdist(const at::Tensor& G) { return pairwise(G, false, "pairwise_sqdist"); }
+std::tuple<at::Tensor, at::Tensor> pairwise_cosine(const at::Tensor& G) { return pairwise(G, true, "pairwise_cosine"); }
+
+}  // namespace robustagg_pairwise
+
+TORCH_LIBRARY_IMPL(robustagg, CPU, m) {
+  m.impl("pairwise_sqdist", &robustagg_pairwise::pairwise_sqdist);
+  m.impl("pairwise_cosine", &robustagg_pairwise::pairwise_cosine);
+}

@@ -140,7 +140,7 @@ def topk_abs(x: torch.Tensor, k: int):
 def topk_ef_step(u, error, momentum, k: int, rho: float):
     """SparseFed's server step (SPEC §4.6); updates ``error`` and ``momentum`` in place."""
     acc = acc_dtype(u.dtype)
-    m = u.to(acc) if rho == 0 else rho * momentum.to(acc) + u.to(acc)
+    m = u.to(acc, copy=True) if rho == 0 else rho * momentum.to(acc) + u.to(acc)  # copy: m is zeroed below
     e = error.to(acc) + m
     idx = _topk_indices(e.abs(), k)
     values = e[idx].to(u.dtype)
@@ -201,7 +201,9 @@ def pairwise_cosine(G: torch.Tensor) -> torch.Tensor:
     acc = acc_dtype(G.dtype)
     X = G.double()
     norm = X.norm(dim=1)
-    cos = (X @ X.T) / (norm[:, None] * norm[None, :])
+    gram = X @ X.T
+    gram = torch.triu(gram) + torch.triu(gram, 1).T  # BLAS need not return a symmetric product
+    cos = gram / (norm[:, None] * norm[None, :])
     cos = cos.clamp(-1.0, 1.0)
     nonzero = norm > 0
     identical = pairwise_sqdist(X) == 0

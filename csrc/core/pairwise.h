@@ -20,7 +20,7 @@ constexpr double kGramCancellation = 1e-6;
 
 RA_HD double sqdist_from_gram(double kii, double kjj, double kij) {
   const double d2 = (kii + kjj) - 2.0 * kij;
-  return d2 > 0.0 ? d2 : 0.0;
+  return d2 < 0.0 ? 0.0 : d2;  // rounding can leave a tiny negative; NaN passes through
 }
 
 // True when the Gram distance of rows i, j must be recomputed from direct differences.

@@ -146,8 +146,9 @@ Totals accumulate(const T* G, int64_t n, int64_t d, const T* ref, int64_t wstart
   return out;
 }
 
-bool row_nonfinite(const Totals& t, int64_t i) {
-  return row_sumsq_nonfinite(t.rows[i].sumsq) || row_sumsq_nonfinite(t.check[i]);
+// 16/32-bit rows: a non-finite sum of squares; float64 rows: the x * 0 sum (1e200 squares to Inf).
+template <typename T> bool row_nonfinite(const Totals& t, int64_t i) {
+  return row_sumsq_nonfinite(std::is_same<T, double>::value ? t.check[i] : t.rows[i].sumsq);
 }
 
 template <typename T, typename A = acc_t<T>> RA_ALWAYS_INLINE void scale_body(const T* g, int64_t len, A f, T* o) {
@@ -175,7 +176,7 @@ void client_stats(const T* G, int64_t n, int64_t d, int64_t window_start, int64_
     norm[i] = static_cast<A>(row_norm(s));
     for (int c = 0; c < 3; ++c) frac[i * 3 + c] = static_cast<A>(sign_fraction(s, c, window_length));
     if (ref) dot[i] = static_cast<A>(s.dot);
-    nonfinite[i] = row_nonfinite(t, i);
+    nonfinite[i] = row_nonfinite<T>(t, i);
   }
   if (ref) ref_norm[0] = static_cast<A>(sqrt(t.ref_sumsq));
 }
@@ -187,7 +188,7 @@ void clip_rows(const T* G, int64_t n, int64_t d, const acc_t<T>* max_norm, T* ou
   std::vector<A> factor(n);
   for (int64_t i = 0; i < n; ++i) {
     factor[i] = static_cast<A>(clip_factor(row_norm(t.rows[i]), static_cast<double>(max_norm[i])));
-    nonfinite[i] = row_nonfinite(t, i);
+    nonfinite[i] = row_nonfinite<T>(t, i);
   }
   const int64_t blocks = (d + kChunkColumns - 1) / kChunkColumns;
   const Isa isa = cpu_isa();
