@@ -367,7 +367,7 @@ def client_stats(G, window: tuple[int, int] | None = None, ref=None, *, nonfinit
         ref = _check_vector(ref, op, "ref")
         if ref.shape[0] != d:
             raise ValueError(f"{op}: ref has length {ref.shape[0]}; it must have d={d} entries")
-        if not bool(torch.isfinite(ref).all()):
+        if not bool(torch.isfinite(torch.stack(torch.aminmax(ref))).all()):  # one pass; min/max propagate NaN
             raise ValueError(f"{op}: ref holds NaN or Inf; the reference update must be finite")
         ref = ref.to(device=G.device, dtype=G.dtype).contiguous()
     (norm, frac, dot, ref_norm), bad = _per_client(

@@ -149,7 +149,7 @@ def topk_abs(x: torch.Tensor, k: int):
 def topk_ef_step(u, error, momentum, k: int, rho: float):
     """SparseFed's server step (SPEC §4.6); updates ``error`` and ``momentum`` in place."""
     acc = acc_dtype(u.dtype)
-    m = u.to(acc) if rho == 0 else rho * momentum.to(acc) + u.to(acc)
+    m = u.to(acc, copy=True) if rho == 0 else rho * momentum.to(acc) + u.to(acc)  # copy: m is zeroed below
     e = error.to(acc) + m
     idx = _topk_indices(e.abs(), k)
     values = e[idx].to(u.dtype)
@@ -178,6 +178,8 @@ def maxpool_amplify(G: torch.Tensor, layout, kernel: int, restore: bool = False)
         grid = x.reshape(n, seg.rows, seg.cols)
         R, C = seg.rows // kernel, seg.cols // kernel
         if not restore:
+            if R == 0 or C == 0:
+                continue  # floor mode leaves nothing of a segment smaller than the kernel
             pieces.append(F.max_pool2d(grid.unsqueeze(1).to(acc_dtype(G.dtype)), kernel, stride=kernel)
                           .reshape(n, R * C).to(G.dtype))
             continue
@@ -208,7 +210,9 @@ def pairwise_cosine(G: torch.Tensor) -> torch.Tensor:
     acc = acc_dtype(G.dtype)
     X = G.double()
     norm = X.norm(dim=1)
-    cos = (X @ X.T) / (norm[:, None] * norm[None, :])
+    gram = X @ X.T
+    gram = torch.triu(gram) + torch.triu(gram, 1).T  # BLAS need not return a symmetric product
+    cos = gram / (norm[:, None] * norm[None, :])
     cos = cos.clamp(-1.0, 1.0)
     nonzero = norm > 0
     identical = pairwise_sqdist(X) == 0

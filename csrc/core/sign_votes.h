@@ -1,0 +1,55 @@
+// Per-coordinate math of the sign-vote family (SPEC §4.1, §4.3, §4.4), shared by the CPU and CUDA
+// kernels. Everything here works on one coordinate's values in the accumulator type A
+// (acc_t<T>: float, or double for double inputs).
+//
+// API (stable; the CUDA kernels call these):
+//   int  sign_vote(A x)                    +1, -1, or 0 for ±0 (and for NaN)
+//   bool is_nonfinite(A x)                 true for NaN and ±Inf
+//   bool invariant_keeps(int votes, int min_votes)
+//                                          Invariant Aggregator's AND-mask: |votes| >= min_votes
+//   A    rlr_accumulate(A sum, A w, A x)   one step of sum_i w_i * x_i; rows are added in
+//                                          ascending row order, starting from sum = 0
+//   A    rlr_finish(int votes, int theta, A weighted_sum, A weight_total, A server_lr)
+//                                          (|votes| >= theta ? +lr : -lr) * (weighted_sum / weight_total)
+//
+// Bitwise agreement between backends: rlr adds w_i * x_i for i = 0, 1, ..., n-1 (w_i = 1 when
+// the caller passes no weights; 1 * x is exact, so the unweighted loop may add x directly), then
+// divides once by the total weight and multiplies by ±lr. Kernels are compiled without
+// floating-point contraction, so w * x + sum is never fused into an FMA.
+#pragma once
+#include "core/common.h"
+
+namespace robustagg {
+
+template <typename A>
+RA_HD int sign_vote(A x) {
+  return static_cast<int>(x > A(0)) - static_cast<int>(x < A(0));
+}
+
+// x - x is 0 for every finite x and NaN for ±Inf and NaN; this needs no <cmath> on either side.
+template <typename A>
+RA_HD bool is_nonfinite(A x) {
+  return !(x - x == A(0));
+}
+
+// Invariant Aggregator (SPEC §4.3): the coordinate is kept when its sign agreement |s_j| / n
+// passes tau. ops.invariant turns (tau, strict) into the integer threshold min_votes, so every
+// backend decides the mask with the same integer comparison.
+RA_HD bool invariant_keeps(int votes, int min_votes) {
+  return (votes < 0 ? -votes : votes) >= min_votes;
+}
+
+template <typename A>
+RA_HD A rlr_accumulate(A sum, A w, A x) {
+  return sum + w * x;
+}
+
+// Robust learning rate (Ozdayi et al. 2021, Eq. 3): the server lr keeps its sign where at least
+// theta clients agree on the sign of the coordinate, and flips it elsewhere.
+template <typename A>
+RA_HD A rlr_finish(int votes, int theta, A weighted_sum, A weight_total, A server_lr) {
+  A lr = (votes < 0 ? -votes : votes) >= theta ? server_lr : -server_lr;
+  return lr * (weighted_sum / weight_total);
+}
+
+}  // namespace robustagg

@@ -1,0 +1,44 @@
+// Entry points of the C++ CPU kernels for client_stats, clip_rows, topk_ef_step, topk_abs,
+// maxpool_amplify and the pairwise ops. csrc/ops.cpp checks and allocates the tensors and calls
+// these with raw, contiguous pointers; T is c10::Half, c10::BFloat16, float or double, and A the
+// arithmetic type acc_t<T> (csrc/core/common.h). Every function reports non-finite input in the
+// same pass as its result and never throws on NaN/Inf.
+#pragma once
+#include <cstdint>
+
+#include "core/common.h"
+
+namespace robustagg {
+namespace cpu {
+
+// SPEC §4.5. ref may be null (then dot and ref_norm are not written). frac is [n, 3].
+template <typename T>
+void client_stats(const T* G, int64_t n, int64_t d, int64_t window_start, int64_t window_length, const T* ref,
+                  acc_t<T>* norm, acc_t<T>* frac, acc_t<T>* dot, acc_t<T>* ref_norm, bool* nonfinite);
+
+// SPEC §4.5: out_i = G_i * min(1, max_norm_i / |G_i|).
+template <typename T>
+void clip_rows(const T* G, int64_t n, int64_t d, const acc_t<T>* max_norm, T* out, bool* nonfinite);
+
+// SPEC §4.6. Writes min(k, d) ascending indices and values, updates error and momentum in place.
+// Returns false, leaving error and momentum untouched, when u holds NaN/Inf.
+template <typename T>
+bool topk_ef_step(const T* u, T* error, T* momentum, int64_t d, int64_t k, double rho, int64_t* indices,
+                  T* values);
+
+// SPEC §4.6 stateless form. Returns false when x holds NaN/Inf (the outputs are still written,
+// with NaN counted as the largest magnitude).
+template <typename T>
+bool topk_abs(const T* x, int64_t d, int64_t k, int64_t* indices, T* values);
+
+// SPEC §4.7. table is int64[segments, 5]; out is [n, out_width].
+template <typename T>
+void maxpool_amplify(const T* G, int64_t n, int64_t d, const int64_t* table, int64_t segments, int64_t kernel,
+                     bool restore, int64_t out_width, T* out, bool* nonfinite);
+
+// SPEC §4.8; out is [n, n] in the arithmetic type.
+template <typename T>
+void pairwise(const T* G, int64_t n, int64_t d, bool cosine, acc_t<T>* out, bool* nonfinite);
+
+}  // namespace cpu
+}  // namespace robustagg

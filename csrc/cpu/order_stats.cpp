@@ -1,0 +1,156 @@
+// CPU loops for order_mean (so trimmed_mean and median) and the fused invariant (SPEC §4.2, §4.3).
+//
+// G is read once, in tiles of W coordinates (one 64-byte vector per row): the n row-vectors of a
+// tile are loaded into `wires` (n x W, in L1), then
+//   * n <= kNetworkMaxRows: a Batcher sorting network, pruned to the kept positions lo..hi-1,
+//     runs across the lanes (each compare-exchange is one vector min and max);
+//   * larger n: the tile is transposed and each coordinate goes through select_nth (two
+//     selections isolate the kept window, only the window is sorted).
+// Both end in the core's ascending sum of the kept values (core/order_stats.h). The loads also
+// count sign votes (invariant) and detect non-finite rows, so nothing reads G twice.
+#include "cpu/lanes.h"  // first: it silences -Wpsabi for the vector types
+
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "core/order_stats.h"
+#include "core/sign_votes.h"
+
+namespace robustagg::cpu {
+namespace {
+
+// Above this many rows the network's O(n log^2 n) steps per tile lose to per-coordinate selection
+// (benchmarks/NOTES-cpu-votes.md).
+constexpr int64_t kNetworkMaxRows = 512;
+// Tiles handed to a thread at a time: small enough to balance two busy cores, large enough that
+// each row is read in long runs.
+constexpr int64_t kTilesPerTask = 64;
+
+template <typename T>
+struct OrderJob {
+  const T* G;
+  int64_t n, d, lo, hi;
+  const CompareExchange* net;  // nullptr: selection path
+  int steps;
+  int64_t min_votes;  // invariant only
+  T* out;
+  bool* mask;  // invariant only
+};
+
+template <typename T>
+struct OrderScratch {
+  using A = acc_t<T>;
+  AlignedBuffer<typename Lanes<A>::V> wires;
+  std::vector<A> columns;      // selection path: W columns of n values
+  std::vector<uint8_t> bad;    // rows seen holding NaN/Inf
+
+  explicit OrderScratch(const OrderJob<T>& job)
+      : wires(job.n), columns(job.net ? 0 : job.n * Lanes<A>::W), bad(job.n, 0) {}
+};
+
+// A tile held a NaN/Inf somewhere (rare): find the rows.
+template <typename T>
+inline void flag_nonfinite_rows(const OrderJob<T>& job, const typename Lanes<acc_t<T>>::V* wires,
+                                int64_t width, uint8_t* bad) {
+  for (int64_t i = 0; i < job.n; ++i) {
+    for (int64_t l = 0; l < width; ++l) bad[i] |= is_nonfinite(wires[i][l]);
+  }
+}
+
+template <typename T, bool kVotes>
+inline void order_tiles_body(const OrderJob<T>& job, int64_t begin, int64_t end, OrderScratch<T>& s) {
+  using A = acc_t<T>;
+  using L = Lanes<A>;
+  using V = typename L::V;
+  typename L::V* wires = s.wires.data();
+  for (int64_t tile = begin; tile < end; ++tile) {
+    const int64_t j = tile * L::W;
+    const int64_t width = std::min<int64_t>(L::W, job.d - j);
+    V check{};
+    typename L::Mask votes{};
+    for (int64_t i = 0; i < job.n; ++i) {
+      const T* p = job.G + i * job.d + j;
+      V x = width == L::W ? load_lanes(p) : load_lanes_partial(p, width);
+      check += x - x;  // stays 0 unless some value is NaN or Inf
+      if constexpr (kVotes) votes += (x < 0) - (x > 0);  // a true comparison is -1
+      wires[i] = x;
+    }
+    if (any_nonzero(check)) flag_nonfinite_rows(job, wires, width, s.bad.data());
+
+    V mean;
+    if (job.net) {
+      run_network(wires, job.net, job.steps);
+      mean = kept_mean<A>(wires, job.lo, job.hi);
+    } else {
+      A* columns = s.columns.data();
+      for (int64_t i = 0; i < job.n; ++i) {
+        for (int l = 0; l < L::W; ++l) columns[l * job.n + i] = wires[i][l];
+      }
+      mean = V{};
+      for (int64_t l = 0; l < width; ++l) mean[l] = order_mean_select(columns + l * job.n, job.n, job.lo, job.hi);
+    }
+    if constexpr (kVotes) {
+      for (int64_t l = 0; l < width; ++l) {
+        const bool keep = invariant_keeps(static_cast<int>(votes[l]), static_cast<int>(job.min_votes));
+        job.mask[j + l] = keep;
+        mean[l] = keep ? mean[l] : A(0);
+      }
+    }
+    store_lanes(job.out + j, mean, width);
+  }
+}
+
+RA_CPU_KERNEL(order_tiles, (typename T, bool kVotes), (T, kVotes),
+              (const OrderJob<T>& job, int64_t begin, int64_t end, OrderScratch<T>& s), (job, begin, end, s))
+
+template <typename T, bool kVotes>
+void order_mean_run(OrderJob<T> job, bool* nonfinite) {
+  std::vector<CompareExchange> net;
+  if (job.n <= kNetworkMaxRows) {
+    net.resize(std::max(1, batcher_network_capacity(static_cast<int>(job.n))));
+    std::vector<unsigned char> live(job.n);
+    const int n = static_cast<int>(job.n);
+    job.steps = prune_network(net.data(), batcher_network(n, net.data()), n, static_cast<int>(job.lo),
+                              static_cast<int>(job.hi), live.data());
+    job.net = net.data();
+  }
+  std::fill(nonfinite, nonfinite + job.n, false);
+  const int64_t tiles = (job.d + Lanes<acc_t<T>>::W - 1) / Lanes<acc_t<T>>::W;
+  const Isa isa = best_isa();
+#pragma omp parallel
+  {
+    OrderScratch<T> scratch(job);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tiles; task += kTilesPerTask) {
+      order_tiles<T, kVotes>(isa, job, task, std::min(tiles, task + kTilesPerTask), scratch);
+    }
+#pragma omp critical(robustagg_order_nonfinite)
+    for (int64_t i = 0; i < job.n; ++i) nonfinite[i] |= scratch.bad[i] != 0;
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void order_mean(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, T* out, bool* nonfinite) {
+  order_mean_run<T, false>({G, n, d, lo, hi, nullptr, 0, 0, out, nullptr}, nonfinite);
+}
+
+template <typename T>
+void invariant(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, int64_t min_votes, T* out, bool* mask,
+               bool* nonfinite) {
+  order_mean_run<T, true>({G, n, d, lo, hi, nullptr, 0, min_votes, out, mask}, nonfinite);
+}
+
+#define RA_INSTANTIATE(T)                                                                        \
+  template void order_mean<T>(const T*, int64_t, int64_t, int64_t, int64_t, T*, bool*);         \
+  template void invariant<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*, bool*, bool*);
+RA_INSTANTIATE(c10::Half)
+RA_INSTANTIATE(c10::BFloat16)
+RA_INSTANTIATE(float)
+RA_INSTANTIATE(double)
+#undef RA_INSTANTIATE
+
+}  // namespace robustagg::cpu

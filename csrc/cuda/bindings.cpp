@@ -1,0 +1,358 @@
+// CUDA dispatch of the robustagg ops (schemas in csrc/ops.cpp): the only CUDA-side file that sees
+// torch. Each wrapper checks its tensors, allocates outputs and workspace with the caching
+// allocator, dispatches on dtype, launches on the current stream of G's device (csrc/cuda/launch.h)
+// and turns a failed CUDA call into an error that names the op.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <optional>
+#include <tuple>
+
+#include "cuda/launch.h"
+
+// `import robustagg._C_cuda` loads this library, whose static initializers register the kernels.
+extern "C" PyObject* PyInit__C_cuda(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+namespace robustagg {
+namespace cuda_bindings {
+
+// torch's 16-bit types and CUDA's share their bit layout.
+template <typename T> struct device_type { using type = T; };
+template <> struct device_type<at::Half> { using type = __half; };
+template <> struct device_type<at::BFloat16> { using type = __nv_bfloat16; };
+template <typename T> using device_t = typename device_type<T>::type;
+
+template <typename T> device_t<T>* ptr(const at::Tensor& t) {
+  return reinterpret_cast<device_t<T>*>(t.data_ptr<T>());
+}
+
+// Storage dtypes of SPEC §2; the body is instantiated once per dtype with scalar_t bound to it.
+#define RA_CUDA_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// The current stream of the device the CUDAGuard selected (the one torch's own kernels use).
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error ", cudaGetErrorName(err), ": ", cudaGetErrorString(err));
+}
+
+at::ScalarType arithmetic_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_cuda(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the cuda backend, got one on ", t.device());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble, op, ": ", name,
+              " has dtype ", dt, "; supported dtypes are float16, bfloat16, float32, float64");
+}
+
+// G as a contiguous, non-empty [n, d] CUDA matrix of a supported dtype.
+at::Tensor matrix_arg(const at::Tensor& G, const char* op) {
+  check_cuda(G, op, "G");
+  TORCH_CHECK(G.dim() == 2, op, ": G must be 2-D (n, d), got shape ", G.sizes());
+  TORCH_CHECK(G.size(0) > 0 && G.size(1) > 0, op, ": G must have n >= 1 rows and d >= 1 columns, got ", G.sizes());
+  return G.contiguous();
+}
+
+at::Tensor vector_arg(const at::Tensor& x, const char* op, const char* name) {
+  check_cuda(x, op, name);
+  TORCH_CHECK(x.dim() == 1 && x.size(0) > 0, op, ": ", name, " must be 1-D with at least 1 element, got shape ",
+              x.sizes());
+  return x.contiguous();
+}
+
+// A per-row vector (weights, max_norm) in the arithmetic type on G's device.
+at::Tensor row_vector_arg(const at::Tensor& v, const at::Tensor& G, const char* op, const char* name) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == G.size(0), op, ": ", name, " must have shape (", G.size(0),
+              ",), one per row of G, got ", v.sizes());
+  return v.to(G.device(), arithmetic_dtype(G)).contiguous();
+}
+
+at::Tensor row_flags(const at::Tensor& G) { return at::empty({G.size(0)}, G.options().dtype(at::kBool)); }
+
+at::Tensor workspace(size_t bytes, const at::Tensor& like) {
+  return at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))}, like.options().dtype(at::kByte));
+}
+
+// Vote counts and thresholds are int in core/sign_votes.h.
+void check_rows_fit_int(int64_t n, const char* op) {
+  TORCH_CHECK(n < INT_MAX, op, ": n=", n, " rows is too many for the cuda backend; allowed < ", INT_MAX);
+}
+
+// ---- §4.1, §4.4 sign votes
+
+std::tuple<at::Tensor, at::Tensor> sign_sum(const at::Tensor& G_in) {
+  const at::Tensor G = matrix_arg(G_in, "sign_sum");
+  const int64_t n = G.size(0), d = G.size(1);
+  check_rows_fit_int(n, "sign_sum");
+  const c10::cuda::CUDAGuard guard(G.device());
+  at::Tensor sums = at::empty({d}, G.options().dtype(at::kInt)), bad = row_flags(G);
+  RA_CUDA_DISPATCH(G.scalar_type(), "sign_sum", [&] {
+    check_launch(cuda::sign_sum(ptr<scalar_t>(G), n, d, sums.data_ptr<int32_t>(), bad.data_ptr<bool>(),
+                                current_stream()),
+                 "sign_sum");
+  });
+  return {sums, bad};
+}
+
+std::tuple<at::Tensor, at::Tensor> rlr(const at::Tensor& G_in, const std::optional<at::Tensor>& weights_in,
+                                       int64_t theta, double server_lr) {
+  const at::Tensor G = matrix_arg(G_in, "rlr");
+  const int64_t n = G.size(0), d = G.size(1);
+  check_rows_fit_int(n, "rlr");
+  TORCH_CHECK(theta >= 0 && theta <= n, "rlr: theta=", theta, " is out of range; allowed [0, ", n, "]");
+  const c10::cuda::CUDAGuard guard(G.device());
+  at::Tensor weights;
+  if (weights_in.has_value()) weights = row_vector_arg(*weights_in, G, "rlr", "weights");
+  at::Tensor out = at::empty({d}, G.options()), bad = row_flags(G);
+  RA_CUDA_DISPATCH(G.scalar_type(), "rlr", [&] {
+    using A = acc_t<scalar_t>;
+    check_launch(cuda::rlr(ptr<scalar_t>(G), weights.defined() ? weights.data_ptr<A>() : nullptr, n, d,
+                           static_cast<int>(theta), static_cast<A>(server_lr), ptr<scalar_t>(out),
+                           bad.data_ptr<bool>(), current_stream()),
+                 "rlr");
+  });
+  return {out, bad};
+}
+
+// ---- §4.2, §4.3 order statistics
+
+void check_ranks(int64_t lo, int64_t hi, int64_t n, const char* op) {
+  TORCH_CHECK(lo >= 0 && lo < hi && hi <= n, op, ": lo=", lo, ", hi=", hi, " are out of range; allowed 0 <= lo < hi <= n=",
+              n);
+}
+
+std::tuple<at::Tensor, at::Tensor> order_mean(const at::Tensor& G_in, int64_t lo, int64_t hi) {
+  const at::Tensor G = matrix_arg(G_in, "order_mean");
+  const int64_t n = G.size(0), d = G.size(1);
+  check_rows_fit_int(n, "order_mean");
+  check_ranks(lo, hi, n, "order_mean");
+  const c10::cuda::CUDAGuard guard(G.device());
+  at::Tensor out = at::empty({d}, G.options()), bad = row_flags(G);
+  const at::Tensor ws = workspace(cuda::order_stats_workspace_bytes(n, d, at::elementSize(arithmetic_dtype(G))), G);
+  RA_CUDA_DISPATCH(G.scalar_type(), "order_mean", [&] {
+    check_launch(cuda::order_mean(ptr<scalar_t>(G), n, d, lo, hi, ptr<scalar_t>(out), bad.data_ptr<bool>(),
+                                  ws.data_ptr(), current_stream()),
+                 "order_mean");
+  });
+  return {out, bad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> invariant(const at::Tensor& G_in, int64_t lo, int64_t hi,
+                                                         int64_t min_votes) {
+  const at::Tensor G = matrix_arg(G_in, "invariant");
+  const int64_t n = G.size(0), d = G.size(1);
+  check_rows_fit_int(n, "invariant");
+  check_ranks(lo, hi, n, "invariant");
+  TORCH_CHECK(min_votes >= 0 && min_votes <= n + 1, "invariant: min_votes=", min_votes,
+              " is out of range; allowed [0, ", n + 1, "]");
+  const c10::cuda::CUDAGuard guard(G.device());
+  at::Tensor out = at::empty({d}, G.options()), mask = at::empty({d}, G.options().dtype(at::kBool));
+  at::Tensor bad = row_flags(G);
+  const at::Tensor ws = workspace(cuda::order_stats_workspace_bytes(n, d, at::elementSize(arithmetic_dtype(G))), G);
+  RA_CUDA_DISPATCH(G.scalar_type(), "invariant", [&] {
+    check_launch(cuda::invariant(ptr<scalar_t>(G), n, d, lo, hi, static_cast<int>(min_votes), ptr<scalar_t>(out),
+                                 mask.data_ptr<bool>(), bad.data_ptr<bool>(), ws.data_ptr(),
+                                 current_stream()),
+                 "invariant");
+  });
+  return {out, mask, bad};
+}
+
+// ---- §4.5 client statistics
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> client_stats(
+    const at::Tensor& G_in, int64_t window_start, int64_t window_length, const std::optional<at::Tensor>& ref_in) {
+  const at::Tensor G = matrix_arg(G_in, "client_stats");
+  const int64_t n = G.size(0), d = G.size(1);
+  check_rows_fit_int(n, "client_stats");
+  TORCH_CHECK(window_start >= 0 && window_start < d, "client_stats: window_start=", window_start,
+              " is out of range; allowed [0, ", d - 1, "]");
+  TORCH_CHECK(window_length >= 1 && window_length <= d - window_start, "client_stats: window_length=", window_length,
+              " is out of range; allowed [1, ", d - window_start, "]");
+  const c10::cuda::CUDAGuard guard(G.device());
+  at::Tensor ref;
+  if (ref_in.has_value()) {
+    ref = vector_arg(*ref_in, "client_stats", "ref");
+    TORCH_CHECK(ref.size(0) == d && ref.scalar_type() == G.scalar_type() && ref.device() == G.device(),
+                "client_stats: ref must be (", d, ",) ", G.scalar_type(), " on ", G.device(), ", got ", ref.sizes(),
+                " ", ref.scalar_type(), " on ", ref.device());
+  }
+  const bool with_ref = ref.defined();
+  const auto acc = G.options().dtype(arithmetic_dtype(G));
+  at::Tensor norm = at::empty({n}, acc), frac = at::empty({n, 3}, acc);
+  at::Tensor dot = at::empty({with_ref ? n : 0}, acc), ref_norm = at::empty({with_ref ? 1 : 0}, acc);
+  at::Tensor bad = row_flags(G);
+  const at::Tensor ws = workspace(cuda::client_stats_workspace_bytes(n, d), G);
+  RA_CUDA_DISPATCH(G.scalar_type(), "client_stats", [&] {
+    using A = acc_t<scalar_t>;
+    check_launch(cuda::client_stats(ptr<scalar_t>(G), n, d, window_start, window_length,
+                                    with_ref ? ptr<scalar_t>(ref) : nullptr, norm.data_ptr<A>(), frac.data_ptr<A>(),
+                                    with_ref ? dot.data_ptr<A>() : nullptr,
+                                    with_ref ? ref_norm.data_ptr<A>() : nullptr, bad.data_ptr<bool>(), ws.data_ptr(),
+                                    current_stream()),
+                 "client_stats");
+  });
+  return {norm, frac, dot, ref_norm, bad};
+}
+
+std::tuple<at::Tensor, at::Tensor> clip_rows(const at::Tensor& G_in, const at::Tensor& max_norm_in) {
+  const at::Tensor G = matrix_arg(G_in, "clip_rows");
+  const int64_t n = G.size(0), d = G.size(1);
+  check_rows_fit_int(n, "clip_rows");
+  const c10::cuda::CUDAGuard guard(G.device());
+  const at::Tensor max_norm = row_vector_arg(max_norm_in, G, "clip_rows", "max_norm");
+  at::Tensor out = at::empty_like(G), bad = row_flags(G);
+  const at::Tensor ws = workspace(cuda::client_stats_workspace_bytes(n, d), G);
+  RA_CUDA_DISPATCH(G.scalar_type(), "clip_rows", [&] {
+    using A = acc_t<scalar_t>;
+    check_launch(cuda::clip_rows(ptr<scalar_t>(G), n, d, max_norm.data_ptr<A>(), ptr<scalar_t>(out),
+                                 bad.data_ptr<bool>(), ws.data_ptr(), current_stream()),
+                 "clip_rows");
+  });
+  return {out, bad};
+}
+
+// ---- §4.6 top-k
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_ef_step(const at::Tensor& u_in, at::Tensor& error,
+                                                            at::Tensor& momentum, int64_t k, double rho) {
+  const at::Tensor u = vector_arg(u_in, "topk_ef_step", "u");
+  const int64_t d = u.size(0);
+  TORCH_CHECK(k >= 0, "topk_ef_step: k=", k, " is out of range; allowed >= 0");
+  for (const at::Tensor* t : {&error, &momentum}) {
+    TORCH_CHECK(t->sizes() == u.sizes() && t->scalar_type() == u.scalar_type() && t->device() == u.device(),
+                "topk_ef_step: error and momentum must match u's shape ", u.sizes(), ", dtype ", u.scalar_type(),
+                " and device ", u.device(), ", got ", t->sizes(), " ", t->scalar_type(), " on ", t->device());
+    TORCH_CHECK(t->is_contiguous(), "topk_ef_step: error and momentum are updated in place and must be contiguous");
+  }
+  const c10::cuda::CUDAGuard guard(u.device());
+  const int64_t kk = std::min(k, d);
+  at::Tensor indices = at::empty({kk}, u.options().dtype(at::kLong)), values = at::empty({kk}, u.options());
+  at::Tensor bad = at::empty({1}, u.options().dtype(at::kBool));
+  const at::Tensor ws = workspace(cuda::topk_workspace_bytes(d, at::elementSize(arithmetic_dtype(u))), u);
+  bool host_bad = false;
+  RA_CUDA_DISPATCH(u.scalar_type(), "topk_ef_step", [&] {
+    check_launch(cuda::topk_ef_step(ptr<scalar_t>(u), ptr<scalar_t>(error), ptr<scalar_t>(momentum), d, k, rho,
+                                    indices.data_ptr<int64_t>(), ptr<scalar_t>(values),
+                                    bad.data_ptr<bool>(), &host_bad, ws.data_ptr(), current_stream()),
+                 "topk_ef_step");
+  });
+  if (host_bad) return {indices.narrow(0, 0, 0), values.narrow(0, 0, 0), bad};
+  return {indices, values, bad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_abs(const at::Tensor& x_in, int64_t k) {
+  const at::Tensor x = vector_arg(x_in, "topk_abs", "x");
+  const int64_t d = x.size(0);
+  TORCH_CHECK(k >= 0, "topk_abs: k=", k, " is out of range; allowed >= 0");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t kk = std::min(k, d);
+  at::Tensor indices = at::empty({kk}, x.options().dtype(at::kLong)), values = at::empty({kk}, x.options());
+  at::Tensor bad = at::empty({1}, x.options().dtype(at::kBool));
+  const at::Tensor ws = workspace(cuda::topk_workspace_bytes(d, at::elementSize(arithmetic_dtype(x))), x);
+  RA_CUDA_DISPATCH(x.scalar_type(), "topk_abs", [&] {
+    check_launch(cuda::topk_abs(ptr<scalar_t>(x), d, k, indices.data_ptr<int64_t>(), ptr<scalar_t>(values),
+                                bad.data_ptr<bool>(), ws.data_ptr(), current_stream()),
+                 "topk_abs");
+  });
+  return {indices, values, bad};
+}
+
+// ---- §4.7 max-pool amplification
+
+// The kernel trusts the table for its addresses, so it is checked here (on a host copy; it is a
+// few hundred bytes).
+void check_segments(const at::Tensor& table, int64_t d, int64_t kernel, bool restore, int64_t out_width) {
+  const at::Tensor host = table.cpu();
+  const int64_t* t = host.data_ptr<int64_t>();
+  for (int64_t s = 0; s < host.size(0); ++s) {
+    const int64_t off = t[5 * s], rows = t[5 * s + 1], cols = t[5 * s + 2], out = t[5 * s + 4];
+    const bool pooled = t[5 * s + 3] != 0;
+    TORCH_CHECK(off >= 0 && rows >= 0 && cols >= 0 && off <= d && (cols == 0 || rows <= (d - off) / cols),
+                "maxpool_amplify: segment ", s, " (offset ", off, ", rows ", rows, ", cols ", cols,
+                ") does not fit in d=", d);
+    const int64_t written = restore ? rows * cols : (pooled ? (rows / kernel) * (cols / kernel) : rows * cols);
+    TORCH_CHECK(out >= 0 && written <= out_width - out && (!restore || out == off), "maxpool_amplify: segment ", s,
+                " writes [", out, ", ", out + written, ") outside the output row of width ", out_width);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> maxpool_amplify(const at::Tensor& G_in, const at::Tensor& segments_in,
+                                                   int64_t kernel, bool restore, int64_t out_width) {
+  const at::Tensor G = matrix_arg(G_in, "maxpool_amplify");
+  const int64_t n = G.size(0), d = G.size(1);
+  TORCH_CHECK(kernel >= 1, "maxpool_amplify: kernel=", kernel, " is out of range; allowed >= 1");
+  TORCH_CHECK(segments_in.dim() == 2 && segments_in.size(1) == 5 && segments_in.scalar_type() == at::kLong,
+              "maxpool_amplify: segments must be int64[S, 5], got ", segments_in.scalar_type(), " ",
+              segments_in.sizes());
+  TORCH_CHECK(out_width >= 0 && (!restore || out_width == d), "maxpool_amplify: out_width=", out_width,
+              " is out of range; allowed >= 0 (== d=", d, " when restore)");
+  check_segments(segments_in, d, kernel, restore, out_width);
+  const c10::cuda::CUDAGuard guard(G.device());
+  const at::Tensor segments = segments_in.to(G.device()).contiguous();
+  const int64_t S = segments.size(0);
+  at::Tensor out = at::empty({n, out_width}, G.options()), bad = row_flags(G);
+  const at::Tensor ws = workspace(cuda::maxpool_workspace_bytes(S), G);
+  RA_CUDA_DISPATCH(G.scalar_type(), "maxpool_amplify", [&] {
+    check_launch(cuda::maxpool_amplify(ptr<scalar_t>(G), n, d, segments.data_ptr<int64_t>(), S, kernel, restore,
+                                       out_width, ptr<scalar_t>(out), bad.data_ptr<bool>(), ws.data_ptr(),
+                                       current_stream()),
+                 "maxpool_amplify");
+  });
+  return {out, bad};
+}
+
+// ---- §4.8 pairwise geometry
+
+template <bool kCosine>
+std::tuple<at::Tensor, at::Tensor> pairwise(const at::Tensor& G_in) {
+  const char* op = kCosine ? "pairwise_cosine" : "pairwise_sqdist";
+  const at::Tensor G = matrix_arg(G_in, op);
+  const int64_t n = G.size(0), d = G.size(1);
+  TORCH_CHECK(n <= (int64_t(1) << 20), op, ": n=", n, " rows is too many for an [n, n] result; allowed <= 2^20");
+  const c10::cuda::CUDAGuard guard(G.device());
+  at::Tensor out = at::empty({n, n}, G.options().dtype(arithmetic_dtype(G))), bad = row_flags(G);
+  const at::Tensor ws = workspace(cuda::pairwise_workspace_bytes(n, d), G);
+  RA_CUDA_DISPATCH(G.scalar_type(), "pairwise", [&] {
+    using A = acc_t<scalar_t>;
+    const auto stream = current_stream();
+    const cudaError_t err =
+        kCosine ? cuda::pairwise_cosine(ptr<scalar_t>(G), n, d, out.data_ptr<A>(), bad.data_ptr<bool>(), ws.data_ptr(),
+                                        stream)
+                : cuda::pairwise_sqdist(ptr<scalar_t>(G), n, d, out.data_ptr<A>(), bad.data_ptr<bool>(), ws.data_ptr(),
+                                        stream);
+    check_launch(err, op);
+  });
+  return {out, bad};
+}
+
+}  // namespace cuda_bindings
+}  // namespace robustagg
+
+TORCH_LIBRARY_IMPL(robustagg, CUDA, m) {
+  namespace b = robustagg::cuda_bindings;
+  m.impl("sign_sum", &b::sign_sum);
+  m.impl("order_mean", &b::order_mean);
+  m.impl("invariant", &b::invariant);
+  m.impl("rlr", &b::rlr);
+  m.impl("client_stats", &b::client_stats);
+  m.impl("clip_rows", &b::clip_rows);
+  m.impl("topk_ef_step", &b::topk_ef_step);
+  m.impl("topk_abs", &b::topk_abs);
+  m.impl("maxpool_amplify", &b::maxpool_amplify);
+  m.impl("pairwise_sqdist", &b::pairwise<false>);
+  m.impl("pairwise_cosine", &b::pairwise<true>);
+}

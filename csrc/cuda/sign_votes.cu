@@ -1,0 +1,99 @@
+// CUDA kernels of the sign-vote family (SPEC §4.1, §4.4): sign_sum and the fused robust learning
+// rate. One thread per coordinate walks the n rows in order, so a warp reads 32 consecutive
+// coordinates of one row (coalesced) and every row's non-finite flag comes out of the same pass.
+// The per-value math is core/sign_votes.h, shared with the CPU kernels.
+#include "core/sign_votes.h"
+#include "cuda/common.cuh"
+#include "cuda/launch.h"
+
+namespace robustagg {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    sign_sum_kernel(const T* __restrict__ G, int64_t n, int64_t d, int32_t* __restrict__ sums,
+                    bool* __restrict__ nonfinite) {
+  using A = acc_t<T>;
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < d;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int votes = 0;
+#pragma unroll 8
+    for (int64_t i = 0; i < n; ++i) {
+      const A x = load_acc(G + i * d + j);
+      if (is_nonfinite(x)) flag_row(nonfinite, i);
+      votes += sign_vote(x);
+    }
+    sums[j] = votes;
+  }
+}
+
+// Robust learning rate (Ozdayi et al. 2021, Eq. 3). Rows are added in ascending order from 0, one
+// rlr_accumulate per row, like the CPU kernel, so float32 results agree bit for bit.
+template <typename T, bool kWeighted>
+__global__ void __launch_bounds__(kThreads)
+    rlr_kernel(const T* __restrict__ G, const acc_t<T>* __restrict__ weights, int64_t n, int64_t d, int theta,
+               acc_t<T> server_lr, T* __restrict__ out, bool* __restrict__ nonfinite) {
+  using A = acc_t<T>;
+  __shared__ A weight_total;
+  if (threadIdx.x == 0) {
+    A total = A(0);
+    if (kWeighted) {
+      for (int64_t i = 0; i < n; ++i) total = total + weights[i];
+    } else {
+      total = static_cast<A>(n);
+    }
+    weight_total = total;
+  }
+  __syncthreads();
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < d;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int votes = 0;
+    A sum = A(0);
+#pragma unroll 8
+    for (int64_t i = 0; i < n; ++i) {
+      const A x = load_acc(G + i * d + j);
+      if (is_nonfinite(x)) flag_row(nonfinite, i);
+      votes += sign_vote(x);
+      sum = rlr_accumulate(sum, kWeighted ? __ldg(weights + i) : A(1), x);
+    }
+    out[j] = from_acc<T>(rlr_finish(votes, theta, sum, weight_total, server_lr));
+  }
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t sign_sum(const T* G, int64_t n, int64_t d, int32_t* sums, bool* nonfinite, cudaStream_t stream) {
+  RA_CUDA_TRY(cudaMemsetAsync(nonfinite, 0, n * sizeof(bool), stream));
+  sign_sum_kernel<T><<<grid_for(d, kThreads), kThreads, 0, stream>>>(G, n, d, sums, nonfinite);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t rlr(const T* G, const acc_t<T>* weights, int64_t n, int64_t d, int theta, acc_t<T> server_lr,
+                T* out, bool* nonfinite, cudaStream_t stream) {
+  RA_CUDA_TRY(cudaMemsetAsync(nonfinite, 0, n * sizeof(bool), stream));
+  const unsigned int grid = grid_for(d, kThreads);
+  if (weights != nullptr) {
+    rlr_kernel<T, true><<<grid, kThreads, 0, stream>>>(G, weights, n, d, theta, server_lr, out, nonfinite);
+  } else {
+    rlr_kernel<T, false><<<grid, kThreads, 0, stream>>>(G, weights, n, d, theta, server_lr, out, nonfinite);
+  }
+  return cudaGetLastError();
+}
+
+#define RA_INSTANTIATE(T)                                                                              \
+  template cudaError_t sign_sum<T>(const T*, int64_t, int64_t, int32_t*, bool*, cudaStream_t);          \
+  template cudaError_t rlr<T>(const T*, const acc_t<T>*, int64_t, int64_t, int, acc_t<T>, T*, bool*, \
+                              cudaStream_t);
+RA_INSTANTIATE(__half)
+RA_INSTANTIATE(__nv_bfloat16)
+RA_INSTANTIATE(float)
+RA_INSTANTIATE(double)
+#undef RA_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace robustagg

@@ -1,0 +1,54 @@
+"""Device helpers shared by the kernel families."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def to_acc(x, IS_FP64: tl.constexpr):
+    """Arithmetic dtype of SPEC §2: float64 for float64 input, float32 otherwise."""
+    if IS_FP64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def nonfinite(x):
+    """True for NaN and +-Inf (NaN fails every comparison, so |x| < inf is False for it)."""
+    return ~(tl.abs(x) < float("inf"))
+
+
+@triton.jit
+def flag_rows(x, rows, valid, flags, AXIS: tl.constexpr):
+    """Set flags[row] = 1 for every row of the tile holding a NaN/Inf (x in the arithmetic dtype).
+
+    The integer atomic only fires for rows that hold one, and max of 0/1 flags is
+    order-independent, so the result is deterministic.
+    """
+    hits = tl.sum((nonfinite(x) & valid).to(tl.int32), axis=AXIS)
+    tl.atomic_max(flags + rows, 1, mask=hits > 0, sem="relaxed")
+
+
+@triton.jit
+def sign_of(x):
+    """sign(x) as int32 with sign(+-0) = 0 (and 0 for NaN); x in the arithmetic dtype.
+
+    16-bit values are compared after widening: the interpreter compares raw bfloat16 wrongly.
+    """
+    return (x > 0).to(tl.int32) - (x < 0).to(tl.int32)
+
+
+@triton.jit
+def to_storage(x, dtype: tl.constexpr):
+    """Cast an arithmetic value to the storage dtype, rounding to nearest even.
+
+    bfloat16 is rounded by hand: the interpreter's numpy emulation truncates, and doing the
+    rounding in integer ops gives the same bits on the interpreter and on the GPU.
+    """
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        bits = tl.where(x != x, bits | 0x400000, rounded)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)

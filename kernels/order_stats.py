@@ -1,0 +1,200 @@
+r"""Order statistics (SPEC §4.2) and the fused invariant aggregation (SPEC §4.3).
+
+``order_mean(G, lo, hi)_j`` is the mean of the sorted values at positions lo..hi-1 of column j.
+
+* n <= MAX_SORT_N (256): one program loads a [BLOCK_D, N_PAD] tile (columns x all rows, padded
+  with +inf so that padding sorts last and never lands in lo..hi-1 < n), sorts each column along
+  the minor dimension with a bitonic network (the same hypercube scheme as ``tl.sort``, built from
+  min/max so that the interpreter runs it fast) and adds the kept ranks only.
+* larger n: a per-column radix select. Values become order-preserving unsigned keys; a bit-by-bit
+  bisection over the rows finds the keys at ranks lo and hi-1, and one more pass adds the values
+  strictly between them plus the right number of copies of the two boundary values. Any n works;
+  it costs (key bits + 1) reads of the column.
+
+Only the kept values are added (never "total minus trimmed"), so a +-3e38 outlier that is trimmed
+cannot destroy the honest values (SPEC §3). The invariant variant also counts sign votes from
+the same tile and zeroes coordinates whose |votes| < min_votes.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import flag_rows, sign_of, to_acc, to_storage
+from .settings import MAX_SORT_N, is_fp64, select_settings, sort_settings
+
+
+@triton.jit
+def _compare_exchange(x, LOG_N: tl.constexpr, BIT: tl.constexpr, LOG_RUN: tl.constexpr):
+    """One step of a bitonic sorting network along the last axis of x [B, 2**LOG_N].
+
+    Positions i and i ^ 2**BIT are compared; the pair goes ascending where bit LOG_RUN of i is 0
+    and descending where it is 1 (LOG_RUN = LOG_N: all ascending). Written with min/max over an
+    axis of size 2 of the hypercube view, like tl.sort, but without its xor-sum reduction, which
+    the interpreter evaluates element by element (about 100x slower).
+    """
+    B: tl.constexpr = x.shape[0]
+    GROUPS: tl.constexpr = (1 << LOG_N) >> (BIT + 1)
+    INNER: tl.constexpr = 1 << BIT
+    pairs = tl.reshape(x, [B, GROUPS, 2, INNER])
+    low = tl.min(pairs, axis=2, keep_dims=True)
+    high = tl.max(pairs, axis=2, keep_dims=True)
+    group = tl.arange(0, GROUPS)[None, :, None, None]
+    side = tl.arange(0, 2)[None, None, :, None]
+    descending = (group >> (LOG_RUN - BIT - 1)) & 1 if LOG_RUN < LOG_N else group * 0
+    ordered = tl.where((side == 1) != (descending == 1), high, low)
+    return tl.reshape(ordered, [B, 1 << LOG_N])
+
+
+@triton.jit
+def _sort_rows(x, LOG_N: tl.constexpr):
+    """Sort each row of x [B, 2**LOG_N] ascending (Batcher's bitonic sort)."""
+    for log_run in tl.static_range(1, LOG_N + 1):
+        for step in tl.static_range(log_run):
+            x = _compare_exchange(x, LOG_N, log_run - 1 - step, log_run)
+    return x
+
+
+@triton.jit
+def _order_mean_kernel(G, out, mask_out, flags, n, d, lo, hi, min_votes, N_PAD: tl.constexpr, LOG_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr, INVARIANT: tl.constexpr):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows = tl.arange(0, N_PAD)
+    col_ok = cols < d
+    valid = col_ok[:, None] & (rows < n)[None, :]
+    x = to_acc(tl.load(G + rows.to(tl.int64)[None, :] * d + cols[:, None], mask=valid, other=float("inf")), IS_FP64)
+    flag_rows(x, rows, valid, flags, 0)
+    # Sorting in the arithmetic dtype: exact for 16-bit inputs, and one code path for all dtypes
+    # (the interpreter also compares raw bfloat16 wrongly).
+    ranked = _sort_rows(x, LOG_N)
+    keep = (rows >= lo) & (rows < hi)
+    mean = tl.sum(tl.where(keep[None, :], ranked, 0.0), axis=1) / (hi - lo)
+    if INVARIANT:
+        votes = tl.sum(tl.where(valid, sign_of(x), 0), axis=1)
+        agree = tl.abs(votes) >= min_votes
+        mean = tl.where(agree, mean, 0.0)
+        tl.store(mask_out + cols, agree.to(tl.int8), mask=col_ok)
+    tl.store(out + cols, to_storage(mean, out.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _sortable_key(x, IS_FP64: tl.constexpr):
+    """Unsigned key with the float order: flip every bit of negatives, the sign bit of positives.
+
+    -0.0 sorts just below +0.0 and NaNs sort beyond +-inf; both are harmless for the sums.
+    """
+    if IS_FP64:
+        bits = x.to(tl.int64, bitcast=True)
+        return (bits ^ ((bits >> 63) | -9223372036854775808)).to(tl.uint64, bitcast=True)
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        return (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _value_of_key(key, IS_FP64: tl.constexpr):
+    """Inverse of _sortable_key: keys with the top bit set came from non-negative values."""
+    if IS_FP64:
+        bits = key.to(tl.int64, bitcast=True)
+        return (bits ^ tl.where(bits < 0, -9223372036854775808, -1)).to(tl.float64, bitcast=True)
+    else:
+        bits = key.to(tl.int32, bitcast=True)
+        return (bits ^ tl.where(bits < 0, -2147483648, -1)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _zero_keys(BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr):
+    if IS_FP64:
+        return tl.zeros([BLOCK_D], dtype=tl.uint64)
+    else:
+        return tl.zeros([BLOCK_D], dtype=tl.uint32)
+
+
+@triton.jit
+def _count_below(G, cols, col_ok, n, d, bound_a, bound_b, IS_FP64: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per column, how many keys are < bound_a and how many are < bound_b."""
+    below_a = tl.zeros([BLOCK_D], dtype=tl.int32)
+    below_b = tl.zeros([BLOCK_D], dtype=tl.int32)
+    for start in range(0, n, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        valid = (rows < n)[:, None] & col_ok[None, :]
+        x = to_acc(tl.load(G + rows.to(tl.int64)[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+        key = _sortable_key(x, IS_FP64)
+        below_a += tl.sum((valid & (key < bound_a[None, :])).to(tl.int32), axis=0)
+        below_b += tl.sum((valid & (key < bound_b[None, :])).to(tl.int32), axis=0)
+    return below_a, below_b
+
+
+@triton.jit
+def _order_mean_select_kernel(G, out, mask_out, flags, n, d, lo, hi, min_votes, KEY_BITS: tl.constexpr,
+                              IS_FP64: tl.constexpr, INVARIANT: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < d
+    key_lo = _zero_keys(BLOCK_D, IS_FP64)
+    key_hi = key_lo
+    # Greedy bisection from the top bit: the key at rank r is the largest K with #{key < K} <= r.
+    for step in range(KEY_BITS):
+        bit = (key_lo * 0 + 1) << (key_lo * 0 + (KEY_BITS - 1 - step))
+        try_lo = key_lo | bit
+        try_hi = key_hi | bit
+        below_lo, below_hi = _count_below(G, cols, col_ok, n, d, try_lo, try_hi, IS_FP64, BLOCK_N, BLOCK_D)
+        key_lo = tl.where(below_lo <= lo, try_lo, key_lo)
+        key_hi = tl.where(below_hi <= hi - 1, try_hi, key_hi)
+    # One more pass: values strictly between the two boundary keys, boundary counts, votes, flags.
+    inner = to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), IS_FP64)
+    upto_lo = tl.zeros([BLOCK_D], dtype=tl.int32)
+    below_hi = tl.zeros([BLOCK_D], dtype=tl.int32)
+    votes = tl.zeros([BLOCK_D], dtype=tl.int32)
+    for start in range(0, n, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        valid = (rows < n)[:, None] & col_ok[None, :]
+        x = to_acc(tl.load(G + rows.to(tl.int64)[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+        flag_rows(x, rows, valid, flags, 1)
+        key = _sortable_key(x, IS_FP64)
+        between = valid & (key > key_lo[None, :]) & (key < key_hi[None, :])
+        inner += tl.sum(tl.where(between, x, 0.0), axis=0)
+        upto_lo += tl.sum((valid & (key <= key_lo[None, :])).to(tl.int32), axis=0)
+        below_hi += tl.sum((valid & (key < key_hi[None, :])).to(tl.int32), axis=0)
+        votes += tl.sum(tl.where(valid, sign_of(x), 0), axis=0)
+    value_lo = _value_of_key(key_lo, IS_FP64)
+    value_hi = _value_of_key(key_hi, IS_FP64)
+    # Ranks [lo, upto_lo) hold value_lo and ranks [below_hi, hi) hold value_hi.
+    split = inner + (upto_lo - lo).to(inner.dtype) * value_lo + (hi - below_hi).to(inner.dtype) * value_hi
+    same = (hi - lo) * value_lo
+    mean = tl.where(key_lo == key_hi, same, split) / (hi - lo)
+    if INVARIANT:
+        agree = tl.abs(votes) >= min_votes
+        mean = tl.where(agree, mean, 0.0)
+        tl.store(mask_out + cols, agree.to(tl.int8), mask=col_ok)
+    tl.store(out + cols, to_storage(mean, out.dtype.element_ty), mask=col_ok)
+
+
+def _order_mean_launch(G, lo, hi, min_votes, invariant, launch):
+    G = G.contiguous()
+    n, d = G.shape
+    out = torch.empty(d, dtype=G.dtype, device=G.device)
+    mask = torch.empty(d if invariant else 0, dtype=torch.int8, device=G.device)
+    flags = torch.zeros(n, dtype=torch.int32, device=G.device)
+    if n <= MAX_SORT_N:
+        n_pad, block_d, warps = sort_settings(n)
+        launch(_order_mean_kernel)[(triton.cdiv(d, block_d),)](
+            G, out, mask, flags, n, d, lo, hi, min_votes, N_PAD=n_pad, LOG_N=n_pad.bit_length() - 1, BLOCK_D=block_d,
+            IS_FP64=is_fp64(G), INVARIANT=invariant, num_warps=warps)
+    else:
+        block_n, block_d, warps = select_settings()
+        launch(_order_mean_select_kernel)[(triton.cdiv(d, block_d),)](
+            G, out, mask, flags, n, d, lo, hi, min_votes, KEY_BITS=64 if is_fp64(G) else 32,
+            IS_FP64=is_fp64(G), INVARIANT=invariant, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+    return out, mask.bool(), flags.bool()
+
+
+def order_mean_forward(G, lo: int, hi: int, launch=lambda k: k):
+    """(mean of sorted ranks lo..hi-1 per column, bool[n] non-finite rows)."""
+    out, _, flags = _order_mean_launch(G, lo, hi, 0, False, launch)
+    return out, flags
+
+
+def invariant_forward(G, lo: int, hi: int, min_votes: int, launch=lambda k: k):
+    """(mask * order_mean, mask = |sign_sum| >= min_votes, bool[n] non-finite rows)."""
+    return _order_mean_launch(G, lo, hi, min_votes, True, launch)

@@ -1,0 +1,83 @@
+"""Sign votes (SPEC §4.1) and the fused robust learning rate (SPEC §4.4).
+
+Both stream G once by column blocks: a program owns BLOCK_D coordinates and walks the n rows
+BLOCK_N at a time, so every load is a contiguous stretch of one row (coalesced along d) and the
+per-coordinate sums stay in registers. Non-finite rows are flagged in the same pass.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import flag_rows, sign_of, to_acc, to_storage
+from .settings import acc_dtype, column_settings, is_fp64
+
+
+@triton.jit
+def _sign_sum_kernel(G, sums, flags, n, d, IS_FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < d
+    votes = tl.zeros([BLOCK_D], dtype=tl.int32)
+    for start in range(0, n, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        valid = (rows < n)[:, None] & col_ok[None, :]
+        x = to_acc(tl.load(G + rows.to(tl.int64)[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+        votes += tl.sum(sign_of(x), axis=0)
+        flag_rows(x, rows, valid, flags, 1)
+    tl.store(sums + cols, votes, mask=col_ok)
+
+
+def sign_sum_forward(G: torch.Tensor, launch=lambda k: k):
+    """(int32[d] sums of signs, bool[n] non-finite rows)."""
+    G = G.contiguous()
+    n, d = G.shape
+    sums = torch.empty(d, dtype=torch.int32, device=G.device)
+    flags = torch.zeros(n, dtype=torch.int32, device=G.device)
+    block_n, block_d, warps = column_settings(n)
+    launch(_sign_sum_kernel)[(triton.cdiv(d, block_d),)](
+        G, sums, flags, n, d, IS_FP64=is_fp64(G), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+    return sums, flags.bool()
+
+
+@triton.jit
+def _rlr_kernel(G, weights, server_lr, out, flags, n, d, theta, HAS_WEIGHTS: tl.constexpr,
+                IS_FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < d
+    votes = tl.zeros([BLOCK_D], dtype=tl.int32)
+    total = to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), IS_FP64)
+    wsum = to_acc(tl.zeros([BLOCK_N], dtype=tl.float32), IS_FP64)
+    for start in range(0, n, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        row_ok = rows < n
+        valid = row_ok[:, None] & col_ok[None, :]
+        x = to_acc(tl.load(G + rows.to(tl.int64)[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+        if HAS_WEIGHTS:
+            w = to_acc(tl.load(weights + rows, mask=row_ok, other=0.0), IS_FP64)
+        else:
+            w = to_acc(row_ok.to(tl.float32), IS_FP64)
+        total += tl.sum(w[:, None] * x, axis=0)
+        wsum += w
+        votes += tl.sum(sign_of(x), axis=0)
+        flag_rows(x, rows, valid, flags, 1)
+    lr = tl.load(server_lr)
+    # Ozdayi et al. 2021, Eq. 2: the lr flips sign where fewer than theta clients agree.
+    lr = tl.where(tl.abs(votes) >= theta, lr, -lr)
+    avg = total / tl.sum(wsum, axis=0)
+    tl.store(out + cols, to_storage(lr * avg, out.dtype.element_ty), mask=col_ok)
+
+
+def rlr_forward(G, weights, theta: int, server_lr: float, launch=lambda k: k):
+    """(sign-thresholded lr times the weighted mean, bool[n] non-finite rows)."""
+    G = G.contiguous()
+    n, d = G.shape
+    acc = acc_dtype(G.dtype)
+    out = torch.empty(d, dtype=G.dtype, device=G.device)
+    flags = torch.zeros(n, dtype=torch.int32, device=G.device)
+    lr = torch.full((1,), server_lr, dtype=acc, device=G.device)
+    has_weights = weights is not None
+    w = weights.to(acc).contiguous() if has_weights else lr
+    block_n, block_d, warps = column_settings(n)
+    launch(_rlr_kernel)[(triton.cdiv(d, block_d),)](
+        G, w, lr, out, flags, n, d, theta, HAS_WEIGHTS=has_weights, IS_FP64=is_fp64(G),
+        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+    return out, flags.bool()

@@ -1,0 +1,221 @@
+"""Baselines the seed defenses compare against: FedAvg, coordinate-wise median and trimmed mean,
+SignSGD, norm clipping, the geometric median (RFA) and centered clipping."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from .base import Aggregator, Clients, Report, check_float, check_int, gaussian, make_generator
+
+
+class FedAvg(Aggregator):
+    r"""Weighted mean (McMahan et al. 2017): $\sum_i w_i g_i / \sum_i w_i$; weights default to 1."""
+
+    uses_weights = True
+
+    def aggregate(self, rows: Clients, layout):
+        # rlr with theta = 0 sets lr = +1 everywhere: the fused weighted mean, one pass over G.
+        out = rows.run(ops.rlr, 0, weights=lambda r: r.weights)
+        return out, Report(selected=rows.all_ids())
+
+
+class CoordinateMedian(Aggregator):
+    """Coordinate-wise median (Yin et al. 2018), numpy-style for even n. Ignores weights."""
+
+    def aggregate(self, rows: Clients, layout):
+        return rows.run(ops.median), Report(selected=rows.all_ids())
+
+
+@dataclass
+class TrimmedMeanReport(Report):
+    trim: int = 0
+
+
+class TrimmedMean(Aggregator):
+    """Coordinate-wise trimmed mean (Yin et al. 2018): drop the ``trim`` smallest and largest values.
+
+    Give ``trim`` (a count) or ``alpha`` (``trim = ceil(alpha * n)`` on the rows aggregated).
+    Ignores weights.
+    """
+
+    def __init__(self, trim: int | None = None, alpha: float | None = None, **kw):
+        super().__init__(**kw)
+        if (trim is None) == (alpha is None):
+            raise ValueError(f"TrimmedMean: give exactly one of trim (a count) or alpha (a fraction); "
+                             f"got trim={trim!r}, alpha={alpha!r}")
+        self.trim = None if trim is None else check_int(self.name, "trim", trim, 0)
+        self.alpha = None if alpha is None else check_float(self.name, "alpha", alpha, 0.0, 0.5)
+
+    def trim_for(self, n: int) -> int:
+        trim = self.trim if self.trim is not None else math.ceil(self.alpha * n)
+        if n - 2 * trim < 1:
+            given = f"trim={trim}" if self.alpha is None else f"alpha={self.alpha} (trim=ceil(alpha*n)={trim})"
+            raise ValueError(f"{self.name}: {given} leaves nothing for n={n} clients; "
+                             f"trim must be in [0, {(n - 1) // 2}] so that n - 2*trim >= 1")
+        return trim
+
+    def check_n(self, n):
+        self.trim_for(n)
+
+    def aggregate(self, rows: Clients, layout):
+        out = rows.run(ops.trimmed_mean, lambda r: self.trim_for(r.n))
+        return out, TrimmedMeanReport(selected=rows.all_ids(), trim=self.trim_for(rows.n))
+
+
+class SignSGD(Aggregator):
+    """Majority vote (Bernstein et al. 2019): ``server_lr * sign(sum_i sign(g_i))``. Ignores weights."""
+
+    def __init__(self, server_lr: float = 1.0, **kw):
+        super().__init__(**kw)
+        self.server_lr = check_float(self.name, "server_lr", server_lr)
+
+    def aggregate(self, rows: Clients, layout):
+        votes = rows.run(ops.sign_sum)
+        out = (torch.sign(votes) * self.server_lr).to(rows.G.dtype)
+        return out, Report(selected=rows.all_ids())
+
+
+@dataclass
+class ClippingReport(Report):
+    clipped: list[int] | None = None   # clients whose update was scaled down
+
+
+class NormClipping(Aggregator):
+    r"""Weak DP (Sun et al. 2019): clip each row to $\|g_i\| \le$ ``max_norm``, take the weighted mean,
+    add $N(0, (\mathrm{noise}\cdot\mathrm{max\_norm})^2 I)$ drawn from ``generator``/``seed``."""
+
+    uses_weights = True
+
+    def __init__(self, max_norm: float, noise: float = 0.0, *, generator=None, seed=None, **kw):
+        super().__init__(**kw)
+        self.max_norm = check_float(self.name, "max_norm", max_norm, 0.0, lo_open=True)
+        self.noise = check_float(self.name, "noise", noise, 0.0)
+        self.generator = make_generator(generator, seed)
+
+    def aggregate(self, rows: Clients, layout):
+        norm = rows.stats().norm.double()
+        scale = clip_factor(norm, self.max_norm)
+        w = rows.weights_or_ones()
+        # mean of clipped rows = sum_i (w_i * scale_i) g_i / sum_i w_i: one pass, no clipped copy of G.
+        out = rows.combine(w * scale / w.sum())
+        if self.noise > 0:
+            out = out + gaussian(out.shape[0], self.noise * self.max_norm, out, self.generator)
+        return out, ClippingReport(selected=rows.all_ids(), clipped=rows.ids(scale < 1))
+
+
+def clip_factor(norm: torch.Tensor, max_norm) -> torch.Tensor:
+    """min(1, max_norm / norm) per client; 1 for a zero row."""
+    max_norm = torch.as_tensor(max_norm, dtype=torch.float64, device=norm.device)
+    return torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))
+
+
+# ---------------------------------------------------------------- iterations in the span of the rows
+#
+# The geometric median and centered clipping iterate z_{t+1} = sum_i a_i g_i with sum_i a_i = 1.
+# For such an affine combination, ||z - x_j||^2 = sum_i a_i D_ij - a^T D a / 2 where D holds the
+# squared distances between the points. So one pairwise_sqdist pass gives every distance of every
+# iteration, the iterations run on n-sized vectors, and one final weighted mean reads G again.
+
+def affine_sqdist(D: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """||sum_i a_i x_i - x_j||^2 for every point j, given D_ij = ||x_i - x_j||^2 and sum(a) = 1."""
+    Da = D @ a
+    return (Da - 0.5 * (a @ Da)).clamp_min(0)
+
+
+@dataclass
+class GeometricMedianReport(Report):
+    iterations: int = 0
+    converged: bool = False
+
+
+class GeometricMedian(Aggregator):
+    r"""RFA (Pillutla et al., IEEE TSP 2022, smoothed Weiszfeld):
+    $\beta_i = \alpha_i / \max(\nu, \|z - g_i\|)$, $z \leftarrow \sum_i \beta_i g_i / \sum_i \beta_i$,
+    from the weighted mean, until $\|z_{t+1} - z_t\| \le \mathrm{tol}\,\|z_t\|$ or ``max_iter``.
+
+    ``weights`` are the $\alpha_i$. The authors' code stops on the relative change of the
+    objective instead; SPEC §5 fixes the step-size test used here.
+    """
+
+    uses_weights = True
+
+    def __init__(self, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-7, **kw):
+        super().__init__(**kw)
+        self.nu = check_float(self.name, "nu", nu, 0.0, lo_open=True)
+        self.max_iter = check_int(self.name, "max_iter", max_iter, 0)
+        self.tol = check_float(self.name, "tol", tol, 0.0)
+
+    def aggregate(self, rows: Clients, layout):
+        # n-space arithmetic runs in float64 on the CPU: no device sync per iteration.
+        sqnorm = rows.stats().norm.double().cpu() ** 2
+        D = rows.pairwise(ops.pairwise_sqdist).double().cpu()
+        alpha = rows.weights_or_ones().cpu()
+        a = alpha / alpha.sum()
+        iterations, converged = 0, False
+        while iterations < self.max_iter and not converged:
+            beta = alpha / affine_sqdist(D, a).sqrt().clamp_min(self.nu)
+            new = beta / beta.sum()
+            step = a - new
+            moved = (-0.5 * step @ D @ step).clamp_min(0).sqrt()      # ||z_{t+1} - z_t||
+            size = (a @ sqnorm - 0.5 * a @ D @ a).clamp_min(0).sqrt()  # ||z_t||
+            a, iterations = new, iterations + 1
+            converged = bool(moved <= self.tol * size)
+        return rows.combine(a), GeometricMedianReport(selected=rows.all_ids(), iterations=iterations,
+                                                      converged=converged)
+
+
+@dataclass
+class CenteredClippingReport(Report):
+    clipped_fraction: float = 0.0  # clients scaled down in the last iteration
+
+
+class CenteredClipping(Aggregator):
+    r"""Centered clipping (Karimireddy et al., ICML 2021): from the previous aggregate $v$,
+    ``iters`` times $v \leftarrow v + \frac1n \sum_i (g_i - v)\min(1, \tau/\|g_i - v\|)$.
+
+    Stateful: the center is the previous round's output (zeros at first), saved by
+    ``state_dict()``. The authors apply it to worker momenta; what the caller passes is their
+    choice. Ignores weights.
+    """
+
+    def __init__(self, tau: float = 10.0, iters: int = 1, **kw):
+        super().__init__(**kw)
+        self.tau = check_float(self.name, "tau", tau, 0.0, lo_open=True)
+        self.iters = check_int(self.name, "iters", iters, 1)
+        self.center: torch.Tensor | None = None
+
+    def state_dict(self) -> dict:
+        return {"center": None if self.center is None else self.center.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        center = state["center"]
+        if center is not None and (center.dim() != 1 or not bool(torch.isfinite(center).all())):
+            raise ValueError(f"{self.name}: center must be a finite 1-D tensor, got shape {tuple(center.shape)}")
+        self.center = None if center is None else center.clone()
+
+    def aggregate(self, rows: Clients, layout):
+        d = rows.G.shape[1]
+        if self.center is not None and self.center.shape[0] != d:
+            raise ValueError(f"{self.name}: the saved center has d={self.center.shape[0]} but the updates have d={d}")
+        center = self.center if self.center is not None else torch.zeros(d, dtype=rows.G.dtype, device=rows.G.device)
+        stats = rows.stats(ref=center)
+        D = rows.pairwise(ops.pairwise_sqdist).double().cpu()
+        n = rows.n
+        # point n is the center: ||g_i - v||^2 = ||g_i||^2 - 2 g_i.v + ||v||^2
+        norm, dot, ref_norm = (t.double().cpu() for t in (stats.norm, stats.dot, stats.ref_norm))
+        to_center = (norm ** 2 - 2 * dot + ref_norm ** 2).clamp_min(0)
+        ext = torch.zeros(n + 1, n + 1, dtype=torch.float64, device=D.device)
+        ext[:n, :n], ext[:n, n], ext[n, :n] = D, to_center, to_center
+        b = torch.zeros(n + 1, dtype=torch.float64, device=D.device)
+        b[n] = 1.0
+        for _ in range(self.iters):
+            dist = affine_sqdist(ext, b)[:n].sqrt()
+            s = torch.where(dist > self.tau, self.tau / dist, torch.ones_like(dist))
+            b = b * (1 - s.sum() / n)
+            b[:n] += s / n
+        out = rows.combine(b[:n]) + (b[n] * center.double()).to(rows.G.dtype)
+        self.center = out.clone()
+        return out, CenteredClippingReport(selected=rows.all_ids(), clipped_fraction=float((s < 1).double().mean()))

@@ -1,0 +1,160 @@
+"""Distance-based selection: Krum, Multi-Krum (Blanchard et al. 2017), Multi-Krum with cosine
+distance, and Bulyan (El Mhamdi et al. 2018)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import ops
+from .base import Aggregator, Clients, Report, check_int
+
+# Bulyan's last step sorts column blocks of the picked rows; this bounds its extra memory.
+_BULYAN_COLUMNS = 1 << 18
+
+
+def krum_scores(D: torch.Tensor, f: int) -> torch.Tensor:
+    """Krum's score: for each row, the sum of its n-f-2 smallest distances to the other rows.
+
+    Fewer than one neighbour (Bulyan's last picks) gives every row the score 0.
+    """
+    n = D.shape[0]
+    neighbours = max(n - f - 2, 0)
+    others = D + torch.diag(torch.full((n,), float("inf"), dtype=D.dtype))
+    return others.sort(dim=1).values[:, :neighbours].sum(dim=1)
+
+
+def best_first(scores: torch.Tensor) -> torch.Tensor:
+    """Indices by ascending score; ties go to the lower index (stable sort)."""
+    return torch.sort(scores, stable=True).indices
+
+
+def check_krum_f(owner: str, f, n: int, need: int = 2, extra: int = 3) -> int:
+    """f with n >= need*f + extra (Krum: 2f+3, Bulyan: 4f+3)."""
+    f = check_int(owner, "f", f, 0)
+    if n < need * f + extra:
+        raise ValueError(f"{owner}: f={f} is too large for n={n} clients; {owner} needs n >= {need}f+{extra}, "
+                         f"so f must be in [0, {max((n - extra) // need, 0)}]"
+                         + ("" if n >= extra else f" (and n >= {extra})"))
+    return f
+
+
+@dataclass
+class KrumReport(Report):
+    scores: dict[int, float] = field(default_factory=dict)   # client -> Krum score (lower is better)
+
+
+class MultiKrum(Aggregator):
+    r"""Multi-Krum (Blanchard et al., NeurIPS 2017): score each update by the sum of its $n-f-2$ smallest
+    squared distances to the others, average the ``m`` lowest (ties to the lower index).
+
+    ``m`` defaults to n - f. Requires n >= 2f+3. Ignores weights.
+    """
+
+    distance = "sqdist"
+
+    def __init__(self, f: int, m: int | None = None, **kw):
+        super().__init__(**kw)
+        self.f = check_int(self.name, "f", f, 0)
+        self.m = None if m is None else check_int(self.name, "m", m, 1)
+
+    def check_n(self, n):
+        check_krum_f(self.name, self.f, n)
+        if self.m is not None and self.m > n:
+            raise ValueError(f"{self.name}: m={self.m} exceeds n={n} clients; allowed m in [1, {n}]")
+
+    def distances(self, rows: Clients) -> torch.Tensor:
+        if self.distance == "cosine":
+            return 1 - rows.pairwise(ops.pairwise_cosine).double().cpu()
+        return rows.pairwise(ops.pairwise_sqdist).double().cpu()
+
+    def aggregate(self, rows: Clients, layout):
+        D = self.distances(rows)
+        self.check_n(rows.n)
+        scores = krum_scores(D, self.f)
+        m = self.m if self.m is not None else rows.n - self.f
+        chosen = best_first(scores)[:m].sort().values
+        coef = torch.zeros(rows.n, dtype=torch.float64)
+        coef[chosen] = 1.0 / m
+        out = rows.combine(coef)
+        return out, KrumReport(selected=rows.ids(chosen), scores=dict(zip(rows.all_ids(), scores.tolist())))
+
+
+class Krum(MultiKrum):
+    """Krum (Blanchard et al., NeurIPS 2017): the single update with the lowest score. Requires n >= 2f+3."""
+
+    def __init__(self, f: int, **kw):
+        super().__init__(f, m=1, **kw)
+
+    def aggregate(self, rows: Clients, layout):
+        D = self.distances(rows)
+        self.check_n(rows.n)
+        scores = krum_scores(D, self.f)
+        best = best_first(scores)[:1]
+        # The winner is one row of G: copy it instead of a weighted pass over every row.
+        out = rows.G[best.to(rows.G.device)].reshape(-1).clone()
+        return out, KrumReport(selected=rows.ids(best), scores=dict(zip(rows.all_ids(), scores.tolist())))
+
+
+class MultiKrumCos(MultiKrum):
+    """Multi-Krum ranked with the cosine distance 1 - cos(g_i, g_j) instead of the squared L2 distance."""
+
+    distance = "cosine"
+
+
+@dataclass
+class BulyanReport(Report):
+    beta: int = 0   # values averaged per coordinate
+
+
+class Bulyan(Aggregator):
+    r"""Bulyan (El Mhamdi et al., ICML 2018) over Krum.
+
+    1. Pick $\theta = n - 2f$ updates by repeated Krum: each time rescore the $r$ remaining
+       updates with their $r - f - 2$ nearest remaining neighbours and move the best one.
+    2. Per coordinate, average the $\beta = \theta - 2f$ picked values closest to the coordinate
+       median of the picked updates (ties in distance go to the lower client index).
+
+    Requires n >= 4f+3. Ignores weights.
+
+    Step 2 chooses a different set of ranks in every coordinate, which no op expresses (an
+    ``order_mean`` keeps the same ranks everywhere); it sorts column blocks of the theta picked
+    rows with torch, so it runs at torch speed on every backend.
+    """
+
+    def __init__(self, f: int, **kw):
+        super().__init__(**kw)
+        self.f = check_int(self.name, "f", f, 0)
+
+    def check_n(self, n):
+        check_krum_f(self.name, self.f, n, need=4, extra=3)
+
+    def aggregate(self, rows: Clients, layout):
+        D = rows.pairwise(ops.pairwise_sqdist).double().cpu()
+        self.check_n(rows.n)
+        theta = rows.n - 2 * self.f
+        beta = theta - 2 * self.f
+        remaining = torch.arange(rows.n)
+        picked = []
+        for _ in range(theta):   # theta Krum rounds on the n x n matrix
+            sub = D[remaining][:, remaining]
+            best = best_first(krum_scores(sub, self.f))[0]
+            picked.append(int(remaining[best]))
+            remaining = torch.cat([remaining[:best], remaining[best + 1:]])
+        picked = torch.tensor(sorted(picked))
+        P = rows.G.index_select(0, picked.to(rows.G.device))
+        med = ops.median(P, nonfinite="propagate", backend=self.backend)
+        out = closest_to_median_mean(P, med, beta)
+        return out, BulyanReport(selected=rows.ids(picked), beta=beta)
+
+
+def closest_to_median_mean(P: torch.Tensor, med: torch.Tensor, beta: int) -> torch.Tensor:
+    """Per coordinate, the mean of the ``beta`` values of P nearest to ``med`` (stable: lower row first)."""
+    acc = torch.float64 if P.dtype == torch.float64 else torch.float32
+    out = torch.empty(P.shape[1], dtype=P.dtype, device=P.device)
+    for start in range(0, P.shape[1], _BULYAN_COLUMNS):   # column blocks, to bound memory
+        block = P[:, start:start + _BULYAN_COLUMNS].to(acc)
+        gap = (block - med[start:start + _BULYAN_COLUMNS].to(acc)).abs()
+        nearest = torch.sort(gap, dim=0, stable=True).indices[:beta]
+        out[start:start + _BULYAN_COLUMNS] = block.gather(0, nearest).mean(dim=0).to(P.dtype)
+    return out

@@ -1,0 +1,622 @@
+"""Triton-specific tests: every Triton op against robustagg.reference, the kernels' own edge cases
+(tile and block boundaries, the radix-select path for n > 256, ties in the top-k radix select,
+segment tables), the registration as torch.ops.robustagg_triton.*, and determinism.
+
+Without a GPU these run under TRITON_INTERPRET=1 on CPU tensors (conftest sets it), which is slow:
+shapes stay small, and each case targets one kernel path.
+"""
+import pytest
+import torch
+
+import robustagg
+from robustagg import NonFiniteUpdateError, reference
+from robustagg.layout import Layout
+
+from conftest import DEVICE, DTYPES, _backend, assert_close, to_reference
+
+pytestmark = [
+    pytest.mark.skipif(_backend._unavailable_reason("triton", None, DEVICE) is not None,
+                       reason=str(_backend._unavailable_reason("triton", None, DEVICE))),
+    # the interpreter evaluates NaN/Inf arithmetic with numpy, which warns; the results are checked
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+]
+
+T = "triton"
+
+try:  # block sizes of the active mode (interpreter or GPU), for the boundary cases below
+    from robustagg import _triton_ops  # noqa: F401  (makes robustagg.triton_kernels importable)
+    from robustagg.triton_kernels import settings as _settings
+    from robustagg.triton_kernels.topk import HISTOGRAM_STEPS
+    COLUMN_BLOCK = _settings.column_settings(1)[1]
+    SORT_BLOCK_N5 = _settings.sort_settings(5)[1]
+    ROW_BLOCK = _settings.row_settings(1 << 20)[1]
+    FLAT_BLOCK = _settings.flat_settings()[0]
+    PAIR_BLOCK = _settings.pairwise_settings()[0]
+except ImportError:  # no triton: every test below is skipped
+    COLUMN_BLOCK, SORT_BLOCK_N5, ROW_BLOCK, FLAT_BLOCK, HISTOGRAM_STEPS, PAIR_BLOCK = 512, 256, 1024, 1024, 8, 16
+ALL_OPS = ["sign_sum", "order_mean", "invariant", "rlr", "client_stats", "clip_rows", "topk_ef_step",
+           "topk_abs", "maxpool_amplify", "pairwise_sqdist", "pairwise_cosine"]
+N_VALUES = [1, 2, 3, 5, 20, 33, 64, 100, 257]
+ALL_KERNELS = ["_sign_sum_kernel", "_rlr_kernel", "_order_mean_kernel", "_order_mean_select_kernel",
+               "_client_stats_kernel", "_clip_rows_kernel", "_ef_update_kernel", "_histogram_kernel",
+               "_pick_digit_kernel", "_count_kernel", "_select_kernel", "_maxpool_kernel", "_pairwise_kernel"]
+
+
+def _ops():
+    from robustagg import _triton_ops
+    return _triton_ops
+
+
+def _randn(n, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g).to(dtype).to(DEVICE)
+
+
+# ---------------------------------------------------------------- registration
+
+def test_triton_backend_is_available_and_selected_explicitly():
+    assert robustagg.available_backends()["triton"] == "available"
+    assert _backend.select("order_mean", DEVICE, "triton") == "triton"
+    assert _backend.kernel("order_mean", "triton") is torch.ops.robustagg_triton.order_mean
+
+
+def test_every_schema_op_is_registered_under_robustagg_triton():
+    ops = _ops()
+    assert sorted(ops.OPS) == sorted(ALL_OPS)
+    for name in ALL_OPS:
+        assert ops.OPS[name] is getattr(torch.ops.robustagg_triton, name)
+
+
+def test_topk_ef_step_declares_its_mutations():
+    schema = torch.ops.robustagg_triton.topk_ef_step.default._schema
+    mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    assert mutated == ["error", "momentum"]
+
+
+def _opcheck_cases():
+    G = _randn(5, 37, torch.float32)
+    layout = Layout.from_shapes([(4, 5), (4,), (3, 3, 2)])
+    P = _randn(3, layout.d, torch.float32)
+    return {
+        "sign_sum": (G,), "order_mean": (G, 1, 4), "invariant": (G, 1, 4, 3),
+        "rlr": (G, torch.rand(5, device=DEVICE), 3, 0.5),
+        "client_stats": (G, 2, 10, _randn(1, 37, torch.float32)[0]),
+        "clip_rows": (G, torch.ones(5, device=DEVICE)), "topk_abs": (G[0].clone(), 3),
+        "topk_ef_step": (G[0].clone(), G[1].clone(), G[2].clone(), 3, 0.5),
+        "maxpool_amplify": (P, layout.segment_table(layout.d, 2, False).to(DEVICE), 2, False,
+                            layout.pooled_width(layout.d, 2)),
+        "pairwise_sqdist": (G,), "pairwise_cosine": (G,),
+    }
+
+
+@pytest.mark.parametrize("name", ALL_OPS)
+def test_opcheck(name):
+    torch.library.opcheck(_ops().OPS[name], _opcheck_cases()[name])
+
+
+# ---------------------------------------------------------------- sign votes, rlr
+
+@pytest.mark.parametrize("n", N_VALUES)
+def test_sign_sum_matches_reference(n):
+    G = _randn(n, COLUMN_BLOCK + 1, torch.float32, seed=n)
+    G[:, :7] = 0.0
+    G[0, :3] = -0.0
+    assert torch.equal(robustagg.sign_sum(G, backend=T).cpu(), reference.sign_sum(G.cpu()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sign_sum_every_dtype(dtype):
+    G = _randn(9, COLUMN_BLOCK - 1, dtype)
+    assert torch.equal(robustagg.sign_sum(G, backend=T).cpu(), reference.sign_sum(G.cpu()))
+
+
+def test_sign_agreement_uses_the_triton_sign_sum():
+    G = _randn(7, 300, torch.float32)
+    G[:, :5] = G[:, :5].abs()
+    out = robustagg.sign_agreement(G, backend=T)
+    assert torch.equal(out.cpu(), reference.sign_agreement(G.cpu()))
+    assert torch.equal(out[:5].cpu(), torch.ones(5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_rlr_matches_reference(dtype, weighted):
+    G = _randn(20, COLUMN_BLOCK * 2 + 1, dtype)
+    w = torch.rand(20, generator=torch.Generator().manual_seed(1)).to(DEVICE) if weighted else None
+    out = robustagg.rlr(G, 12, weights=w, server_lr=0.5, backend=T)
+    expected = reference.rlr(to_reference(G), 12, None if w is None else w.double().cpu(), 0.5)
+    assert_close(out, expected, dtype)
+
+
+def test_rlr_theta_zero_keeps_every_sign():
+    G = _randn(20, 65, torch.float32)
+    assert_close(robustagg.rlr(G, 0, backend=T), to_reference(G).mean(0), torch.float32)
+
+
+def test_rlr_theta_n_flips_every_split_coordinate():
+    G = _randn(20, 65, torch.float32).abs()
+    G[0] = -G[0]  # no coordinate is unanimous
+    assert_close(robustagg.rlr(G, 20, server_lr=2.0, backend=T), -2.0 * to_reference(G).mean(0), torch.float32)
+
+
+# ---------------------------------------------------------------- order statistics
+
+@pytest.mark.parametrize("n", N_VALUES)
+def test_trimmed_mean_and_median_match_reference(n):
+    G = _randn(n, 33, torch.float32, seed=n)
+    ref = to_reference(G)
+    trim = (n - 1) // 4
+    assert_close(robustagg.trimmed_mean(G, trim, backend=T), reference.trimmed_mean(ref, trim), torch.float32)
+    assert_close(robustagg.median(G, backend=T), reference.median(ref), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [5, 300])
+def test_order_mean_every_dtype_both_paths(dtype, n):
+    G = _randn(n, 9, dtype)
+    lo, hi = n // 3, n - n // 5
+    assert_close(robustagg.order_mean(G, lo, hi, backend=T), reference.order_mean(to_reference(G), lo, hi), dtype)
+
+
+def test_order_mean_large_n_513():
+    G = _randn(513, 5, torch.float32)
+    for lo, hi in [(0, 1), (512, 513), (100, 413), (256, 257)]:
+        assert_close(robustagg.order_mean(G, lo, hi, backend=T), reference.order_mean(to_reference(G), lo, hi),
+                     torch.float32)
+
+
+@pytest.mark.parametrize("d", [1, 7, SORT_BLOCK_N5 - 1, SORT_BLOCK_N5, SORT_BLOCK_N5 + 1])
+def test_order_mean_tile_boundaries(d):
+    # n = 5 pads to 8 rows and a tile of SORT_BLOCK_N5 columns (kernels/settings.py sort_settings)
+    G = _randn(5, d, torch.float32)
+    assert_close(robustagg.order_mean(G, 1, 4, backend=T), reference.order_mean(to_reference(G), 1, 4), torch.float32)
+
+
+@pytest.mark.parametrize("n", [6, 300])
+def test_order_mean_ties_and_signed_zeros(n):
+    col_equal = torch.full((n, 1), 2.5)
+    col_zeros = torch.where(torch.arange(n)[:, None] % 2 == 0, torch.tensor(-0.0), torch.tensor(0.0))
+    col_steps = (torch.arange(n)[:, None] // 3).float()  # runs of three equal values
+    G = torch.cat([col_equal, col_zeros, col_steps], dim=1).to(DEVICE)
+    for lo, hi in [(1, n - 1), (n // 2, n // 2 + 1), (2, 5)]:
+        out = robustagg.order_mean(G, lo, hi, backend=T).cpu()
+        assert out[0] == 2.5
+        assert out[1] == 0.0
+        assert_close(out, reference.order_mean(to_reference(G), lo, hi), torch.float32)
+
+
+@pytest.mark.parametrize("n", [7, 300])
+def test_order_mean_trimmed_huge_outliers_keep_honest_values_exact(n):
+    G = torch.ones(n, 3)
+    G[0] = 3e38
+    G[1] = -3e38
+    G = G.to(DEVICE)
+    out = robustagg.trimmed_mean(G, 1, backend=T)
+    assert torch.equal(out.cpu(), torch.ones(3))
+
+
+def test_order_mean_subnormals():
+    G = (torch.arange(1, 6, dtype=torch.float32)[:, None] * 1e-44).repeat(1, 3).to(DEVICE)
+    assert_close(robustagg.median(G, backend=T), reference.median(to_reference(G)), torch.float32)
+    assert robustagg.median(G, backend=T).cpu()[0] > 0
+
+
+@pytest.mark.parametrize("n", [20, 300])
+@pytest.mark.parametrize("strict", [True, False])
+def test_invariant_matches_reference(n, strict):
+    G = _randn(n, 17, torch.float32, seed=3)
+    G[:, :4] = G[:, :4].abs()  # unanimous columns pass every tau
+    out, mask = robustagg.invariant(G, 0.2, n // 4, strict, return_mask=True, backend=T)
+    ref_out, ref_mask = reference.invariant(to_reference(G), 0.2, n // 4, strict, return_mask=True)
+    assert torch.equal(mask.cpu(), ref_mask)
+    assert_close(out, ref_out, torch.float32)
+
+
+# ---------------------------------------------------------------- non-finite rows under each policy
+
+def _with_bad_rows(n=9, d=40):
+    G = _randn(n, d, torch.float32, seed=7)
+    G[2, 5] = float("nan")
+    G[6, 0] = float("-inf")
+    return G
+
+
+COORDINATEWISE = {
+    "sign_sum": (lambda G, **kw: robustagg.sign_sum(G, **kw), reference.sign_sum),
+    "trimmed_mean": (lambda G, **kw: robustagg.trimmed_mean(G, 1, **kw), lambda X: reference.trimmed_mean(X, 1)),
+    "median": (lambda G, **kw: robustagg.median(G, **kw), reference.median),
+    "invariant": (lambda G, **kw: robustagg.invariant(G, 0.5, 1, **kw), lambda X: reference.invariant(X, 0.5, 1)),
+    "rlr": (lambda G, **kw: robustagg.rlr(G, 3, **kw), lambda X: reference.rlr(X, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COORDINATEWISE))
+def test_nonfinite_rows_raise_with_client_indices(name):
+    fn, _ = COORDINATEWISE[name]
+    with pytest.raises(NonFiniteUpdateError) as info:
+        fn(_with_bad_rows(), backend=T)
+    assert list(info.value.clients) == [2, 6]
+
+
+@pytest.mark.parametrize("name", sorted(COORDINATEWISE))
+def test_nonfinite_rows_drop_equals_reference_on_finite_rows(name):
+    fn, ref = COORDINATEWISE[name]
+    G = _with_bad_rows()
+    kept = to_reference(G)[[0, 1, 3, 4, 5, 7, 8]]
+    out = fn(G, nonfinite="drop", backend=T)
+    assert_close(out, ref(kept), torch.float32)
+
+
+@pytest.mark.parametrize("name", sorted(COORDINATEWISE))
+def test_nonfinite_rows_propagate_does_not_raise_and_keeps_clean_columns(name):
+    fn, ref = COORDINATEWISE[name]
+    G = _with_bad_rows()
+    out = fn(G, nonfinite="propagate", backend=T)
+    clean = slice(6, None)  # columns without a NaN/Inf
+    assert_close(out[clean], ref(to_reference(G))[clean], torch.float32)
+
+
+def test_nonfinite_rows_large_n_path_are_flagged():
+    G = _randn(300, 5, torch.float32)
+    G[299, 4] = float("inf")
+    with pytest.raises(NonFiniteUpdateError) as info:
+        robustagg.median(G, backend=T)
+    assert list(info.value.clients) == [299]
+
+
+def test_per_client_ops_drop_gives_nan_rows():
+    G = _with_bad_rows()
+    stats = robustagg.client_stats(G, nonfinite="drop", backend=T)
+    assert stats.finite.cpu().tolist() == [True, True, False, True, True, True, False, True, True]
+    assert torch.isnan(stats.norm[[2, 6]]).all() and torch.isfinite(stats.norm[[0, 1, 3]]).all()
+    D = robustagg.pairwise_sqdist(G, nonfinite="drop", backend=T)
+    assert torch.isnan(D[2]).all() and torch.isnan(D[:, 6]).all() and torch.isfinite(D[0, [0, 1, 3]]).all()
+    with pytest.raises(NonFiniteUpdateError):
+        robustagg.clip_rows(G, 1.0, backend=T)
+
+
+# ---------------------------------------------------------------- client statistics, clipping
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, (0, 1), (3, 100), (ROW_BLOCK, 1)])
+def test_client_stats_matches_reference(dtype, window):
+    G = _randn(5, ROW_BLOCK + 1, dtype)
+    G[:, 10:20] = 0
+    ref_vec = _randn(1, ROW_BLOCK + 1, dtype, seed=5)[0]
+    stats = robustagg.client_stats(G, window, ref_vec, backend=T)
+    expected = reference.client_stats(to_reference(G), window, to_reference(ref_vec))
+    assert_close(stats.norm, expected.norm, dtype)
+    assert_close(stats.sign_frac, expected.sign_frac, torch.float32)
+    assert_close(stats.dot, expected.dot, dtype)
+    assert_close(stats.ref_norm, expected.ref_norm, dtype)
+
+
+def test_client_stats_norm_does_not_overflow_float32():
+    G = torch.full((2, 4000), 1e30).to(DEVICE)  # sum of squares 4e63 overflows float32, the norm does not
+    stats = robustagg.client_stats(G, backend=T)
+    assert_close(stats.norm, torch.full((2,), 1e30 * 4000 ** 0.5, dtype=torch.float64), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_rows_matches_reference_and_keeps_zero_rows(dtype):
+    G = _randn(6, 777, dtype) * 3
+    G[4] = 0
+    bound = torch.tensor([1.0, 100.0, 0.0, 5.0, 1.0, 20.0])
+    out = robustagg.clip_rows(G, bound, backend=T)
+    assert torch.equal(out[4].cpu(), torch.zeros(777, dtype=dtype))
+    assert_close(out, reference.clip_rows(to_reference(G), bound.double()), dtype)
+
+
+# ---------------------------------------------------------------- top-k
+
+def _distinct(d, dtype, seed=0):
+    # distinct magnitudes, so the selected set is unambiguous (FlagGems' arange + randperm)
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.where(torch.rand(d, generator=g) < 0.5, -1.0, 1.0)
+    return ((torch.randperm(d, generator=g).double() + 1) * signs / d).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 7, FLAT_BLOCK - 1, FLAT_BLOCK, FLAT_BLOCK + 1])
+def test_topk_abs_matches_reference(dtype, d):
+    x = _distinct(d, dtype)
+    for k in sorted({0, 1, d // 3, d - 1, d, d + 5}):
+        idx, values = robustagg.topk_abs(x, k, backend=T)
+        ref_idx, ref_values = reference.topk_abs(x.cpu(), k)
+        assert torch.equal(idx.cpu(), ref_idx), k
+        assert torch.equal(values.cpu(), ref_values), k
+
+
+def test_topk_abs_all_equal_magnitudes_take_the_lowest_indices():
+    x = torch.tensor([1.0, -1.0] * 700).to(DEVICE)
+    idx, values = robustagg.topk_abs(x, 999, backend=T)
+    assert torch.equal(idx.cpu(), torch.arange(999))
+    assert torch.equal(values.cpu(), x[:999].cpu())
+
+
+def test_topk_abs_ties_across_blocks_and_signed_zeros():
+    d = 3 * FLAT_BLOCK
+    x = torch.zeros(d)
+    x[[5, FLAT_BLOCK + 3, d - 1]] = 4.0
+    x[[7, FLAT_BLOCK, 2 * FLAT_BLOCK, 2 * FLAT_BLOCK + 9]] = -2.0
+    x[::2] = torch.where(x[::2] == 0, torch.tensor(-0.0), x[::2])
+    x = x.to(DEVICE)
+    for k in [3, 5, 7, 10, 2000]:
+        idx, values = robustagg.topk_abs(x, k, backend=T)
+        ref_idx, ref_values = reference.topk_abs(x.cpu(), k)
+        assert torch.equal(idx.cpu(), ref_idx), k
+        assert torch.equal(values.cpu(), ref_values), k
+
+
+def test_topk_abs_ties_across_histogram_programs():
+    # one histogram program covers HISTOGRAM_STEPS blocks of keys: these ties span three programs
+    d = 2 * HISTOGRAM_STEPS * FLAT_BLOCK + 1
+    x = torch.zeros(d)
+    x[torch.arange(0, d, 97)] = -7.0
+    x[torch.arange(5, d, 1001)] = 7.0
+    x[d - 1] = 9.0
+    x = x.to(DEVICE)
+    for k in [1, 20, 190]:
+        idx, values = robustagg.topk_abs(x, k, backend=T)
+        ref_idx, ref_values = reference.topk_abs(x.cpu(), k)
+        assert torch.equal(idx.cpu(), ref_idx), k
+        assert torch.equal(values.cpu(), ref_values), k
+
+
+def test_topk_abs_huge_values():
+    x = torch.tensor([1.0, -3e38, 3e38, 2.0, -1e-45]).to(DEVICE)
+    idx, values = robustagg.topk_abs(x, 2, backend=T)
+    assert idx.cpu().tolist() == [1, 2] and torch.equal(values, x[[1, 2]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rho", [0.0, 0.9])
+def test_topk_ef_step_matches_reference_over_steps(dtype, rho):
+    d, k = FLAT_BLOCK + FLAT_BLOCK // 2, 37
+    error, momentum = torch.zeros(d, dtype=dtype, device=DEVICE), torch.zeros(d, dtype=dtype, device=DEVICE)
+    ref_error, ref_momentum = error.cpu().clone(), momentum.cpu().clone()
+    for step in range(3):
+        u = _randn(1, d, dtype, seed=step)[0]
+        u[100:110] = 1.5  # ties at the top
+        idx, values = robustagg.topk_ef_step(u, error, momentum, k, rho, backend=T)
+        ref_idx, ref_values = reference.topk_ef_step(u.cpu(), ref_error, ref_momentum, k, rho)
+        assert torch.equal(idx.cpu(), ref_idx)
+        assert torch.equal(values.cpu(), ref_values)
+        assert torch.equal(error.cpu(), ref_error)
+        assert torch.equal(momentum.cpu(), ref_momentum)
+
+
+@pytest.mark.parametrize("k", [0, 1500, 4000])
+def test_topk_ef_step_k_edges(k):
+    d = 1500
+    u = _randn(1, d, torch.float32)[0]
+    error, momentum = torch.ones(d, device=DEVICE), torch.ones(d, device=DEVICE)
+    idx, values = robustagg.topk_ef_step(u, error, momentum, k, 0.5, backend=T)
+    ref_error, ref_momentum = torch.ones(d), torch.ones(d)
+    ref_idx, ref_values = reference.topk_ef_step(u.cpu(), ref_error, ref_momentum, k, 0.5)
+    assert torch.equal(idx.cpu(), ref_idx) and torch.equal(values.cpu(), ref_values)
+    assert torch.equal(error.cpu(), ref_error) and torch.equal(momentum.cpu(), ref_momentum)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_topk_ef_step_nonfinite_u_leaves_state_untouched(bad):
+    u = _randn(1, 300, torch.float32)[0]
+    u[17] = bad
+    error, momentum = torch.ones(300, device=DEVICE), torch.full((300,), 2.0, device=DEVICE)
+    idx, values, flag = torch.ops.robustagg_triton.topk_ef_step(u, error, momentum, 5, 0.9)
+    assert idx.numel() == 0 and values.numel() == 0 and flag.cpu().tolist() == [True]
+    assert torch.equal(error.cpu(), torch.ones(300)) and torch.equal(momentum.cpu(), torch.full((300,), 2.0))
+    with pytest.raises(ValueError, match="u holds NaN or Inf"):
+        robustagg.topk_ef_step(u, error, momentum, 5, 0.9, backend=T)
+
+
+# ---------------------------------------------------------------- max-pool
+
+SHAPES = [(4, 3, 3, 3), (4,), (5, 7), (), (3, 2), (2, 2), (2, 5, 2), (6, 9)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("restore", [False, True])
+@pytest.mark.parametrize("kernel", [1, 2])
+def test_maxpool_matches_reference_per_parameter_layout(dtype, restore, kernel):
+    layout = Layout.from_shapes(SHAPES)
+    G = torch.randint(-3, 4, (3, layout.d)).to(dtype).to(DEVICE)  # small integers: many tied windows
+    out = robustagg.maxpool_amplify(G, layout, kernel, restore, backend=T)
+    assert torch.equal(out.cpu(), reference.maxpool_amplify(G.cpu(), layout, kernel, restore))
+
+
+@pytest.mark.parametrize("restore", [False, True])
+@pytest.mark.parametrize("width,skip_tail", [(6, 5), (7, 0), (1, 3)])
+def test_maxpool_flat_layout(restore, width, skip_tail):
+    G = _randn(4, 200, torch.float32)
+    layout = Layout.flat(width, skip_tail)
+    out = robustagg.maxpool_amplify(G, layout, 2 if width > 1 else 1, restore, backend=T)
+    assert torch.equal(out.cpu(), reference.maxpool_amplify(G.cpu(), layout, 2 if width > 1 else 1, restore))
+
+
+def test_maxpool_restore_keeps_first_argmax_of_tied_window():
+    G = torch.tensor([[5.0, 5.0, 1.0, 5.0, 5.0, 0.0]]).to(DEVICE)  # one (2, 3) matrix, kernel 2
+    out = robustagg.maxpool_amplify(G, Layout.from_shapes([(2, 3)]), 2, restore=True, backend=T)
+    assert out.cpu().tolist() == [[5.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
+
+
+def test_maxpool_segment_smaller_than_kernel_pools_to_nothing():
+    layout = Layout.from_shapes([(1, 1), (3,), (2, 2)])
+    G = torch.tensor([[9.0, 1.0, 2.0, 3.0, 4.0, -1.0, 6.0, 0.5]]).to(DEVICE)
+    out = robustagg.maxpool_amplify(G, layout, 2, backend=T)
+    assert out.cpu().tolist() == [[1.0, 2.0, 3.0, 6.0]]
+    restored = robustagg.maxpool_amplify(G, layout, 2, restore=True, backend=T)
+    assert restored.cpu().tolist() == [[0.0, 1.0, 2.0, 3.0, 0.0, 0.0, 6.0, 0.0]]
+
+
+@pytest.mark.parametrize("restore", [False, True])
+def test_maxpool_flags_nan_in_dropped_remainder_and_uncovered_tail(restore):
+    layout = Layout.flat(4, skip_tail=3)
+    G = _randn(3, 23, torch.float32)
+    G[0, 4 * 4 + 3] = float("nan")  # last (partial) row: dropped by floor mode
+    G[2, 22] = float("inf")         # the skipped tail
+    with pytest.raises(NonFiniteUpdateError) as info:
+        robustagg.maxpool_amplify(G, layout, 2, restore, backend=T)
+    assert list(info.value.clients) == [0, 2]
+
+
+# ---------------------------------------------------------------- pairwise
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", sorted({1, 2, 17, 33, PAIR_BLOCK + 1}))
+def test_pairwise_matches_reference(dtype, n):
+    G = _randn(n, 97, dtype, seed=n)
+    assert_close(robustagg.pairwise_sqdist(G, backend=T), reference.pairwise_sqdist(to_reference(G)), dtype)
+    assert_close(robustagg.pairwise_cosine(G, backend=T), reference.pairwise_cosine(to_reference(G)), dtype)
+
+
+def test_pairwise_identical_rows_exact_and_symmetric():
+    G = _randn(20, 301, torch.float32)
+    G[5] = G[11]
+    G[17] = 0
+    D = robustagg.pairwise_sqdist(G, backend=T)
+    C = robustagg.pairwise_cosine(G, backend=T)
+    assert D[5, 11] == 0 and D[11, 5] == 0 and C[5, 11] == 1 and C[11, 5] == 1
+    assert torch.equal(D, D.T) and torch.equal(C, C.T)
+    assert torch.equal(D.diagonal().cpu(), torch.zeros(20))
+    assert C[17].abs().sum() == 0 and C[:, 17].abs().sum() == 0
+    assert torch.equal(C.diagonal().cpu(), torch.tensor([1.0] * 17 + [0.0] + [1.0] * 2))
+
+
+def test_pairwise_huge_values_do_not_overflow():
+    G = torch.full((3, 50), 1e30)
+    G[1] = -1e30
+    G = G.to(DEVICE)
+    C = robustagg.pairwise_cosine(G, backend=T).cpu()
+    assert C.tolist() == [[1.0, -1.0, 1.0], [-1.0, 1.0, -1.0], [1.0, -1.0, 1.0]]
+
+
+# ---------------------------------------------------------------- layouts, determinism
+
+def test_non_contiguous_inputs():
+    base = _randn(40, 20, torch.float32)
+    G = base.T  # (20, 40), column-major
+    assert not G.is_contiguous()
+    assert_close(robustagg.median(G, backend=T), reference.median(to_reference(G)), torch.float32)
+    assert torch.equal(robustagg.sign_sum(G, backend=T).cpu(), reference.sign_sum(G.cpu()))
+    assert_close(robustagg.client_stats(G, backend=T).norm, reference.client_stats(to_reference(G)).norm,
+                 torch.float32)
+
+
+def test_every_op_is_bitwise_deterministic():
+    G = _randn(20, 1100, torch.float32)
+    layout = Layout.flat(30)
+    runs = []
+    for _ in range(2):
+        e, m = torch.zeros(1100, device=DEVICE), torch.zeros(1100, device=DEVICE)
+        runs.append([
+            robustagg.sign_sum(G, backend=T), robustagg.median(G, backend=T),
+            robustagg.rlr(G, 5, backend=T), robustagg.client_stats(G, (3, 40), G[0], backend=T).norm,
+            robustagg.clip_rows(G, 1.0, backend=T), *robustagg.topk_abs(G[3], 50, backend=T),
+            *robustagg.topk_ef_step(G[4], e, m, 50, 0.9, backend=T), e, m,
+            robustagg.maxpool_amplify(G, layout, 2, backend=T), robustagg.pairwise_sqdist(G, backend=T),
+            robustagg.pairwise_cosine(G, backend=T),
+        ])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+# ---------------------------------------------------------------- compile for real GPUs (no GPU needed)
+
+class _LaunchRecorder:
+    """Stands in for ``wrap_triton``: records (kernel, args, kwargs) instead of launching."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, kernel):
+        recorder = self
+
+        class _Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: recorder.calls.append((kernel, args, kwargs))
+
+        return _Grid()
+
+
+def _record_launches(dtype):
+    """Every kernel launch of every op on small CPU tensors of ``dtype`` (nothing runs)."""
+    from robustagg import _triton_ops  # noqa: F401  (makes robustagg.triton_kernels importable)
+    from robustagg.triton_kernels import client_stats, maxpool, order_stats, pairwise, sign_votes, topk
+    rec = _LaunchRecorder()
+    G, v = torch.zeros(20, 300, dtype=dtype), torch.zeros(3000, dtype=dtype)
+    sign_votes.sign_sum_forward(G, rec)
+    sign_votes.rlr_forward(G, torch.ones(20), 3, 1.0, rec)
+    order_stats.order_mean_forward(G, 1, 5, rec)
+    order_stats.invariant_forward(torch.zeros(300, 5, dtype=dtype), 1, 5, 3, rec)
+    client_stats.client_stats_forward(G, 0, 10, v[:300], rec)
+    client_stats.clip_rows_forward(G, torch.ones(20), rec)
+    topk.topk_abs_forward(v, 10, rec)
+    topk.topk_ef_step_forward(v, v.clone(), v.clone(), 10, 0.9, rec)
+    layout = Layout.from_shapes([(4, 5), (4,)])
+    maxpool.maxpool_amplify_forward(torch.zeros(2, 24, dtype=dtype), layout.segment_table(24, 2, False), 2, False, 8,
+                                    rec)
+    pairwise.pairwise_cosine_forward(G, rec)
+    return rec.calls
+
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+                 torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.bool: "i1"}
+
+
+def _signature(kernel, args, kwargs):
+    signature, constants = {}, {}
+    for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
+        if param.is_constexpr:
+            signature[name], constants[name] = "constexpr", kwargs[name]
+            continue
+        value = args[i]
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+        else:
+            signature[name] = "fp32"
+    return signature, constants
+
+
+def compile_every_kernel(capability: int, dtypes=(torch.float32, torch.bfloat16)):
+    """Compile every launch of every op to a cubin for sm_<capability> (needs TRITON_INTERPRET=0)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    compiled = set()
+    for dtype in dtypes:
+        for kernel, args, kwargs in _record_launches(dtype):
+            signature, constants = _signature(kernel, args, kwargs)
+            key = (kernel.fn.__name__, tuple(sorted(signature.items())), tuple(sorted(constants.items())))
+            if key in compiled:
+                continue
+            binary = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                    target=GPUTarget("cuda", capability, 32),
+                                    options={key: kwargs[key] for key in ("num_warps", "enable_fp_fusion")
+                                             if key in kwargs})
+            assert binary.asm["cubin"], kernel.fn.__name__
+            compiled.add(key)
+    print("compiled:", " ".join(sorted({key[0] for key in compiled})))
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the kernels are compiled and run by the other tests")
+@pytest.mark.parametrize("capability", [80, 90])
+def test_every_kernel_compiles_for_the_gpu(capability):
+    # The interpreter accepts code the GPU compiler rejects; compile every kernel variant to a cubin.
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    code = ("import sys; sys.path.insert(0, 'tests'); import test_triton; "
+            f"test_triton.compile_every_kernel({capability})")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = result.stdout.split("compiled:")[1].split()
+    assert names == sorted(ALL_KERNELS), result.stdout
