@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q triton numpy pybind11 ninja "setuptools>=64" wheel
+	$(PIP) install -q "triton>=3.4" numpy pybind11 ninja "setuptools>=64" wheel
 	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
 	touch $@
 

@@ -68,7 +68,9 @@ if build_cuda:
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "-std=c++17", "--fmad=false", "-lineinfo",
                          "-gencode=arch=compute_80,code=sm_80",
-                         "-gencode=arch=compute_90,code=sm_90"],
+                         "-gencode=arch=compute_90,code=sm_90",
+                         # PTX as well, so that GPUs newer than sm_90 can JIT-compile the kernels
+                         "-gencode=arch=compute_90,code=compute_90"],
             },
         )
     )

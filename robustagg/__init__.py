@@ -12,6 +12,7 @@ from .ops import (
     client_stats,
     clip_rows,
     invariant,
+    invariant_ranks,
     maxpool_amplify,
     median,
     order_mean,
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "available_backends", "BackendUnavailableError", "NonFiniteUpdateError", "Layout", "flatten",
-    "ClientStats", "client_stats", "clip_rows", "invariant", "maxpool_amplify", "median", "order_mean",
+    "ClientStats", "client_stats", "clip_rows", "invariant", "invariant_ranks", "maxpool_amplify", "median", "order_mean",
     "pairwise_cosine", "pairwise_sqdist", "rlr", "sign_agreement", "sign_sum", "topk_abs", "topk_ef_step",
     "trimmed_mean",
 ]

@@ -33,7 +33,7 @@ from .reference import acc_dtype
 
 __all__ = [
     "ClientStats", "sign_sum", "sign_agreement", "order_mean", "trimmed_mean", "median", "invariant",
-    "rlr", "client_stats", "clip_rows", "topk_ef_step", "topk_abs", "maxpool_amplify",
+    "invariant_ranks", "rlr", "client_stats", "clip_rows", "topk_ef_step", "topk_abs", "maxpool_amplify",
     "pairwise_sqdist", "pairwise_cosine",
 ]
 
