@@ -79,7 +79,8 @@ def rlr(G: torch.Tensor, theta: int, weights: torch.Tensor | None = None, server
     acc = acc_dtype(G.dtype)
     w = torch.ones(G.shape[0], dtype=acc, device=G.device) if weights is None else weights.to(acc)
     avg = (w[:, None] * G.to(acc)).sum(dim=0) / w.sum()
-    lr = torch.where(sign_sum(G).abs() >= theta, server_lr, -server_lr).to(acc)
+    lr = torch.full_like(avg, server_lr)  # in the arithmetic dtype: a float64 G keeps a float64 lr
+    lr = torch.where(sign_sum(G).abs() >= theta, lr, -lr)
     return (lr * avg).to(G.dtype)
 
 
