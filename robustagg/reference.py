@@ -135,8 +135,10 @@ def _topk_indices(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, magnitude.numel())
     if k == 0:
         return torch.empty(0, dtype=torch.int64, device=magnitude.device)
-    kth = torch.topk(magnitude, k, sorted=False).values.min()
-    above = (magnitude > kth).nonzero().flatten()
+    kth = torch.topk(magnitude, k).values[-1]  # descending; NaN ranks above every number, as in torch.sort
+    if torch.isnan(kth):
+        return magnitude.isnan().nonzero().flatten()[:k]
+    above = ((magnitude > kth) | magnitude.isnan()).nonzero().flatten()
     ties = (magnitude == kth).nonzero().flatten()[: k - above.numel()]
     return torch.sort(torch.cat([above, ties])).values
 

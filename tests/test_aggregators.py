@@ -118,7 +118,7 @@ def invariant_ref(G, tau, lo, hi, strict=True):
 def rlr_ref(G, theta, server_lr=1.0, base="mean", clip=None, w=None):
     X = G if clip is None else clipped(G, clip)
     votes = torch.sign(G).sum(0)
-    lr = torch.where(votes.abs() >= theta, server_lr, -server_lr)
+    lr = torch.where(votes.abs() >= theta, torch.tensor(server_lr, dtype=torch.float64), -server_lr)
     if base == "mean":
         b = fedavg_ref(X, w)
     elif base == "median":

@@ -77,7 +77,8 @@ class RobustLR(Aggregator):
         if self.noise > 0:
             base = base + gaussian(base.shape[0], self.noise * self.clip, base, self.generator)
         positive = votes.abs() >= self.theta
-        lr = torch.where(positive, self.server_lr, -self.server_lr).to(base.dtype)
+        lr = torch.full_like(base, self.server_lr)  # in base's dtype: a float64 round keeps a float64 lr
+        lr = torch.where(positive, lr, -lr)
         return lr * base, RobustLRReport(selected=rows.all_ids(), clipped=clipped,
                                          lr_positive_fraction=float(positive.float().mean()))
 
