@@ -14,7 +14,8 @@
 //
 // Bitwise agreement between backends: rlr adds w_i * x_i for i = 0, 1, ..., n-1 (w_i = 1 when
 // the caller passes no weights; 1 * x is exact, so the unweighted loop may add x directly), then
-// divides once by the total weight and multiplies by ±lr. Kernels are compiled without
+// divides once by the total weight (w_0 + w_1 + ... + w_{n-1}, added in that order; n when
+// unweighted) and multiplies by ±lr. Kernels are compiled without
 // floating-point contraction, so w * x + sum is never fused into an FMA.
 #pragma once
 #include "core/common.h"
