@@ -128,11 +128,11 @@ inline void order_tile(const OrderJob<T>& job, int64_t j, typename Lanes<acc_t<T
     for (int64_t l = 0; l < width; ++l) mean[l] = order_mean_select(columns + l * job.n, job.n, job.lo, job.hi);
   }
   if constexpr (kVotes) {
-    for (int64_t l = 0; l < width; ++l) {
-      const bool keep = invariant_keeps(static_cast<int>(votes[l]), static_cast<int>(job.min_votes));
-      job.mask[j + l] = keep;
-      mean[l] = keep ? mean[l] : A(0);
-    }
+    using Mask = typename L::Mask;
+    const Mask keep = invariant_keeps_lanes(votes, broadcast<Mask>(static_cast<typename L::Count>(job.min_votes)));
+    mean = keep ? mean : V{};
+    const typename L::Bytes keep_bytes = __builtin_convertvector(keep & 1, typename L::Bytes);
+    std::memcpy(job.mask + j, &keep_bytes, width);  // bool is one byte, 0 or 1
   }
   store_lanes(job.out + j, mean, width);
 }
