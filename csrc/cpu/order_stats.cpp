@@ -33,6 +33,8 @@ constexpr int64_t kNetworkMaxRows = 2048;
 // Tiles handed to a thread at a time: small enough to balance two busy cores, large enough that
 // each row is read in long runs.
 constexpr int64_t kTilesPerTask = 64;
+// Tiles ahead that the register-network loop prefetches.
+constexpr int64_t kPrefetchTiles = 4;
 
 template <typename T>
 struct OrderJob {
@@ -142,7 +144,13 @@ inline void order_tiles_body(const OrderJob<T>& job, int64_t begin, int64_t end,
   using L = Lanes<acc_t<T>>;
   if constexpr (S > 0) {
     typename L::V wires[S];  // a local array, so the unrolled network can keep it in registers
-    for (int64_t tile = begin; tile < end; ++tile) order_tile<T, kVotes, S>(job, tile * L::W, wires, s);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      // while the network of this tile runs, the rows of a later tile are on their way
+      if (tile + kPrefetchTiles < end) {
+        for (int64_t i = 0; i < job.n; ++i) __builtin_prefetch(job.G + i * job.d + (tile + kPrefetchTiles) * L::W);
+      }
+      order_tile<T, kVotes, S>(job, tile * L::W, wires, s);
+    }
   } else {
     for (int64_t tile = begin; tile < end; ++tile) order_tile<T, kVotes, S>(job, tile * L::W, s.wires.data(), s);
   }
