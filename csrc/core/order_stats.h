@@ -66,7 +66,7 @@ RA_HD V kept_mean(const V* sorted, int64_t lo, int64_t hi) {
   return sum / static_cast<A>(hi - lo);
 }
 
-RA_HD int ceil_pow2(int n) {
+RA_HD constexpr int ceil_pow2(int n) {
   int p = 1;
   while (p < n) p <<= 1;
   return p;
@@ -74,7 +74,7 @@ RA_HD int ceil_pow2(int n) {
 
 // Knuth TAOCP vol. 3, 5.3.4 Eq. (7): Batcher's network on N = 2^t wires has
 // (t^2 - t + 4) 2^(t-2) - 1 comparators. Dropping the wires >= n only removes steps.
-RA_HD int batcher_network_capacity(int n) {
+RA_HD constexpr int batcher_network_capacity(int n) {
   int t = 0;
   while ((1 << t) < n) ++t;
   if (t < 2) return t;  // 1 wire: none; 2 wires: one step
@@ -85,7 +85,7 @@ RA_HD int batcher_network_capacity(int n) {
 // of the wires >= n as holding +Inf: a step (a, b) has a < b, so a step touching such a wire only
 // moves +Inf onto the higher wire and leaves wire a as it was; leaving those steps out sorts the
 // first n wires.
-RA_HD int batcher_network(int n, CompareExchange* out) {
+RA_HD constexpr int batcher_network(int n, CompareExchange* out) {
   const int N = ceil_pow2(n);
   int count = 0;
   for (int p = 1; p < N; p <<= 1) {

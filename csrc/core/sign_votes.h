@@ -7,6 +7,9 @@
 //   bool is_nonfinite(A x)                 true for NaN and ±Inf
 //   bool invariant_keeps(int votes, int min_votes)
 //                                          Invariant Aggregator's AND-mask: |votes| >= min_votes
+//   I    invariant_keeps_lanes(I votes, I min_votes)
+//                                          the same test on a vector of counts (CPU lanes; a
+//                                          GCC integer vector): -1 in the kept lanes, 0 elsewhere
 //   A    rlr_accumulate(A sum, A w, A x)   one step of sum_i w_i * x_i; rows are added in
 //                                          ascending row order, starting from sum = 0
 //   A    rlr_finish(int votes, int theta, A weighted_sum, A weight_total, A server_lr)
@@ -14,7 +17,8 @@
 //
 // Bitwise agreement between backends: rlr adds w_i * x_i for i = 0, 1, ..., n-1 (w_i = 1 when
 // the caller passes no weights; 1 * x is exact, so the unweighted loop may add x directly), then
-// divides once by the total weight and multiplies by ±lr. Kernels are compiled without
+// divides once by the total weight (w_0 + w_1 + ... + w_{n-1}, added in that order; n when
+// unweighted) and multiplies by ±lr. Kernels are compiled without
 // floating-point contraction, so w * x + sum is never fused into an FMA.
 #pragma once
 #include "core/common.h"
@@ -37,6 +41,11 @@ RA_HD bool is_nonfinite(A x) {
 // backend decides the mask with the same integer comparison.
 RA_HD bool invariant_keeps(int votes, int min_votes) {
   return (votes < 0 ? -votes : votes) >= min_votes;
+}
+
+template <typename I>
+RA_HD I invariant_keeps_lanes(I votes, I min_votes) {
+  return (votes >= min_votes) | (-votes >= min_votes);
 }
 
 template <typename A>

@@ -35,6 +35,8 @@ template <>
 struct Lanes<float> {
   using V = float __attribute__((vector_size(kVectorBytes)));
   using Mask = int32_t __attribute__((vector_size(kVectorBytes)));  // comparison results: -1 or 0
+  using Bytes = int8_t __attribute__((vector_size(16)));            // one byte per lane (bool masks)
+  using Count = int32_t;                                             // one lane of Mask
   static constexpr int W = 16;
 };
 
@@ -42,6 +44,8 @@ template <>
 struct Lanes<double> {
   using V = double __attribute__((vector_size(kVectorBytes)));
   using Mask = int64_t __attribute__((vector_size(kVectorBytes)));
+  using Bytes = int8_t __attribute__((vector_size(8)));
+  using Count = int64_t;
   static constexpr int W = 8;
 };
 

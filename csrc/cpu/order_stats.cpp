@@ -1,9 +1,13 @@
 // CPU loops for order_mean (so trimmed_mean and median) and the fused invariant (SPEC §4.2, §4.3).
 //
 // G is read once, in tiles of W coordinates (one 64-byte vector per row): the n row-vectors of a
-// tile are loaded into `wires` (n x W, in L1), then
-//   * n <= kNetworkMaxRows: a Batcher sorting network, pruned to the kept positions lo..hi-1,
-//     runs across the lanes (each compare-exchange is one vector min and max);
+// tile are loaded into `wires` (n x W), then a network runs across the lanes (each
+// compare-exchange is one vector min and max):
+//   * float/double inputs with n <= 32: Batcher's network for 20 or 32 wires, compiled and fully
+//     unrolled, the missing rows padded with +Inf, so the tile stays in vector registers;
+//   * other n <= kNetworkMaxRows (and 16-bit inputs): Batcher's network for n wires, pruned to the
+//     steps that the kept positions lo..hi-1 depend on (partial selection), read from memory,
+//     with the wires in L1;
 //   * larger n: the tile is transposed and each coordinate goes through select_nth (two
 //     selections isolate the kept window, only the window is sorted).
 // Both end in the core's ascending sum of the kept values (core/order_stats.h). The loads also
@@ -13,6 +17,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "core/order_stats.h"
@@ -21,12 +26,15 @@
 namespace robustagg::cpu {
 namespace {
 
-// Above this many rows the network's O(n log^2 n) steps per tile lose to per-coordinate selection
-// (benchmarks/NOTES-cpu-votes.md).
-constexpr int64_t kNetworkMaxRows = 512;
+// Up to this many rows the pruned network (O(n log^2 n) vector steps per tile, n x 64 bytes of
+// wires in L2) beats per-coordinate selection, whose branches mispredict and whose window sort is
+// scalar: median of 512 rows 4x, trimmed mean 14x faster (benchmarks/NOTES-cpu-votes.md).
+constexpr int64_t kNetworkMaxRows = 2048;
 // Tiles handed to a thread at a time: small enough to balance two busy cores, large enough that
 // each row is read in long runs.
 constexpr int64_t kTilesPerTask = 64;
+// Tiles ahead that the register-network loop prefetches.
+constexpr int64_t kPrefetchTiles = 4;
 
 template <typename T>
 struct OrderJob {
@@ -59,64 +67,100 @@ inline void flag_nonfinite_rows(const OrderJob<T>& job, const typename Lanes<acc
   }
 }
 
-template <typename T, bool kVotes>
-inline void order_tiles_body(const OrderJob<T>& job, int64_t begin, int64_t end, OrderScratch<T>& s) {
-  using A = acc_t<T>;
-  using L = Lanes<A>;
-  using V = typename L::V;
-  typename L::V* wires = s.wires.data();
-  for (int64_t tile = begin; tile < end; ++tile) {
-    const int64_t j = tile * L::W;
-    const int64_t width = std::min<int64_t>(L::W, job.d - j);
-    V check{};
-    typename L::Mask votes{};
-    for (int64_t i = 0; i < job.n; ++i) {
-      const T* p = job.G + i * job.d + j;
-      V x = width == L::W ? load_lanes(p) : load_lanes_partial(p, width);
-      check += x - x;  // stays 0 unless some value is NaN or Inf
-      if constexpr (kVotes) votes += (x < 0) - (x > 0);  // a true comparison is -1
-      wires[i] = x;
-    }
-    if (any_nonzero(check)) flag_nonfinite_rows(job, wires, width, s.bad.data());
+// A sorting network fixed at compile time, for n <= S rows padded with +Inf (which sorts last, so
+// positions lo..hi-1 < n are unchanged). Fully unrolled, the S wires of a tile stay in vector
+// registers; a network read from memory runs through the L1 buffer instead, where every step
+// waits on the stores of the step before (benchmarks/NOTES-cpu-votes.md).
+template <int S>
+struct StaticNetwork {
+  CompareExchange steps[batcher_network_capacity(S)];
+  int count;
+};
 
-    V mean;
-    if (job.net) {
-      run_network(wires, job.net, job.steps);
-      mean = kept_mean<A>(wires, job.lo, job.hi);
-    } else {
-      A* columns = s.columns.data();
-      for (int64_t i = 0; i < job.n; ++i) {
-        for (int l = 0; l < L::W; ++l) columns[l * job.n + i] = wires[i][l];
-      }
-      mean = V{};
-      for (int64_t l = 0; l < width; ++l) mean[l] = order_mean_select(columns + l * job.n, job.n, job.lo, job.hi);
-    }
-    if constexpr (kVotes) {
-      for (int64_t l = 0; l < width; ++l) {
-        const bool keep = invariant_keeps(static_cast<int>(votes[l]), static_cast<int>(job.min_votes));
-        job.mask[j + l] = keep;
-        mean[l] = keep ? mean[l] : A(0);
-      }
-    }
-    store_lanes(job.out + j, mean, width);
+template <int S>
+constexpr StaticNetwork<S> make_static_network() {
+  StaticNetwork<S> net{};
+  net.count = batcher_network(S, net.steps);
+  return net;
+}
+
+template <int S>
+inline constexpr StaticNetwork<S> kStaticNetwork = make_static_network<S>();
+
+template <int S, typename V>
+inline void run_static_network(V* wires) {
+#pragma GCC unroll 1024
+  for (int s = 0; s < kStaticNetwork<S>.count; ++s) {
+    compare_exchange(wires[kStaticNetwork<S>.steps[s].low], wires[kStaticNetwork<S>.steps[s].high]);
   }
 }
 
-RA_CPU_KERNEL(order_tiles, (typename T, bool kVotes), (T, kVotes),
+// One tile: the order mean of W coordinates, their votes (invariant) and the non-finite check.
+template <typename T, bool kVotes, int S>
+inline void order_tile(const OrderJob<T>& job, int64_t j, typename Lanes<acc_t<T>>::V* wires, OrderScratch<T>& s) {
+  using A = acc_t<T>;
+  using L = Lanes<A>;
+  using V = typename L::V;
+  const int64_t width = std::min<int64_t>(L::W, job.d - j);
+  V check{};
+  typename L::Mask votes{};
+  for (int64_t i = 0; i < job.n; ++i) {
+    const T* p = job.G + i * job.d + j;
+    V x = width == L::W ? load_lanes(p) : load_lanes_partial(p, width);
+    check += x - x;  // stays 0 unless some value is NaN or Inf
+    if constexpr (kVotes) votes += (x < 0) - (x > 0);  // a true comparison is -1
+    wires[i] = x;
+  }
+  if (any_nonzero(check)) flag_nonfinite_rows(job, wires, width, s.bad.data());
+
+  V mean;
+  if constexpr (S > 0) {
+    for (int64_t i = job.n; i < S; ++i) wires[i] = broadcast<V>(A(INFINITY));
+    run_static_network<S>(wires);
+    mean = kept_mean<A>(wires, job.lo, job.hi);
+  } else if (job.net) {
+    run_network(wires, job.net, job.steps);
+    mean = kept_mean<A>(wires, job.lo, job.hi);
+  } else {
+    A* columns = s.columns.data();
+    for (int64_t i = 0; i < job.n; ++i) {
+      for (int l = 0; l < L::W; ++l) columns[l * job.n + i] = wires[i][l];
+    }
+    mean = V{};
+    for (int64_t l = 0; l < width; ++l) mean[l] = order_mean_select(columns + l * job.n, job.n, job.lo, job.hi);
+  }
+  if constexpr (kVotes) {
+    using Mask = typename L::Mask;
+    const Mask keep = invariant_keeps_lanes(votes, broadcast<Mask>(static_cast<typename L::Count>(job.min_votes)));
+    mean = keep ? mean : V{};
+    const typename L::Bytes keep_bytes = __builtin_convertvector(keep & 1, typename L::Bytes);
+    std::memcpy(job.mask + j, &keep_bytes, width);  // bool is one byte, 0 or 1
+  }
+  store_lanes(job.out + j, mean, width);
+}
+
+template <typename T, bool kVotes, int S>
+inline void order_tiles_body(const OrderJob<T>& job, int64_t begin, int64_t end, OrderScratch<T>& s) {
+  using L = Lanes<acc_t<T>>;
+  if constexpr (S > 0) {
+    typename L::V wires[S];  // a local array, so the unrolled network can keep it in registers
+    for (int64_t tile = begin; tile < end; ++tile) {
+      // while the network of this tile runs, the rows of a later tile are on their way
+      if (tile + kPrefetchTiles < end) {
+        for (int64_t i = 0; i < job.n; ++i) __builtin_prefetch(job.G + i * job.d + (tile + kPrefetchTiles) * L::W);
+      }
+      order_tile<T, kVotes, S>(job, tile * L::W, wires, s);
+    }
+  } else {
+    for (int64_t tile = begin; tile < end; ++tile) order_tile<T, kVotes, S>(job, tile * L::W, s.wires.data(), s);
+  }
+}
+
+RA_CPU_KERNEL(order_tiles, (typename T, bool kVotes, int S), (T, kVotes, S),
               (const OrderJob<T>& job, int64_t begin, int64_t end, OrderScratch<T>& s), (job, begin, end, s))
 
-template <typename T, bool kVotes>
-void order_mean_run(OrderJob<T> job, bool* nonfinite) {
-  std::vector<CompareExchange> net;
-  if (job.n <= kNetworkMaxRows) {
-    net.resize(std::max(1, batcher_network_capacity(static_cast<int>(job.n))));
-    std::vector<unsigned char> live(job.n);
-    const int n = static_cast<int>(job.n);
-    job.steps = prune_network(net.data(), batcher_network(n, net.data()), n, static_cast<int>(job.lo),
-                              static_cast<int>(job.hi), live.data());
-    job.net = net.data();
-  }
-  std::fill(nonfinite, nonfinite + job.n, false);
+template <typename T, bool kVotes, int S>
+void order_tiles_parallel(const OrderJob<T>& job, bool* nonfinite) {
   const int64_t tiles = (job.d + Lanes<acc_t<T>>::W - 1) / Lanes<acc_t<T>>::W;
   const Isa isa = best_isa();
 #pragma omp parallel
@@ -124,11 +168,32 @@ void order_mean_run(OrderJob<T> job, bool* nonfinite) {
     OrderScratch<T> scratch(job);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tiles; task += kTilesPerTask) {
-      order_tiles<T, kVotes>(isa, job, task, std::min(tiles, task + kTilesPerTask), scratch);
+      order_tiles<T, kVotes, S>(isa, job, task, std::min(tiles, task + kTilesPerTask), scratch);
     }
 #pragma omp critical(robustagg_order_nonfinite)
     for (int64_t i = 0; i < job.n; ++i) nonfinite[i] |= scratch.bad[i] != 0;
   }
+}
+
+template <typename T, bool kVotes>
+void order_mean_run(OrderJob<T> job, bool* nonfinite) {
+  std::fill(nonfinite, nonfinite + job.n, false);
+  // Compiled networks for float inputs only: the 16-bit types share the memory-resident network,
+  // which keeps the build small.
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    if (job.n <= 20) return order_tiles_parallel<T, kVotes, 20>(job, nonfinite);
+    if (job.n <= 32) return order_tiles_parallel<T, kVotes, 32>(job, nonfinite);
+  }
+  std::vector<CompareExchange> net;
+  if (job.n <= kNetworkMaxRows) {
+    const int n = static_cast<int>(job.n);
+    net.resize(batcher_network_capacity(n));
+    std::vector<unsigned char> live(n);
+    job.steps = prune_network(net.data(), batcher_network(n, net.data()), n, static_cast<int>(job.lo),
+                              static_cast<int>(job.hi), live.data());
+    job.net = net.data();
+  }
+  order_tiles_parallel<T, kVotes, 0>(job, nonfinite);
 }
 
 }  // namespace

@@ -15,8 +15,11 @@
 namespace robustagg::cpu {
 namespace {
 
-// 64 vectors = 1024 floats: 4 KiB of votes and 4 KiB of sums stay in L1 while each row adds in.
-constexpr int64_t kChunkVectors = 64;
+// 256 vectors = 4096 floats: each row is read in 16 KiB runs (4 KiB runs restart the hardware
+// prefetcher at every page; benchmarks/NOTES-cpu-votes.md), the votes and sums stay in L1/L2.
+constexpr int64_t kChunkVectors = 256;
+// Rows added per visit of the accumulators.
+constexpr int kRowsPerPass = 4;
 
 template <typename T>
 struct VoteJob {
@@ -30,6 +33,40 @@ struct VoteJob {
   int32_t* sums;  // sign_sum
   T* out;         // rlr
 };
+
+// Adds R consecutive rows (from row i) into the chunk's votes and sums. Each accumulator takes the
+// R rows in ascending order within one visit, so the result is bitwise that of one row at a time,
+// with a quarter of the accumulator loads and stores.
+template <int R, typename T, bool kRlr, bool kWeighted>
+inline void add_rows(const VoteJob<T>& job, int64_t i, int64_t j0, int64_t width, typename Lanes<acc_t<T>>::Mask* votes,
+                     typename Lanes<acc_t<T>>::V* sums, uint8_t* bad) {
+  using A = acc_t<T>;
+  using L = Lanes<A>;
+  using V = typename L::V;
+  const T* rows[R];
+  V w[R], check[R];
+  for (int r = 0; r < R; ++r) {
+    rows[r] = job.G + (i + r) * job.d + j0;
+    w[r] = broadcast<V>(kWeighted ? job.weights[i + r] : A(1));
+    check[r] = V{};
+  }
+  const int64_t vectors = (width + L::W - 1) / L::W;
+  for (int64_t v = 0; v < vectors; ++v) {
+    const int64_t left = width - v * L::W;
+    typename L::Mask vote = votes[v];
+    V sum = sums[v];
+    for (int r = 0; r < R; ++r) {
+      const T* p = rows[r] + v * L::W;
+      V x = left >= L::W ? load_lanes(p) : load_lanes_partial(p, left);
+      check[r] += x - x;           // stays 0 unless some value is NaN or Inf
+      vote += (x < 0) - (x > 0);   // a true comparison is -1
+      if constexpr (kRlr) sum = kWeighted ? rlr_accumulate(sum, w[r], x) : sum + x;
+    }
+    votes[v] = vote;
+    sums[v] = sum;
+  }
+  for (int r = 0; r < R; ++r) bad[i + r] |= any_nonzero(check[r]);
+}
 
 template <typename T, bool kRlr, bool kWeighted>
 inline void vote_chunks_body(const VoteJob<T>& job, int64_t begin, int64_t end, uint8_t* bad) {
@@ -47,19 +84,11 @@ inline void vote_chunks_body(const VoteJob<T>& job, int64_t begin, int64_t end, 
       votes[v] = typename L::Mask{};
       sums[v] = V{};
     }
-    for (int64_t i = 0; i < job.n; ++i) {
-      const T* row = job.G + i * job.d + j0;
-      const V w = broadcast<V>(kWeighted ? job.weights[i] : A(1));
-      V check{};
-      for (int64_t v = 0; v < vectors; ++v) {
-        const int64_t left = width - v * L::W;
-        V x = left >= L::W ? load_lanes(row + v * L::W) : load_lanes_partial(row + v * L::W, left);
-        check += x - x;                        // stays 0 unless some value is NaN or Inf
-        votes[v] += (x < 0) - (x > 0);         // a true comparison is -1
-        if constexpr (kRlr) sums[v] = kWeighted ? rlr_accumulate(sums[v], w, x) : sums[v] + x;
-      }
-      bad[i] |= any_nonzero(check);
+    int64_t i = 0;
+    for (; i + kRowsPerPass <= job.n; i += kRowsPerPass) {
+      add_rows<kRowsPerPass, T, kRlr, kWeighted>(job, i, j0, width, votes, sums, bad);
     }
+    for (; i < job.n; ++i) add_rows<1, T, kRlr, kWeighted>(job, i, j0, width, votes, sums, bad);
     for (int64_t v = 0; v < vectors; ++v) {
       const int64_t j = j0 + v * L::W;
       const int64_t count = std::min<int64_t>(L::W, job.d - j);
