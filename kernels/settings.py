@@ -1,7 +1,7 @@
 """Block sizes and warp counts (the role of Liger's ``calculate_settings``).
 
 The GPU numbers are chosen for H100/H200-class GPUs by reasoning, not yet by measurement (no GPU
-was lent when they were written; see benchmarks/NOTES-triton.md for what to tune).
+was lent when they were written; see benchmarks/NOTES.md (Triton section) for what to tune).
 
 Under ``TRITON_INTERPRET=1`` every tl operation costs about a millisecond of Python whatever its
 size, so the interpreter gets larger tiles (fewer programs and loop trips; num_warps is ignored

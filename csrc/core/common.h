@@ -17,4 +17,11 @@ template <typename T> struct acc_type { using type = float; };
 template <> struct acc_type<double> { using type = double; };
 template <typename T> using acc_t = typename acc_type<T>::type;
 
+// True for NaN and ±Inf: x - x is 0 for every finite x and NaN otherwise. Needs no <cmath> on
+// either side and is shared by every op's same-pass non-finite detection (SPEC §3).
+template <typename A>
+RA_HD bool is_nonfinite(A x) {
+  return !(x - x == A(0));
+}
+
 }  // namespace robustagg

@@ -4,7 +4,7 @@
 //
 // API (stable; the CUDA kernels call these):
 //   int  sign_vote(A x)                    +1, -1, or 0 for ±0 (and for NaN)
-//   bool is_nonfinite(A x)                 true for NaN and ±Inf
+//   bool is_nonfinite(A x)                 true for NaN and ±Inf (defined in core/common.h)
 //   bool invariant_keeps(int votes, int min_votes)
 //                                          Invariant Aggregator's AND-mask: |votes| >= min_votes
 //   I    invariant_keeps_lanes(I votes, I min_votes)
@@ -28,12 +28,6 @@ namespace robustagg {
 template <typename A>
 RA_HD int sign_vote(A x) {
   return static_cast<int>(x > A(0)) - static_cast<int>(x < A(0));
-}
-
-// x - x is 0 for every finite x and NaN for ±Inf and NaN; this needs no <cmath> on either side.
-template <typename A>
-RA_HD bool is_nonfinite(A x) {
-  return !(x - x == A(0));
 }
 
 // Invariant Aggregator (SPEC §4.3): the coordinate is kept when its sign agreement |s_j| / n

@@ -47,7 +47,4 @@ template <typename A> RA_HD void ef_update(A u, A rho, bool use_momentum, A& err
   error = error + momentum;
 }
 
-// NaN/Inf test that survives -ffast-math style optimisations: x - x is 0 only for finite x.
-template <typename A> RA_HD bool is_nonfinite(A x) { return !(x - x == A(0)); }
-
 }  // namespace robustagg

@@ -21,7 +21,7 @@ namespace {
 
 constexpr int kLanes = 8;
 // Columns per block: each visit of a row streams 128 KiB of float32, long enough for the hardware
-// prefetcher (8 KiB visits ran 2x slower, benchmarks/NOTES-cpu-stats.md); ref's block stays in L2.
+// prefetcher (8 KiB visits ran 2x slower, benchmarks/NOTES.md); ref's block stays in L2.
 constexpr int64_t kBlock = 32768;
 constexpr int64_t kChunkColumns = 1 << 16;
 constexpr int64_t kMaxChunks = 256;

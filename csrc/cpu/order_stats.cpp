@@ -28,7 +28,7 @@ namespace {
 
 // Up to this many rows the pruned network (O(n log^2 n) vector steps per tile, n x 64 bytes of
 // wires in L2) beats per-coordinate selection, whose branches mispredict and whose window sort is
-// scalar: median of 512 rows 4x, trimmed mean 14x faster (benchmarks/NOTES-cpu-votes.md).
+// scalar: median of 512 rows 4x, trimmed mean 14x faster (benchmarks/NOTES.md).
 constexpr int64_t kNetworkMaxRows = 2048;
 // Tiles handed to a thread at a time: small enough to balance two busy cores, large enough that
 // each row is read in long runs.
@@ -70,7 +70,7 @@ inline void flag_nonfinite_rows(const OrderJob<T>& job, const typename Lanes<acc
 // A sorting network fixed at compile time, for n <= S rows padded with +Inf (which sorts last, so
 // positions lo..hi-1 < n are unchanged). Fully unrolled, the S wires of a tile stay in vector
 // registers; a network read from memory runs through the L1 buffer instead, where every step
-// waits on the stores of the step before (benchmarks/NOTES-cpu-votes.md).
+// waits on the stores of the step before (benchmarks/NOTES.md).
 template <int S>
 struct StaticNetwork {
   CompareExchange steps[batcher_network_capacity(S)];

@@ -16,7 +16,7 @@ namespace robustagg::cpu {
 namespace {
 
 // 256 vectors = 4096 floats: each row is read in 16 KiB runs (4 KiB runs restart the hardware
-// prefetcher at every page; benchmarks/NOTES-cpu-votes.md), the votes and sums stay in L1/L2.
+// prefetcher at every page; benchmarks/NOTES.md), the votes and sums stay in L1/L2.
 constexpr int64_t kChunkVectors = 256;
 // Rows added per visit of the accumulators.
 constexpr int kRowsPerPass = 4;

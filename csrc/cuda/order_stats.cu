@@ -12,7 +12,7 @@
 //   leaves them.
 // * larger n: each thread copies its column into its own slice of shared memory (or, when even 32
 //   slices do not fit, of a global workspace) and runs, like the CPU kernel, core's Batcher network
-//   pruned to the kept positions (n <= 512, built on the host once per call) or core's
+//   pruned to the kept positions (n <= 2048, built on the host once per call) or core's
 //   order_mean_select (larger n).
 //
 // Every path adds the kept values like core's kept_mean (sorted[lo] + ... + sorted[hi-1], then one
@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(kRegisterThreads)
 // to this many rows and core's selection above; the same split here keeps even the sign of a zero
 // result (which -0 / +0 lands in the kept window) equal across backends. tests/test_cuda_compile.py
 // checks that the two constants agree.
-constexpr int64_t kNetworkMaxRows = 512;
+constexpr int64_t kNetworkMaxRows = 2048;
 constexpr int kSliceMaxThreads = 128;
 constexpr size_t kSliceSharedBudget = 96 * 1024;  // opt-in dynamic shared memory, sm_80 and sm_90
 constexpr size_t kSliceGlobalBudget = size_t(512) << 20;

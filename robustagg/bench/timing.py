@@ -35,8 +35,13 @@ class Timer:
         return begin.elapsed_time(end) / 1e3
 
     def median(self, fn) -> float:
-        """Median seconds of ``fn()`` after one warm-up call; fewer repeats for slow calls."""
+        """Median seconds of ``fn()`` after one warm-up call; fewer repeats for slow calls.
+
+        A call slower than the whole budget is timed once: its warm-up is the measurement.
+        """
         warm = self._once(fn)
+        if warm > self.budget_s:
+            return warm
         repeats = max(1, min(self.repeats, int(self.budget_s / max(warm, 1e-9))))
         return statistics.median(self._once(fn) for _ in range(repeats))
 
