@@ -2,7 +2,7 @@
 
     python benchmarks/tune_cpu_stats.py [--ops client_stats,topk,maxpool,pairwise] [--repeats 5]
 
-fp32, d = 11,173,962 (ResNet-18 for CIFAR, built below from torch.nn), torch.set_num_threads(2),
+fp32, d = 11,173,962 (ResNet-18 for CIFAR, robustagg.bench.models, from torch.nn), torch.set_num_threads(2),
 medians after one warm-up call. Each row prints our time, the baseline's and the ratio the issue
 targets:
   client_stats  n=20  <= 1.3x the G.sum(0) read floor
@@ -15,47 +15,11 @@ import statistics
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import robustagg
 from robustagg import ops
-from robustagg.layout import Layout
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNet18Cifar(nn.Module):
-    """He et al. 2016 ResNet-18 as used on CIFAR-10: 3x3 stem with 64 channels, no max-pool."""
-
-    def __init__(self, classes=10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        blocks, cin = [], 64
-        for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
-            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
-            cin = cout
-        self.layers = nn.Sequential(*blocks)
-        self.linear = nn.Linear(512, classes)
-
-    def forward(self, x):
-        out = self.layers(F.relu(self.bn1(self.conv1(x))))
-        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+from robustagg.bench.models import model_layout
 
 
 def median_ms(fn, repeats):
@@ -98,8 +62,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model = ResNet18Cifar()
-    layout = Layout.from_shapes(model)
+    layout = model_layout("resnet18-cifar")  # the real nn.Module's per-parameter layout
     d = layout.d
     assert d == 11_173_962, d
     wanted = args.ops.split(",")

@@ -39,6 +39,18 @@ def assert_close(actual, expected, dtype, scale=1.0):
                                atol=atol * scale, rtol=rtol, equal_nan=True)
 
 
+# Rows poisoned by a malicious client: (row, value) pairs for with_bad_rows.
+BAD = [(1, float("nan")), (4, float("inf")), (6, float("-inf"))]
+
+
+def with_bad_rows(G, rows_values=BAD):
+    """A copy of G with one non-finite entry in each listed row."""
+    G = G.clone()
+    for row, value in rows_values:
+        G[row, row % G.shape[1]] = value
+    return G
+
+
 def backends_for(op: str):
     """pytest params: every backend; those that cannot run ``op`` on DEVICE are skipped with the reason."""
     params = []

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import robustagg
 from robustagg import NonFiniteUpdateError, ops, reference
-from conftest import DEVICE, DTYPES, RESOLUTION, assert_close, backends_for, to_reference
+from conftest import BAD, DEVICE, DTYPES, RESOLUTION, assert_close, backends_for, to_reference, with_bad_rows
 
 NS = [1, 2, 3, 5, 20, 33, 64, 100, 257]
 # 1, 7, primes, and the CPU tile (16 floats, 8 doubles) and task (64 tiles) sizes +-1
@@ -190,16 +190,6 @@ def test_median_ignores_outliers_on_both_sides(backend):
 
 
 # ---------------------------------------------------------------- non-finite rows (SPEC §3)
-
-def with_bad_rows(G, rows_values):
-    G = G.clone()
-    for row, value in rows_values:
-        G[row, row % G.shape[1]] = value
-    return G
-
-
-BAD = [(1, float("nan")), (4, float("inf")), (6, float("-inf"))]
-
 
 @pytest.mark.parametrize("backend", backends_for("order_mean"))
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from robustagg import NonFiniteUpdateError, ops, reference
-from conftest import DEVICE, DTYPES, assert_close, backends_for, to_reference
+from conftest import BAD, DEVICE, DTYPES, assert_close, backends_for, to_reference, with_bad_rows
 
 NS = [1, 2, 3, 5, 20, 33, 64, 100, 257]
 # 1, 7, primes, and the CPU vector (16 floats, 8 doubles) and chunk (256 vectors) sizes +-1
@@ -15,16 +15,6 @@ DS = [1, 7, 15, 16, 17, 101, 4095, 4096, 4097, 8191]
 def make_G(n, d, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
-
-
-def with_bad_rows(G, rows_values):
-    G = G.clone()
-    for row, value in rows_values:
-        G[row, row % G.shape[1]] = value
-    return G
-
-
-BAD = [(1, float("nan")), (4, float("inf")), (6, float("-inf"))]
 
 
 # ---------------------------------------------------------------- sign_sum
