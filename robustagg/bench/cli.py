@@ -65,8 +65,11 @@ def _backends(device, op):
     return names
 
 
-def _run_case(section, case: Case, G, timer, bandwidth, progress=None):
+def _run_case(section, case: Case, G, timer):
+    """Rows for one case; the floor's bandwidth is measured right before it, so that a shared
+    machine's changing load shifts the floor and the case together."""
     n, d = G.shape
+    bandwidth, _, _ = timer.bandwidth(G)
     floor_s = case.bytes_moved / bandwidth
     rows = []
     t_ref = timer.median(case.run("reference"))
@@ -103,7 +106,8 @@ def _table(rows, meta):
     from rich.table import Table
 
     table = Table(title=f"robustagg bench - {meta['model']} (d={meta['d']:,}), {meta['dtype']}, {meta['device']}\n"
-                        f"floor: {meta['floor']} at {meta['bandwidth_GBps']:.1f} GB/s")
+                        f"floor: bytes moved / bandwidth of a {meta['floor']} timed before each case "
+                        f"(first: {meta['bandwidth_GBps']:.1f} GB/s)")
     for col in ("section", "case", "n", "backend", "ms", "speedup vs torch", "floor ms", "x floor", "% of floor"):
         table.add_column(col, justify="left" if col in ("section", "case", "backend") else "right")
     for r in rows:
@@ -166,7 +170,7 @@ def main(argv=None):
         task = progress.add_task("benchmarking", total=None)
         for n, section in plan:
             G = torch.randn(n, d, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
-            bandwidth, floor_t, floor_what = timer.bandwidth(G)
+            bandwidth, _, floor_what = timer.bandwidth(G)
             meta = meta or {}
             cases = op_cases(G, layout) if section == "ops" else _aggregator_cases(G, layout)
             if section == "ops" and args.ops:
@@ -174,7 +178,7 @@ def main(argv=None):
             progress.update(task, total=(progress.tasks[0].total or 0) + len(cases))
             for case in cases:
                 progress.update(task, description=f"{section}: {case.name} n={n}")
-                rows.extend(_run_case(section, case, G, timer, bandwidth))
+                rows.extend(_run_case(section, case, G, timer))
                 progress.advance(task)
             meta.setdefault("bandwidth_GBps", bandwidth / 1e9)
             meta.setdefault("floor", floor_what)
