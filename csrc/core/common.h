@@ -10,6 +10,10 @@
 #define RA_HD inline
 #endif
 
+// Applies M (a macro that declares one explicit instantiation) to the four storage types of
+// SPEC §2; each backend names its own 16-bit types (c10::Half/c10::BFloat16, __half/__nv_bfloat16).
+#define RA_FOR_EACH_DTYPE(M, HALF, BFLOAT16) M(HALF) M(BFLOAT16) M(float) M(double)
+
 namespace robustagg {
 
 // Arithmetic type per storage type (SPEC §2): float32 for 16/32-bit inputs, float64 for float64.

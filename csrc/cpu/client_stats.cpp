@@ -207,10 +207,7 @@ void clip_rows(const T* G, int64_t n, int64_t d, const acc_t<T>* max_norm, T* ou
   template void client_stats<T>(const T*, int64_t, int64_t, int64_t, int64_t, const T*, acc_t<T>*,      \
                                 acc_t<T>*, acc_t<T>*, acc_t<T>*, bool*);                                \
   template void clip_rows<T>(const T*, int64_t, int64_t, const acc_t<T>*, T*, bool*);
-RA_INSTANTIATE(c10::Half)
-RA_INSTANTIATE(c10::BFloat16)
-RA_INSTANTIATE(float)
-RA_INSTANTIATE(double)
+RA_FOR_EACH_DTYPE(RA_INSTANTIATE, c10::Half, c10::BFloat16)
 #undef RA_INSTANTIATE
 
 }  // namespace cpu

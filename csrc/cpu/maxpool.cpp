@@ -294,10 +294,7 @@ void maxpool_amplify(const T* G, int64_t n, int64_t d, const int64_t* table, int
 #define RA_INSTANTIATE(T)                                                                                       \
   template void maxpool_amplify<T>(const T*, int64_t, int64_t, const int64_t*, int64_t, int64_t, bool, int64_t, \
                                    T*, bool*);
-RA_INSTANTIATE(c10::Half)
-RA_INSTANTIATE(c10::BFloat16)
-RA_INSTANTIATE(float)
-RA_INSTANTIATE(double)
+RA_FOR_EACH_DTYPE(RA_INSTANTIATE, c10::Half, c10::BFloat16)
 #undef RA_INSTANTIATE
 
 }  // namespace cpu

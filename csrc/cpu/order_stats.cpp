@@ -212,10 +212,7 @@ void invariant(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, int64_t
 #define RA_INSTANTIATE(T)                                                                        \
   template void order_mean<T>(const T*, int64_t, int64_t, int64_t, int64_t, T*, bool*);         \
   template void invariant<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*, bool*, bool*);
-RA_INSTANTIATE(c10::Half)
-RA_INSTANTIATE(c10::BFloat16)
-RA_INSTANTIATE(float)
-RA_INSTANTIATE(double)
+RA_FOR_EACH_DTYPE(RA_INSTANTIATE, c10::Half, c10::BFloat16)
 #undef RA_INSTANTIATE
 
 }  // namespace robustagg::cpu

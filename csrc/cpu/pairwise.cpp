@@ -198,10 +198,7 @@ template <typename T> void pairwise(const T* G, int64_t n, int64_t d, bool cosin
 }
 
 #define RA_INSTANTIATE(T) template void pairwise<T>(const T*, int64_t, int64_t, bool, acc_t<T>*, bool*);
-RA_INSTANTIATE(c10::Half)
-RA_INSTANTIATE(c10::BFloat16)
-RA_INSTANTIATE(float)
-RA_INSTANTIATE(double)
+RA_FOR_EACH_DTYPE(RA_INSTANTIATE, c10::Half, c10::BFloat16)
 #undef RA_INSTANTIATE
 
 }  // namespace cpu

@@ -152,10 +152,7 @@ void rlr(const T* G, int64_t n, int64_t d, const acc_t<T>* weights, int64_t thet
 #define RA_INSTANTIATE(T)                                                                        \
   template void sign_sum<T>(const T*, int64_t, int64_t, int32_t*, bool*);                       \
   template void rlr<T>(const T*, int64_t, int64_t, const acc_t<T>*, int64_t, double, T*, bool*);
-RA_INSTANTIATE(c10::Half)
-RA_INSTANTIATE(c10::BFloat16)
-RA_INSTANTIATE(float)
-RA_INSTANTIATE(double)
+RA_FOR_EACH_DTYPE(RA_INSTANTIATE, c10::Half, c10::BFloat16)
 #undef RA_INSTANTIATE
 
 }  // namespace robustagg::cpu

@@ -246,10 +246,7 @@ template <typename T> bool topk_abs(const T* x, int64_t d, int64_t k, int64_t* i
 #define RA_INSTANTIATE(T)                                                                                    \
   template bool topk_ef_step<T>(const T*, T*, T*, int64_t, int64_t, double, int64_t*, T*);                  \
   template bool topk_abs<T>(const T*, int64_t, int64_t, int64_t*, T*);
-RA_INSTANTIATE(c10::Half)
-RA_INSTANTIATE(c10::BFloat16)
-RA_INSTANTIATE(float)
-RA_INSTANTIATE(double)
+RA_FOR_EACH_DTYPE(RA_INSTANTIATE, c10::Half, c10::BFloat16)
 #undef RA_INSTANTIATE
 
 }  // namespace cpu

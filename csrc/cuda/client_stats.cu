@@ -198,10 +198,7 @@ cudaError_t clip_rows(const T* G, int64_t n, int64_t d, const acc_t<T>* max_norm
   template cudaError_t client_stats<T>(const T*, int64_t, int64_t, int64_t, int64_t, const T*, acc_t<T>*,      \
                                        acc_t<T>*, acc_t<T>*, acc_t<T>*, bool*, void*, cudaStream_t);           \
   template cudaError_t clip_rows<T>(const T*, int64_t, int64_t, const acc_t<T>*, T*, bool*, void*, cudaStream_t);
-RA_INSTANTIATE(__half)
-RA_INSTANTIATE(__nv_bfloat16)
-RA_INSTANTIATE(float)
-RA_INSTANTIATE(double)
+RA_FOR_EACH_DTYPE(RA_INSTANTIATE, __half, __nv_bfloat16)
 #undef RA_INSTANTIATE
 
 }  // namespace cuda

@@ -185,10 +185,7 @@ cudaError_t maxpool_amplify(const T* G, int64_t n, int64_t d, const int64_t* seg
 #define RA_INSTANTIATE(T)                                                                                     \
   template cudaError_t maxpool_amplify<T>(const T*, int64_t, int64_t, const int64_t*, int64_t, int64_t, bool, \
                                           int64_t, T*, bool*, void*, cudaStream_t);
-RA_INSTANTIATE(__half)
-RA_INSTANTIATE(__nv_bfloat16)
-RA_INSTANTIATE(float)
-RA_INSTANTIATE(double)
+RA_FOR_EACH_DTYPE(RA_INSTANTIATE, __half, __nv_bfloat16)
 #undef RA_INSTANTIATE
 
 }  // namespace cuda

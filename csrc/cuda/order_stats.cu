@@ -244,10 +244,7 @@ cudaError_t invariant(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, 
                                      cudaStream_t);                                                       \
   template cudaError_t invariant<T>(const T*, int64_t, int64_t, int64_t, int64_t, int, T*, bool*, bool*, \
                                     void*, cudaStream_t);
-RA_INSTANTIATE(__half)
-RA_INSTANTIATE(__nv_bfloat16)
-RA_INSTANTIATE(float)
-RA_INSTANTIATE(double)
+RA_FOR_EACH_DTYPE(RA_INSTANTIATE, __half, __nv_bfloat16)
 #undef RA_INSTANTIATE
 
 }  // namespace cuda

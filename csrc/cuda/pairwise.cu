@@ -266,10 +266,7 @@ cudaError_t pairwise_cosine(const T* G, int64_t n, int64_t d, acc_t<T>* out, boo
 #define RA_INSTANTIATE(T)                                                                                         \
   template cudaError_t pairwise_sqdist<T>(const T*, int64_t, int64_t, acc_t<T>*, bool*, void*, cudaStream_t);     \
   template cudaError_t pairwise_cosine<T>(const T*, int64_t, int64_t, acc_t<T>*, bool*, void*, cudaStream_t);
-RA_INSTANTIATE(__half)
-RA_INSTANTIATE(__nv_bfloat16)
-RA_INSTANTIATE(float)
-RA_INSTANTIATE(double)
+RA_FOR_EACH_DTYPE(RA_INSTANTIATE, __half, __nv_bfloat16)
 #undef RA_INSTANTIATE
 
 }  // namespace cuda

@@ -89,10 +89,7 @@ cudaError_t rlr(const T* G, const acc_t<T>* weights, int64_t n, int64_t d, int t
   template cudaError_t sign_sum<T>(const T*, int64_t, int64_t, int32_t*, bool*, cudaStream_t);          \
   template cudaError_t rlr<T>(const T*, const acc_t<T>*, int64_t, int64_t, int, acc_t<T>, T*, bool*, \
                               cudaStream_t);
-RA_INSTANTIATE(__half)
-RA_INSTANTIATE(__nv_bfloat16)
-RA_INSTANTIATE(float)
-RA_INSTANTIATE(double)
+RA_FOR_EACH_DTYPE(RA_INSTANTIATE, __half, __nv_bfloat16)
 #undef RA_INSTANTIATE
 
 }  // namespace cuda

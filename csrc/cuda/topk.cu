@@ -417,10 +417,7 @@ cudaError_t topk_abs(const T* x, int64_t d, int64_t k, int64_t* indices, T* valu
   template cudaError_t topk_ef_step<T>(const T*, T*, T*, int64_t, int64_t, double, int64_t*, T*, bool*, bool*,   \
                                        void*, cudaStream_t);                                                     \
   template cudaError_t topk_abs<T>(const T*, int64_t, int64_t, int64_t*, T*, bool*, void*, cudaStream_t);
-RA_INSTANTIATE(__half)
-RA_INSTANTIATE(__nv_bfloat16)
-RA_INSTANTIATE(float)
-RA_INSTANTIATE(double)
+RA_FOR_EACH_DTYPE(RA_INSTANTIATE, __half, __nv_bfloat16)
 #undef RA_INSTANTIATE
 
 }  // namespace cuda
