@@ -1,0 +1,354 @@
+// extern "C" entry points over the real launchers of csrc/cuda/launch.h, for ctypes
+// (tests/test_cuda_emulated.py). Each entry mirrors how csrc/cuda/bindings.cpp calls its launcher:
+// the same argument order and derived values, a workspace of exactly *_workspace_bytes (at least
+// one byte, like bindings' `workspace`), on one stream. The workspace is filled with garbage
+// first, as a fresh allocation from torch's caching allocator may be.
+//
+// Return codes: 0 success; > 0 the cudaError_t the launcher returned; -1 the emulator stopped
+// the launch (deadlock, divergence, wrong stream, ...) or the launcher left an error unread;
+// emu_last_message() says which.
+//
+// The emu_selftest_* entries launch small kernels of their own, to show that the emulator catches
+// what it claims to catch (bad launch configurations, races, deadlocks).
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "cuda/launch.h"
+#include "cuda_emu_control.h"
+#include "cuda_runtime.h"
+
+namespace {
+
+using namespace robustagg;
+
+std::string g_message;
+char g_stream_object;
+cudaStream_t stream() { return reinterpret_cast<cudaStream_t>(&g_stream_object); }
+
+enum DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
+
+template <typename F>
+cudaError_t dispatch(int dtype, F&& f) {
+  switch (dtype) {
+    case kHalf: return f(__half{});
+    case kBFloat16: return f(__nv_bfloat16{});
+    case kFloat: return f(float{});
+    case kDouble: return f(double{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// A workspace of `bytes` (at least 1), 256-byte aligned like cudaMalloc, holding garbage.
+struct Workspace {
+  void* ptr = nullptr;
+  explicit Workspace(size_t bytes) {
+    const size_t size = bytes < 1 ? 1 : bytes;
+    if (posix_memalign(&ptr, 256, size) != 0) ptr = nullptr;
+    if (ptr != nullptr) std::memset(ptr, 0xa5, size);
+  }
+  ~Workspace() { std::free(ptr); }
+};
+
+template <typename Call>
+int guarded(Call&& call) {
+  g_message.clear();
+  try {
+    const cudaError_t err = call();
+    if (err != cudaSuccess) {
+      g_message = std::string("launcher returned ") + cudaGetErrorName(err);
+      cudaGetLastError();
+      return static_cast<int>(err);
+    }
+    const cudaError_t unread = cuda_emu::unread_error();
+    if (unread != cudaSuccess) {
+      g_message = std::string("the launcher returned cudaSuccess but left ") + cudaGetErrorName(unread) +
+                  " unread (a launch failed and its error was not checked)";
+      cudaGetLastError();
+      return -1;
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    g_message = e.what();
+    cudaGetLastError();
+    return -1;
+  }
+}
+
+template <typename T> T* as(void* p) { return static_cast<T*>(p); }
+template <typename T> const T* as(const void* p) { return static_cast<const T*>(p); }
+
+}  // namespace
+
+extern "C" {
+
+const char* emu_last_message() { return g_message.c_str(); }
+
+void emu_configure(int schedule, uint64_t seed) {
+  cuda_emu::configure(static_cast<cuda_emu::Schedule>(schedule), seed, stream());
+}
+
+void emu_counters(uint64_t* out) {
+  const cuda_emu::Counters c = cuda_emu::counters();
+  out[0] = c.launches;
+  out[1] = c.blocks;
+  out[2] = c.threads;
+  out[3] = c.barriers;
+  out[4] = c.warp_collectives;
+}
+
+// ---- the ops
+
+int emu_sign_sum(int dtype, const void* G, int64_t n, int64_t d, int32_t* sums, bool* nonfinite) {
+  return guarded([&] {
+    return dispatch(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      return cuda::sign_sum(as<T>(G), n, d, sums, nonfinite, stream());
+    });
+  });
+}
+
+int emu_rlr(int dtype, const void* G, const void* weights, int64_t n, int64_t d, int theta, double server_lr,
+            void* out, bool* nonfinite) {
+  return guarded([&] {
+    return dispatch(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      using A = acc_t<T>;
+      return cuda::rlr(as<T>(G), as<A>(weights), n, d, theta, static_cast<A>(server_lr), as<T>(out), nonfinite,
+                       stream());
+    });
+  });
+}
+
+int emu_order_mean(int dtype, const void* G, int64_t n, int64_t d, int64_t lo, int64_t hi, void* out,
+                   bool* nonfinite) {
+  return guarded([&] {
+    return dispatch(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      Workspace ws(cuda::order_stats_workspace_bytes(n, d, sizeof(acc_t<T>)));
+      return cuda::order_mean(as<T>(G), n, d, lo, hi, as<T>(out), nonfinite, ws.ptr, stream());
+    });
+  });
+}
+
+int emu_invariant(int dtype, const void* G, int64_t n, int64_t d, int64_t lo, int64_t hi, int min_votes, void* out,
+                  bool* mask, bool* nonfinite) {
+  return guarded([&] {
+    return dispatch(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      Workspace ws(cuda::order_stats_workspace_bytes(n, d, sizeof(acc_t<T>)));
+      return cuda::invariant(as<T>(G), n, d, lo, hi, min_votes, as<T>(out), mask, nonfinite, ws.ptr, stream());
+    });
+  });
+}
+
+int emu_client_stats(int dtype, const void* G, int64_t n, int64_t d, int64_t window_start, int64_t window_length,
+                     const void* ref, void* norm, void* sign_frac, void* dot, void* ref_norm, bool* nonfinite) {
+  return guarded([&] {
+    return dispatch(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      using A = acc_t<T>;
+      Workspace ws(cuda::client_stats_workspace_bytes(n, d));
+      return cuda::client_stats(as<T>(G), n, d, window_start, window_length, as<T>(ref), as<A>(norm),
+                                as<A>(sign_frac), as<A>(dot), as<A>(ref_norm), nonfinite, ws.ptr, stream());
+    });
+  });
+}
+
+int emu_clip_rows(int dtype, const void* G, int64_t n, int64_t d, const void* max_norm, void* out, bool* nonfinite) {
+  return guarded([&] {
+    return dispatch(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      using A = acc_t<T>;
+      Workspace ws(cuda::client_stats_workspace_bytes(n, d));
+      return cuda::clip_rows(as<T>(G), n, d, as<A>(max_norm), as<T>(out), nonfinite, ws.ptr, stream());
+    });
+  });
+}
+
+int emu_topk_ef_step(int dtype, const void* u, void* error, void* momentum, int64_t d, int64_t k, double rho,
+                     int64_t* indices, void* values, bool* nonfinite, bool* host_nonfinite) {
+  return guarded([&] {
+    return dispatch(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      Workspace ws(cuda::topk_workspace_bytes(d, sizeof(acc_t<T>)));
+      return cuda::topk_ef_step(as<T>(u), as<T>(error), as<T>(momentum), d, k, rho, indices, as<T>(values),
+                                nonfinite, host_nonfinite, ws.ptr, stream());
+    });
+  });
+}
+
+int emu_topk_abs(int dtype, const void* x, int64_t d, int64_t k, int64_t* indices, void* values, bool* nonfinite) {
+  return guarded([&] {
+    return dispatch(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      Workspace ws(cuda::topk_workspace_bytes(d, sizeof(acc_t<T>)));
+      return cuda::topk_abs(as<T>(x), d, k, indices, as<T>(values), nonfinite, ws.ptr, stream());
+    });
+  });
+}
+
+int emu_maxpool_amplify(int dtype, const void* G, int64_t n, int64_t d, const int64_t* segments,
+                        int64_t num_segments, int64_t kernel, bool restore, int64_t out_width, void* out,
+                        bool* nonfinite) {
+  return guarded([&] {
+    return dispatch(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      Workspace ws(cuda::maxpool_workspace_bytes(num_segments));
+      return cuda::maxpool_amplify(as<T>(G), n, d, segments, num_segments, kernel, restore, out_width, as<T>(out),
+                                   nonfinite, ws.ptr, stream());
+    });
+  });
+}
+
+int emu_pairwise(int dtype, const void* G, int64_t n, int64_t d, int cosine, void* out, bool* nonfinite) {
+  return guarded([&] {
+    return dispatch(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      using A = acc_t<T>;
+      Workspace ws(cuda::pairwise_workspace_bytes(n, d));
+      return cosine ? cuda::pairwise_cosine(as<T>(G), n, d, as<A>(out), nonfinite, ws.ptr, stream())
+                    : cuda::pairwise_sqdist(as<T>(G), n, d, as<A>(out), nonfinite, ws.ptr, stream());
+    });
+  });
+}
+
+// ---- conversions of the 16-bit shims, checked against torch
+
+void emu_float_to_half(const float* in, uint16_t* out, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) out[i] = __float2half_rn(in[i]).__x;
+}
+
+void emu_float_to_bfloat16(const float* in, uint16_t* out, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) out[i] = __float2bfloat16_rn(in[i]).__x;
+}
+
+void emu_half_to_float(const uint16_t* in, float* out, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) out[i] = __half2float(__half{in[i]});
+}
+
+void emu_bfloat16_to_float(const uint16_t* in, float* out, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) out[i] = __bfloat162float(__nv_bfloat16{in[i]});
+}
+
+}  // extern "C"
+
+// ---- emulator self-tests
+
+namespace {
+
+__global__ void selftest_noop_kernel(int* out) {
+  if (threadIdx.x == 0 && blockIdx.x == 0) out[0] = 1;
+}
+
+// Every thread publishes salt + its id and reads its right neighbour's; without the barrier the
+// read races with the neighbour's write.
+__global__ void selftest_neighbour_kernel(int salt, bool barrier, int* out) {
+  __shared__ int published[64];
+  const int t = threadIdx.x;
+  published[t] = salt + t;
+  if (barrier) __syncthreads();
+  out[t] = published[(t + 1) % 64];
+}
+
+__global__ void selftest_warp_kernel(int* out) {
+  const int lane = threadIdx.x % 32;
+  int* o = out + threadIdx.x * 8;
+  o[0] = static_cast<int>(__ballot_sync(0xffffffffu, lane % 3 == 0));
+  int sum = lane;
+  for (int m = 16; m > 0; m >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
+  o[1] = sum;
+  int scan = lane;
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, scan, offset);
+    if (lane >= offset) scan += y;
+  }
+  o[2] = scan;
+  o[3] = static_cast<int>(__match_any_sync(0xffffffffu, lane / 4));
+  o[4] = __shfl_sync(0xffffffffu, lane, 3, 8);
+  o[5] = __shfl_down_sync(0xffffffffu, lane, 4, 16);
+  o[6] = __any_sync(0xffffffffu, lane == 7) + 2 * __all_sync(0xffffffffu, lane < 31);
+  o[7] = static_cast<int>(__shfl_down_sync(0xffffffffu, static_cast<double>(lane) + 0.5, 1));
+}
+
+// kind 0: half a warp waits at __syncwarp for lanes that exited; 1: divergent __syncthreads;
+// 2: one thread at a shuffle, the rest at __syncthreads; 3: a shuffle reading a lane outside its
+// mask; 4: a block larger than the kernel's __launch_bounds__ (checked by the build's rewrite).
+__global__ void selftest_hazard_kernel(int kind, int* out) {
+  const int t = threadIdx.x;
+  if (kind == 0) {
+    if (t % 32 < 16) __syncwarp();
+  } else if (kind == 1) {
+    if (t % 2 == 0) {
+      __syncthreads();
+    } else {
+      __syncthreads();
+    }
+  } else if (kind == 2) {
+    if (t == 0) {
+      out[0] = __shfl_sync(0xffffffffu, t, 1);
+    } else {
+      __syncthreads();
+    }
+  } else if (kind == 3) {
+    if (t < 16) out[t] = __shfl_down_sync(0x0000ffffu, t, 8);
+  }
+  out[t] = t;
+}
+
+__global__ void __launch_bounds__(64) selftest_bounded_kernel(int* out) { out[threadIdx.x] = 1; }
+
+}  // namespace
+
+extern "C" {
+
+// Launch of the no-op kernel with this configuration; returns what cudaGetLastError says.
+int emu_selftest_launch(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, size_t shared,
+                        int opt_in_bytes, int* out) {
+  return guarded([&] {
+    if (opt_in_bytes > 0) {
+      const cudaError_t err =
+          cudaFuncSetAttribute(selftest_noop_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, opt_in_bytes);
+      if (err != cudaSuccess) return err;
+    }
+    cuda_emu::launcher("selftest_noop_kernel", selftest_noop_kernel, dim3(gx, gy, gz), dim3(bx, by, bz), shared,
+                       stream())(out);
+    return cudaGetLastError();
+  });
+}
+
+int emu_selftest_neighbour(int salt, int barrier, int* out) {
+  return guarded([&] {
+    cuda_emu::launcher("selftest_neighbour_kernel", selftest_neighbour_kernel, 1, 64, 0, stream())(salt, barrier != 0,
+                                                                                                  out);
+    return cudaGetLastError();
+  });
+}
+
+int emu_selftest_warp(int* out) {
+  return guarded([&] {
+    cuda_emu::launcher("selftest_warp_kernel", selftest_warp_kernel, 1, 64, 0, stream())(out);
+    return cudaGetLastError();
+  });
+}
+
+int emu_selftest_hazard(int kind, int* out) {
+  return guarded([&] {
+    if (kind == 4) {
+      cuda_emu::launcher("selftest_bounded_kernel", selftest_bounded_kernel, 1, 128, 0, stream())(out);
+    } else {
+      cuda_emu::launcher("selftest_hazard_kernel", selftest_hazard_kernel, 1, 64, 0, stream())(kind, out);
+    }
+    return cudaGetLastError();
+  });
+}
+
+int emu_selftest_wrong_stream(int* out) {
+  return guarded([&] {
+    cuda_emu::launcher("selftest_noop_kernel", selftest_noop_kernel, 1, 32, 0, nullptr)(out);
+    return cudaGetLastError();
+  });
+}
+
+}  // extern "C"
