@@ -1,0 +1,615 @@
+"""The CUDA C++ kernels (csrc/cuda/*.cu) executed on the CPU, against the CPU backend and the
+references (issue 5). No GPU and no CUDA toolkit needed: only g++.
+
+How: tests/cuda_emu/build.py copies every .cu, rewrites its ``<<<...>>>`` launches into calls of
+the emulator runtime and compiles it with g++ against shim CUDA headers, together with a harness
+that calls the real launchers of csrc/cuda/launch.h the way csrc/cuda/bindings.cpp does (same
+workspaces, derived values, stream). The runtime (tests/cuda_emu/runtime.cpp) runs each launch
+block by block, every CUDA thread a fiber; __syncthreads and the warp intrinsics wait for their
+partners like the hardware, and a deadlock, a divergent barrier, a shuffle reading an absent lane,
+a launch beyond the kernel's __launch_bounds__ or on another stream stops the launch with an
+error naming the kernel, block and thread.
+
+Every op runs under two fiber schedules (threads and blocks resumed in ascending and in
+descending order; a few cases also under a seeded shuffle) and must give the same bits under
+each, so a missing __syncthreads/__syncwarp shows up as a difference. Expectations, as in
+tests/test_cuda_parity.py (the GPU version of these tests):
+
+* sign_sum, order_mean, invariant, rlr in float32: bitwise equal to the CPU backend;
+* top-k and max-pool: the same selection and bits as the CPU backend;
+* everything else: within conftest.RESOLUTION of robustagg.reference on float64 inputs;
+* non-finite row flags equal to the CPU backend's.
+
+What the emulator cannot see: timing, memory-model races between blocks that run concurrently
+on a GPU (blocks run one after another here), reads of uninitialized static shared memory
+(a static starts zeroed and keeps the last block's values; dynamic shared memory and workspaces
+do start as garbage), and out-of-bounds accesses in this build (see test_asan_memcheck for the
+AddressSanitizer build).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import robustagg  # noqa: F401  (registers torch.ops.robustagg)
+import robustagg.layout
+from robustagg import ops, reference
+from conftest import BAD, RESOLUTION, with_bad_rows
+from cuda_emu import build, library
+from cuda_emu.library import ASCENDING, DESCENDING, SHUFFLED, EmulatorError
+
+pytestmark = pytest.mark.skipif(build.compiler() is None,
+                                reason="g++ not found: the CUDA kernels cannot be emulated on this machine")
+
+CPU = torch.ops.robustagg
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+         torch.float64: torch.int64}
+
+
+@pytest.fixture(scope="session")
+def emu(tmp_path_factory):
+    """The emulator library, built once per session (ROBUSTAGG_EMU_CACHE: a directory to keep it in)."""
+    cache = os.environ.get("ROBUSTAGG_EMU_CACHE")
+    out = Path(cache) if cache else tmp_path_factory.mktemp("cuda_emu")
+    out.mkdir(parents=True, exist_ok=True)
+    return library.Emulator(build.build(out))
+
+
+# ---------------------------------------------------------------- helpers
+
+def awkward(n: int, d: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """(n, d) with exact ties, both zeros, subnormals and +-3e38 outliers (clamped to the dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(n, d, generator=g)
+    pick = torch.rand(n, d, generator=g)
+    G = torch.where(pick < 0.15, G.round(), G)
+    G = torch.where((pick >= 0.15) & (pick < 0.2), torch.zeros(()), G)
+    G = torch.where((pick >= 0.2) & (pick < 0.25), torch.full((), -0.0), G)
+    G = torch.where((pick >= 0.25) & (pick < 0.27), torch.full((), 1e-40), G)
+    G = torch.where((pick >= 0.27) & (pick < 0.28), torch.full((), -3e38), G)
+    G = torch.where((pick >= 0.28) & (pick < 0.29), torch.full((), 3e38), G)
+    if dtype == torch.float16:
+        G = G.clamp(-6e4, 6e4)
+    return G.to(dtype)
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise: same bits (signed zeros included), or NaN on both sides."""
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, a.shape, b.dtype, b.shape)
+    if a.dtype in _BITS:
+        return (a.view(_BITS[a.dtype]) == b.view(_BITS[a.dtype])) | (torch.isnan(a) & torch.isnan(b))
+    return a == b
+
+
+def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str = ""):
+    same = bits_equal(actual, expected)
+    where = (~same).nonzero()[:8].tolist()
+    assert bool(same.all()), f"{what} differs at {where}: {actual[~same][:8].tolist()} vs {expected[~same][:8].tolist()}"
+
+
+def assert_close(actual, expected, dtype, what=""):
+    atol, rtol = RESOLUTION[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def emulated(emu, op: str, *args, schedules=(ASCENDING, DESCENDING)):
+    """Runs the emulated op under each schedule on fresh copies of the tensor arguments; all runs
+    must agree bit for bit (tensors updated in place included). Returns the outputs and the
+    tensor arguments of the first run."""
+    first = None
+    for schedule in schedules:
+        emu.schedule(schedule, seed=1234)
+        call_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        outputs = getattr(emu, op)(*call_args)
+        state = [a for a in call_args if isinstance(a, torch.Tensor)]
+        if first is None:
+            first = (outputs, call_args)
+            first_state = state
+            continue
+        for i, (a, b) in enumerate(zip(outputs, first[0])):
+            assert_bitwise(a, b, f"{op} output {i} under schedule {schedule} vs {schedules[0]}")
+        for i, (a, b) in enumerate(zip(state, first_state)):
+            assert_bitwise(a, b, f"{op} in-place argument {i} under schedule {schedule} vs {schedules[0]}")
+    return first
+
+
+def emulate(emu, op, *args, schedules=(ASCENDING, DESCENDING)):
+    return emulated(emu, op, *args, schedules=schedules)[0]
+
+
+def finite_columns(G: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(G.double()).all(dim=0)
+
+
+# ---------------------------------------------------------------- the emulator itself
+
+@pytest.mark.parametrize("config, expected", [
+    (((1, 1, 1), (1025, 1, 1), 0), 9),      # more than 1024 threads
+    (((1, 1, 1), (1, 1, 65), 0), 9),        # block.z > 64
+    (((1, 1, 1), (32, 33, 1), 0), 9),       # 1056 threads
+    (((1, 65536, 1), (32, 1, 1), 0), 9),    # grid.y > 65535
+    (((1, 1, 65536), (32, 1, 1), 0), 9),    # grid.z > 65535
+    (((0, 1, 1), (32, 1, 1), 0), 9),        # empty grid
+    (((1, 1, 1), (32, 1, 1), 48 * 1024 + 1), 1),  # dynamic shared memory beyond 48 KiB without opt-in
+    (((2, 3, 1), (32, 2, 1), 0), 0),
+], ids=["block1025", "blockz65", "block32x33", "gridy65536", "gridz65536", "grid0", "smem48k+1", "valid"])
+def test_emulator_checks_launch_configurations_like_the_hardware(emu, config, expected):
+    (gx, gy, gz), (bx, by, bz), shared = config
+    out = torch.zeros(1, dtype=torch.int32)
+    code = emu.lib.emu_selftest_launch(gx, gy, gz, bx, by, bz, shared, 0, out.data_ptr())
+    assert code == expected, emu.lib.emu_last_message()
+    assert out.item() == (1 if expected == 0 else 0)  # a failed launch runs nothing
+
+
+def test_emulator_dynamic_shared_memory_opt_in(emu):
+    out = torch.zeros(1, dtype=torch.int32)
+    assert emu.lib.emu_selftest_launch(1, 1, 1, 32, 1, 1, 96 * 1024, 96 * 1024, out.data_ptr()) == 0
+    assert out.item() == 1
+    # beyond sm_90's 227 KiB the attribute itself is refused
+    assert emu.lib.emu_selftest_launch(1, 1, 1, 32, 1, 1, 0, 228 * 1024, out.data_ptr()) == 1
+
+
+def test_emulator_schedules_expose_a_missing_syncthreads(emu):
+    results = {}
+    for barrier in (True, False):
+        for schedule in (ASCENDING, DESCENDING):
+            emu.schedule(schedule)
+            out = torch.full((64,), -1, dtype=torch.int32)
+            emu.call("emu_selftest_neighbour", 1000 * (schedule + 1) + 10 * barrier, int(barrier), out.data_ptr())
+            results[barrier, schedule] = out
+    right = lambda salt: salt + (torch.arange(64) + 1) % 64  # noqa: E731
+    assert torch.equal(results[True, ASCENDING], right(1010).int())
+    assert torch.equal(results[True, DESCENDING], right(2010).int())
+    # without the barrier, ascending order reads stale neighbours (the previous launch's), descending
+    # fresh ones except for the wrap-around read of thread 63
+    stale, fresh = results[False, ASCENDING], results[False, DESCENDING]
+    assert not (stale[:63] == right(1000)[:63]).any()
+    assert torch.equal(fresh[:63], right(2000)[:63].int()) and fresh[63] != 2000
+
+
+def test_emulator_warp_intrinsics_match_the_hardware_semantics(emu):
+    out = torch.zeros(64, 8, dtype=torch.int32)
+    emu.call("emu_selftest_warp", out.data_ptr())
+    lane = torch.arange(64) % 32
+    ballot = sum(1 << i for i in range(32) if i % 3 == 0)
+    assert (out[:, 0].long() & 0xffffffff).eq(ballot).all()
+    assert out[:, 1].eq(sum(range(32))).all()
+    assert torch.equal(out[:, 2].long(), lane * (lane + 1) // 2)
+    assert torch.equal(out[:, 3].long() & 0xffffffff, (0xF << (4 * (lane // 4))) & 0xffffffff)
+    assert torch.equal(out[:, 4].long(), (lane // 8) * 8 + 3)
+    assert torch.equal(out[:, 5].long(), torch.where(lane % 16 < 12, lane + 4, lane))
+    assert out[:, 6].eq(1).all()  # any(lane == 7), not all(lane < 31)
+    assert torch.equal(out[:, 7].long(), torch.where(lane < 31, lane + 1, lane))  # double shuffle, 0.5 truncated
+
+
+@pytest.mark.parametrize("kind, message", [
+    (0, "which has exited"),
+    (1, "divergent __syncthreads"),
+    (2, "deadlock"),
+    (3, "not in the mask"),
+    (4, r"__launch_bounds__\(64\)"),
+], ids=["syncwarp-exited-lanes", "divergent-barrier", "deadlock", "shuffle-outside-mask", "launch-bounds"])
+def test_emulator_stops_on_hazards_with_a_clear_message(emu, kind, message):
+    out = torch.zeros(128, dtype=torch.int32)
+    with pytest.raises(EmulatorError, match=message) as info:
+        emu.call("emu_selftest_hazard", kind, out.data_ptr())
+    assert info.value.code == -1 and "block (0,0,0)" in str(info.value)
+
+
+def test_emulator_rejects_a_launch_on_another_stream(emu):
+    out = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(EmulatorError, match="not on the stream the launcher was given"):
+        emu.call("emu_selftest_wrong_stream", out.data_ptr())
+
+
+def test_half_and_bfloat16_shims_round_like_torch(emu):
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(20000, generator=g) * 10.0 ** torch.randint(-9, 9, (20000,), generator=g),
+                   torch.tensor([0.0, -0.0, 1e-40, -1e-45, 65504.0, 65520.0, 65519.99, 3.4e38, -3.4e38,
+                                 float("inf"), float("-inf"), float("nan"), 1.00048828125, 1.001953125])])
+    # random float bit patterns cover every exponent, including rounding-carry cases
+    x = torch.cat([x, torch.randint(-2**31, 2**31 - 1, (20000,), generator=g, dtype=torch.int32).view(torch.float32)])
+    for name, dtype in (("emu_float_to_half", torch.float16), ("emu_float_to_bfloat16", torch.bfloat16)):
+        out = torch.empty(x.shape, dtype=torch.int16)
+        getattr(emu.lib, name)(x.data_ptr(), out.data_ptr(), x.numel())
+        assert_bitwise(out.view(dtype), x.to(dtype), name)
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
+    for name, dtype in (("emu_half_to_float", torch.float16), ("emu_bfloat16_to_float", torch.bfloat16)):
+        out = torch.empty(every.shape, dtype=torch.float32)
+        getattr(emu.lib, name)(every.data_ptr(), out.data_ptr(), every.numel())
+        assert_bitwise(out, every.view(dtype).float(), name)
+
+
+# ---------------------------------------------------------------- sign votes and rlr
+
+SIGN_SHAPES = [(1, 1), (2, 7), (5, 257), (33, 129), (64, 300), (100, 513)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, d", SIGN_SHAPES)
+def test_sign_sum_equals_cpu(emu, n, d, dtype):
+    G = awkward(n, d, 1, dtype)
+    sums, bad = emulate(emu, "sign_sum", G)
+    cpu_sums, cpu_bad = CPU.sign_sum(G)
+    assert torch.equal(sums, cpu_sums)
+    assert torch.equal(sums, reference.sign_sum(G))
+    assert torch.equal(bad, cpu_bad) and not bad.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sign_sum_flags_nonfinite_rows(emu, dtype):
+    G = with_bad_rows(awkward(8, 300, 2, dtype))
+    sums, bad = emulate(emu, "sign_sum", G)
+    cpu_sums, cpu_bad = CPU.sign_sum(G)
+    assert torch.equal(bad, cpu_bad) and bad.nonzero().flatten().tolist() == [r for r, _ in BAD]
+    assert torch.equal(sums, cpu_sums)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 20, 33, 64, 65, 100, 257])
+def test_rlr_float32_bitwise_equals_cpu(emu, n):
+    G = awkward(n, 1000, 5)
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(n)) * 100 + 1
+    theta = n // 2
+    out, bad = emulate(emu, "rlr", G, None, theta, 1.0)
+    assert_bitwise(out, CPU.rlr(G, None, theta, 1.0)[0], "unweighted rlr")
+    out_w, _ = emulate(emu, "rlr", G, weights, theta, 0.3)
+    assert_bitwise(out_w, CPU.rlr(G, weights, theta, 0.3)[0], "weighted rlr")
+    assert not bad.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_rlr_other_dtypes_close_to_reference(emu, dtype):
+    G = torch.randn(20, 777, generator=torch.Generator().manual_seed(3)).to(dtype)
+    weights = torch.rand(20, generator=torch.Generator().manual_seed(4)) + 0.5
+    for w, lr in ((None, 1.0), (weights, 0.7)):
+        out, _ = emulate(emu, "rlr", G, w, 8, lr)
+        expected = reference.rlr(G.double(), 8, None if w is None else w.double(), lr)
+        assert_close(out, expected, dtype, f"rlr {dtype}")
+        assert_bitwise(out, CPU.rlr(G, w, 8, lr)[0], "rlr vs cpu")
+
+
+def test_rlr_flags_nonfinite_rows(emu):
+    G = with_bad_rows(awkward(7, 100, 6))
+    out, bad = emulate(emu, "rlr", G, None, 3, 1.0)
+    cpu_out, cpu_bad = CPU.rlr(G, None, 3, 1.0)
+    assert torch.equal(bad, cpu_bad) and bad.sum() == len(BAD)
+    ok = finite_columns(G)
+    assert_bitwise(out[ok], cpu_out[ok], "rlr on finite columns")
+
+
+# ---------------------------------------------------------------- order statistics
+
+# n <= 64: register networks (every dtype); n <= 128: registers for 16/32-bit data; up to 2048 the
+# uploaded pruned network in shared memory (or global scratch when 32 slices do not fit); above, the
+# selection path in global scratch.
+ORDER_NS = [1, 2, 3, 5, 20, 33, 64, 65, 100, 128, 129, 257, 513]
+ORDER_DS = [1, 7, 129, 300]
+
+
+def windows(n):
+    return sorted({(0, n), (0, 1), (n - 1, n), ((n - 1) // 2, n // 2 + 1), (n // 3, max(n // 3 + 1, 2 * n // 3))})
+
+
+@pytest.mark.parametrize("d", ORDER_DS)
+@pytest.mark.parametrize("n", ORDER_NS)
+def test_order_mean_float32_bitwise_equals_cpu(emu, n, d):
+    G = awkward(n, d, 2)
+    for lo, hi in windows(n) if d == 129 else [((n - 1) // 2, n // 2 + 1), ((n - 1) // 4, n - (n - 1) // 4)]:
+        out, bad = emulate(emu, "order_mean", G, lo, hi)
+        cpu_out, cpu_bad = CPU.order_mean(G, lo, hi)
+        assert_bitwise(out, cpu_out, f"order_mean n={n} d={d} lo={lo} hi={hi}")
+        assert torch.equal(bad, cpu_bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n", [3, 20, 64, 100, 257])
+def test_order_mean_other_dtypes(emu, n, dtype):
+    G = awkward(n, 300, 9).clamp(-6e4, 6e4).to(dtype)
+    for lo, hi in (((n - 1) // 2, n // 2 + 1), ((n - 1) // 4, n - (n - 1) // 4)):
+        out, _ = emulate(emu, "order_mean", G, lo, hi)
+        assert_bitwise(out, CPU.order_mean(G, lo, hi)[0], f"order_mean {dtype} n={n}")
+        assert_close(out, reference.order_mean(G.double(), lo, hi), dtype, f"order_mean {dtype} n={n}")
+
+
+@pytest.mark.parametrize("dtype, n", [(torch.float32, 2100), (torch.float64, 1100), (torch.float64, 2049)],
+                         ids=["float32-select-2100", "float64-global-network-1100", "float64-select-2049"])
+def test_order_mean_large_n_global_scratch(emu, dtype, n):
+    # 32 slices of n values do not fit the shared-memory budget: per-thread slices in the workspace.
+    G = awkward(n, 3, 12, dtype)
+    for lo, hi in (((n - 1) // 2, n // 2 + 1), (n // 10, n - n // 10), (0, n)):
+        out, bad = emulate(emu, "order_mean", G, lo, hi)
+        assert_bitwise(out, CPU.order_mean(G, lo, hi)[0], f"order_mean n={n} lo={lo} hi={hi}")
+        assert not bad.any()
+
+
+@pytest.mark.parametrize("n", [5, 64, 100, 600])
+def test_order_mean_signed_zero_columns_bitwise(emu, n):
+    # Columns of only -0 and +0: which zero lands in the kept window decides the sign of the result.
+    signs = torch.rand(n, 333, generator=torch.Generator().manual_seed(n)) < 0.5
+    G = torch.where(signs, torch.full((), -0.0), torch.zeros(()))
+    for lo, hi in ((0, 1), ((n - 1) // 2, n // 2 + 1), (1, n - 1)):
+        out, _ = emulate(emu, "order_mean", G, lo, hi)
+        assert_bitwise(out, CPU.order_mean(G, lo, hi)[0], f"signed zeros n={n} lo={lo} hi={hi}")
+
+
+@pytest.mark.parametrize("n", [8, 100])
+def test_order_mean_huge_values_do_not_cost_precision(emu, n):
+    G = torch.randn(n, 200, generator=torch.Generator().manual_seed(n))
+    G[0], G[-1] = 3e38, -3e38
+    out, _ = emulate(emu, "order_mean", G, 1, n - 1)
+    assert_bitwise(out, CPU.order_mean(G, 1, n - 1)[0])
+    assert_close(out, reference.order_mean(G.double(), 1, n - 1), torch.float32, "trimmed outliers")
+
+
+@pytest.mark.parametrize("n", [8, 100, 300])
+def test_order_mean_flags_nonfinite_rows(emu, n):
+    G = with_bad_rows(awkward(n, 130, 13))
+    out, bad = emulate(emu, "order_mean", G, 1, n - 1)
+    cpu_out, cpu_bad = CPU.order_mean(G, 1, n - 1)
+    assert torch.equal(bad, cpu_bad) and bad.nonzero().flatten().tolist() == [r for r, _ in BAD]
+    ok = finite_columns(G)
+    assert_bitwise(out[ok], cpu_out[ok], "order_mean on finite columns")
+
+
+@pytest.mark.parametrize("n", [1, 5, 33, 64, 65, 128, 257])
+def test_invariant_float32_bitwise_equals_cpu(emu, n):
+    G = awkward(n, 300, 4)
+    trim = (n - 1) // 4
+    for tau, strict in ((0.0, True), (0.2, True), (0.6, False)):
+        min_votes = ops._min_votes(tau, n, strict)
+        out, mask, bad = emulate(emu, "invariant", G, trim, n - trim, min_votes)
+        cpu_out, cpu_mask, cpu_bad = CPU.invariant(G, trim, n - trim, min_votes)
+        assert torch.equal(mask, cpu_mask)
+        assert_bitwise(out, cpu_out, f"invariant n={n} tau={tau}")
+        assert torch.equal(bad, cpu_bad)
+        ref_out, ref_mask = reference.invariant(G, tau, trim, strict, return_mask=True)
+        assert torch.equal(mask, ref_mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n", [7, 100])
+def test_invariant_other_dtypes(emu, n, dtype):
+    G = torch.randn(n, 300, generator=torch.Generator().manual_seed(n)).to(dtype)
+    trim = n // 4
+    min_votes = ops._min_votes(0.2, n, True)
+    out, mask, _ = emulate(emu, "invariant", G, trim, n - trim, min_votes)
+    ref_out, ref_mask = reference.invariant(G.double(), 0.2, trim, True, return_mask=True)
+    assert torch.equal(mask, ref_mask)
+    assert_close(out, ref_out, dtype, f"invariant {dtype}")
+    assert_bitwise(out, CPU.invariant(G, trim, n - trim, min_votes)[0], "invariant vs cpu")
+
+
+# ---------------------------------------------------------------- client_stats, clip_rows
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, d, window", [(1, 1, None), (3, 9000, (1000, 5000)), (33, 300, (7, 100))],
+                         ids=["1x1", "3x9000-chunks", "33x300"])
+def test_client_stats_close_to_reference(emu, n, d, window, dtype):
+    G = awkward(n, d, 21, dtype).clamp(-1e4, 1e4).to(dtype)
+    G[0, : min(d, 5)] = 0
+    ref = torch.randn(d, generator=torch.Generator().manual_seed(22)).to(dtype)
+    start, length = window or (0, d)
+    norm, frac, dot, ref_norm, bad = emulate(emu, "client_stats", G, start, length, ref)
+    expected = reference.client_stats(G.double(), (start, length), ref.double())
+    assert_close(norm, expected.norm, dtype, "norm")
+    assert_close(frac, expected.sign_frac, dtype, "sign_frac")
+    assert_close(dot, expected.dot, dtype, "dot")
+    assert_close(ref_norm.reshape(()), expected.ref_norm, dtype, "ref_norm")
+    assert torch.equal(bad, CPU.client_stats(G, start, length, ref)[4]) and not bad.any()
+    norm2, frac2, dot2, ref_norm2, _ = emulate(emu, "client_stats", G, start, length, None)
+    assert dot2.numel() == 0 and ref_norm2.numel() == 0
+    assert_bitwise(norm2, norm, "norm without ref")
+    assert_bitwise(frac2, frac, "sign_frac without ref")
+
+
+def test_client_stats_huge_finite_rows_do_not_overflow_and_flags_match(emu):
+    G = torch.randn(8, 5000, generator=torch.Generator().manual_seed(5))
+    G[2, 0], G[3, :2] = 3e38, 2e38  # squares overflow float32, the norms (3e38, 2.8e38) do not
+    G = with_bad_rows(G)
+    norm, _, _, _, bad = emulate(emu, "client_stats", G, 0, 5000, None)
+    assert torch.equal(bad, CPU.client_stats(G, 0, 5000, None)[4]) and bad.sum() == len(BAD)
+    expected = reference.client_stats(G.double()).norm
+    assert torch.isfinite(norm[~bad]).all()
+    assert_close(norm[~bad], expected[~bad], torch.float32, "norms")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, d", [(1, 1), (4, 5000), (33, 129)])
+def test_clip_rows_close_to_reference(emu, n, d, dtype):
+    G = torch.randn(n, d, generator=torch.Generator().manual_seed(d)).to(dtype)
+    G[0] = 0  # a zero row stays zero, never NaN
+    max_norm = torch.linspace(0.5, 3 * d ** 0.5, n)
+    out, bad = emulate(emu, "clip_rows", G, max_norm)
+    assert_close(out, reference.clip_rows(G.double(), max_norm.double()), dtype, "clip_rows")
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert not bad.any()
+
+
+def test_clip_rows_flags_nonfinite_rows(emu):
+    G = with_bad_rows(torch.randn(8, 700, generator=torch.Generator().manual_seed(8)))
+    out, bad = emulate(emu, "clip_rows", G, torch.full((8,), 2.0))
+    cpu_out, cpu_bad = CPU.clip_rows(G, torch.full((8,), 2.0))
+    assert torch.equal(bad, cpu_bad) and bad.sum() == len(BAD)
+    assert_bitwise(out[~bad], cpu_out[~bad], "finite rows")
+
+
+# ---------------------------------------------------------------- top-k
+
+TOPK_DS = [1, 7, 4097, 3 * 4096 + 5]  # 4096 = kMinBlockElements: 4097 and 12293 need several blocks
+
+
+def topk_ks(d):
+    return sorted({0, 1, max(1, d // 100), d // 2, d, d + 5})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", TOPK_DS)
+def test_topk_abs_same_selection_as_cpu(emu, d, dtype):
+    x = awkward(1, d, 6, dtype)[0]
+    for k in topk_ks(d):
+        idx, values, bad = emulate(emu, "topk_abs", x, k)
+        cpu_idx, cpu_values, cpu_bad = CPU.topk_abs(x, k)
+        assert torch.equal(idx, cpu_idx), f"k={k}"
+        assert_bitwise(values, cpu_values, f"values k={k}")
+        assert torch.equal(idx, reference.topk_abs(x, k)[0]), f"reference k={k}"
+        assert torch.equal(bad, cpu_bad) and not bad.any()
+
+
+def test_topk_abs_ties_go_to_lower_index(emu):
+    x = torch.tensor([1.0, -2.0, 2.0, -2.0, 0.5, 2.0, -0.0, 0.0])
+    idx, _, _ = emulate(emu, "topk_abs", x, 3)
+    assert idx.tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("k", [1, 4095, 4097, 5000, 9000, 12292])
+def test_topk_abs_ties_across_block_boundaries(emu, k):
+    # Every magnitude equal over 3+ blocks: the k lowest indices, in order, on every schedule.
+    d = 3 * 4096 + 4
+    x = torch.where(torch.arange(d) % 3 == 0, -1.5, 1.5)
+    idx, values, _ = emulate(emu, "topk_abs", x, k, schedules=(ASCENDING, DESCENDING, SHUFFLED))
+    assert idx.tolist() == list(range(k))
+    assert_bitwise(values, x[:k])
+
+
+def test_topk_abs_ties_at_threshold_with_larger_values_in_later_blocks(emu):
+    d = 4 * 4096
+    x = torch.full((d,), 0.25)
+    big = torch.tensor([5, 4100, 8200, 16000])
+    x[big] = torch.tensor([3.0, -4.0, 5.0, -6.0])
+    for k in (4, 5, 4500):
+        idx, values, _ = emulate(emu, "topk_abs", x, k, schedules=(ASCENDING, DESCENDING, SHUFFLED))
+        expected = reference.topk_abs(x, k)[0]
+        assert torch.equal(idx, expected), f"k={k}"
+        assert torch.equal(idx, CPU.topk_abs(x, k)[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_abs_nan_is_flagged_and_ranked_first(emu, dtype):
+    x = awkward(1, 5000, 14, dtype)[0]
+    x[[17, 4200]] = float("nan")
+    idx, values, bad = emulate(emu, "topk_abs", x, 10)
+    cpu_idx, cpu_values, cpu_bad = CPU.topk_abs(x, 10)
+    assert bad.item() and cpu_bad.item()
+    assert torch.equal(idx, cpu_idx) and {17, 4200} <= set(idx.tolist())
+    assert_bitwise(values, cpu_values)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.9])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_ef_step_same_selection_and_state_as_cpu(emu, dtype, rho):
+    d = 3 * 4096 + 11
+    g = torch.Generator().manual_seed(7)
+    err, mom = torch.randn(d, generator=g).to(dtype), torch.randn(d, generator=g).to(dtype)
+    cpu_err, cpu_mom = err.clone(), mom.clone()
+    for step, k in enumerate((d // 100, 1, 0, d, d + 3)):
+        u = awkward(1, d, 10 + step, dtype)[0]
+        (idx, values, bad), state = emulated(emu, "topk_ef_step", u, err, mom, k, rho)
+        err, mom = state[1], state[2]
+        cpu_idx, cpu_values, cpu_bad = CPU.topk_ef_step(u, cpu_err, cpu_mom, k, rho)
+        assert torch.equal(idx, cpu_idx), f"step {step} k={k}"
+        assert_bitwise(values, cpu_values, f"values step {step}")
+        assert_bitwise(err, cpu_err, f"error step {step}")
+        assert_bitwise(mom, cpu_mom, f"momentum step {step}")
+        assert not bad.item()
+
+
+def test_topk_ef_step_nonfinite_u_leaves_state_untouched(emu):
+    d = 5000
+    g = torch.Generator().manual_seed(9)
+    u, err, mom = (torch.randn(d, generator=g) for _ in range(3))
+    u[4321] = float("inf")
+    (idx, values, bad), state = emulated(emu, "topk_ef_step", u, err, mom, 10, 0.9)
+    assert bad.item() and idx.numel() == 0 and values.numel() == 0
+    assert_bitwise(state[1], err, "error")
+    assert_bitwise(state[2], mom, "momentum")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ops.topk_ef_step(u, err.clone(), mom.clone(), k=10, rho=0.9, backend="cpu")
+
+
+# ---------------------------------------------------------------- max-pool
+
+SHAPES = [(16, 3, 3, 3), (16,), (32, 16, 3, 3), (32,), (10, 32), (10,), (5, 7), (1, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("restore", [False, True])
+def test_maxpool_amplify_multi_segment_equals_cpu(emu, restore, dtype):
+    layout = robustagg.layout.Layout.from_shapes(SHAPES)
+    G = awkward(5, layout.d, 11, dtype)
+    for kernel in (1, 2, 3, 5):
+        table = layout.segment_table(layout.d, kernel, restore)
+        width = layout.d if restore else layout.pooled_width(layout.d, kernel)
+        out, bad = emulate(emu, "maxpool_amplify", G, table, kernel, restore, width)
+        cpu_out, cpu_bad = CPU.maxpool_amplify(G, table, kernel, restore, width)
+        assert_bitwise(out, cpu_out, f"kernel={kernel}")
+        assert_bitwise(out, reference.maxpool_amplify(G, layout, kernel, restore), f"reference kernel={kernel}")
+        assert torch.equal(bad, cpu_bad) and not bad.any()
+
+
+@pytest.mark.parametrize("restore", [False, True])
+def test_maxpool_amplify_flat_layout_with_tail_and_bad_rows(emu, restore):
+    G = with_bad_rows(awkward(7, 2017, 12))
+    layout = robustagg.layout.Layout.flat(100, skip_tail=17)
+    table = layout.segment_table(2017, 2, restore)
+    width = 2017 if restore else layout.pooled_width(2017, 2)
+    out, bad = emulate(emu, "maxpool_amplify", G, table, 2, restore, width)
+    cpu_out, cpu_bad = CPU.maxpool_amplify(G, table, 2, restore, width)
+    assert torch.equal(bad, cpu_bad) and bad.nonzero().flatten().tolist() == [r for r, _ in BAD]
+    assert_bitwise(out, cpu_out)
+
+
+def test_maxpool_amplify_nonfinite_in_dropped_remainder_is_flagged(emu):
+    layout = robustagg.layout.Layout.from_shapes([(5, 7)])
+    G = torch.randn(3, 35, generator=torch.Generator().manual_seed(1))
+    G[1, 34] = float("nan")  # row 4, column 6: dropped by floor mode with kernel 2
+    table = layout.segment_table(35, 2, False)
+    _, bad = emulate(emu, "maxpool_amplify", G, table, 2, False, layout.pooled_width(35, 2))
+    assert bad.tolist() == [False, True, False]
+
+
+# ---------------------------------------------------------------- pairwise
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, d", [(1, 1), (1, 50), (2, 7), (33, 1000), (33, 1)])
+def test_pairwise_close_to_reference(emu, n, d, dtype):
+    G = torch.randn(n, d, generator=torch.Generator().manual_seed(n * d)).to(dtype)
+    if n > 3:
+        G[3] = G[1]  # identical rows: exactly 0 distance and cosine 1
+        G[2] = 0     # zero row: cosine 0
+    sq, bad = emulate(emu, "pairwise_sqdist", G)
+    cos, _ = emulate(emu, "pairwise_cosine", G)
+    assert_close(sq, reference.pairwise_sqdist(G.double()), dtype, "sqdist")
+    assert_close(cos, reference.pairwise_cosine(G.double()), dtype, "cosine")
+    assert_bitwise(sq, sq.T, "symmetric sqdist")
+    assert_bitwise(cos, cos.T, "symmetric cosine")
+    assert torch.equal(torch.diagonal(sq), torch.zeros(n, dtype=sq.dtype))
+    assert torch.equal(bad, CPU.pairwise_sqdist(G)[1]) and not bad.any()
+    if n > 3:
+        assert sq[1, 3] == 0 and cos[1, 3] == 1 and cos[2, 5] == 0 and cos[2, 2] == 0
+
+
+def test_pairwise_nearly_identical_rows_use_direct_differences(emu):
+    G = torch.randn(6, 3000, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 1e3
+    G[4] = G[0]
+    G[4, 17] += 1e-9
+    sq, _ = emulate(emu, "pairwise_sqdist", G)
+    expected = reference.pairwise_sqdist(G)
+    assert_close(sq, expected, torch.float64, "nearly identical rows")
+    assert sq[0, 4] > 0
+
+
+def test_pairwise_flags_nonfinite_rows(emu):
+    G = with_bad_rows(torch.randn(9, 300, generator=torch.Generator().manual_seed(3)))
+    _, bad = emulate(emu, "pairwise_cosine", G)
+    assert torch.equal(bad, CPU.pairwise_cosine(G)[1]) and bad.sum() == len(BAD)
+
+
+# ---------------------------------------------------------------- AddressSanitizer build
