@@ -47,6 +47,9 @@ from cuda_emu.library import ASCENDING, DESCENDING, SHUFFLED, EmulatorError
 pytestmark = pytest.mark.skipif(build.compiler() is None,
                                 reason="g++ not found: the CUDA kernels cannot be emulated on this machine")
 
+# Set (with libasan preloaded) by test_asan_memcheck for the run of this module on the ASan build.
+UNDER_ASAN = os.environ.get("ROBUSTAGG_EMU_ASAN") == "1"
+
 CPU = torch.ops.robustagg
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
@@ -59,7 +62,7 @@ def emu(tmp_path_factory):
     cache = os.environ.get("ROBUSTAGG_EMU_CACHE")
     out = Path(cache) if cache else tmp_path_factory.mktemp("cuda_emu")
     out.mkdir(parents=True, exist_ok=True)
-    return library.Emulator(build.build(out))
+    return library.Emulator(build.build(out, asan=UNDER_ASAN))
 
 
 # ---------------------------------------------------------------- helpers
@@ -100,12 +103,16 @@ def assert_close(actual, expected, dtype, what=""):
                                msg=lambda m: f"{what}: {m}")
 
 
+# The AddressSanitizer run (test_asan_memcheck_of_every_op) keeps one schedule to bound its time.
+ONE_SCHEDULE = os.environ.get("ROBUSTAGG_EMU_SCHEDULES") == "ascending"
+
+
 def emulated(emu, op: str, *args, schedules=(ASCENDING, DESCENDING)):
     """Runs the emulated op under each schedule on fresh copies of the tensor arguments; all runs
     must agree bit for bit (tensors updated in place included). Returns the outputs and the
     tensor arguments of the first run."""
     first = None
-    for schedule in schedules:
+    for schedule in schedules[:1] if ONE_SCHEDULE else schedules:
         emu.schedule(schedule, seed=1234)
         call_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
         outputs = getattr(emu, op)(*call_args)
@@ -613,3 +620,65 @@ def test_pairwise_flags_nonfinite_rows(emu):
 
 
 # ---------------------------------------------------------------- AddressSanitizer build
+#
+# The same kernels built with -fsanitize=address stand in for compute-sanitizer memcheck: global
+# memory is host memory of exact sizes (torch tensors, workspaces from posix_memalign), static
+# shared arrays are instrumented globals, dynamic shared memory is its own heap block, and the
+# runtime announces every fiber switch to ASan. The ASan runtime must be loaded before Python
+# starts (LD_PRELOAD, with libstdc++ so that ASan intercepts C++ throws), so these run in a child
+# process.
+
+ASAN_SKIP = pytest.mark.skipif(UNDER_ASAN, reason="already the AddressSanitizer run")
+
+
+def _asan_preload() -> str | None:
+    paths = []
+    for name in ("libasan.so", "libstdc++.so"):
+        found = subprocess.run([build.compiler(), f"-print-file-name={name}"], capture_output=True, text=True)
+        path = found.stdout.strip()
+        if not os.path.isabs(path) or not os.path.exists(path):
+            return None
+        paths.append(path)
+    return " ".join(paths)
+
+
+@pytest.fixture(scope="session")
+def asan(tmp_path_factory):
+    """(library path, environment) of the ASan build; skipped with the reason where g++ has no libasan."""
+    preload = _asan_preload()
+    if preload is None:
+        pytest.skip("g++ has no libasan: the AddressSanitizer build is not available")
+    cache = Path(os.environ.get("ROBUSTAGG_EMU_CACHE") or tmp_path_factory.mktemp("cuda_emu_asan"))
+    cache.mkdir(parents=True, exist_ok=True)
+    lib = build.build(cache, asan=True)
+    env = dict(os.environ, ROBUSTAGG_EMU_ASAN="1", ROBUSTAGG_EMU_CACHE=str(cache), LD_PRELOAD=preload,
+               ASAN_OPTIONS="detect_leaks=0:halt_on_error=1")
+    return lib, env
+
+
+@ASAN_SKIP
+@pytest.mark.parametrize("kind, report", [(5, "global-buffer-overflow"), (6, "heap-buffer-overflow")],
+                         ids=["static-shared-read", "dynamic-shared-write"])
+def test_asan_catches_out_of_bounds_shared_memory(asan, kind, report):
+    lib, env = asan
+    script = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); lib.emu_configure(0, 0); "
+              "out = (ctypes.c_int * 128)(); lib.emu_selftest_hazard(int(sys.argv[2]), out)")
+    proc = subprocess.run([sys.executable, "-c", script, str(lib), str(kind)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0, "ASan did not stop the out-of-bounds access"
+    assert report in proc.stderr and "selftest_hazard_kernel" in proc.stderr, proc.stderr[-3000:]
+
+
+@ASAN_SKIP
+def test_asan_memcheck_of_every_op(asan):
+    # Every op test of this module on the ASan build, for 16-bit, 32-bit and 64-bit elements (the
+    # bfloat16 cases would only repeat the float16 sizes), under one schedule to bound the time.
+    _, env = asan
+    env = dict(env, ROBUSTAGG_EMU_SCHEDULES="ascending")
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x",
+                           "-k", "not asan and not dtype1 and not bfloat16"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    output = proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.returncode == 0 and "AddressSanitizer" not in proc.stderr.replace(
+        "ASan doesn't fully support makecontext/swapcontext", ""), output
+    assert " passed" in proc.stdout and "failed" not in proc.stdout, output

@@ -274,10 +274,20 @@ __global__ void selftest_warp_kernel(int* out) {
 
 // kind 0: half a warp waits at __syncwarp for lanes that exited; 1: divergent __syncthreads;
 // 2: one thread at a shuffle, the rest at __syncthreads; 3: a shuffle reading a lane outside its
-// mask; 4: a block larger than the kernel's __launch_bounds__ (checked by the build's rewrite).
+// mask; 4: a block larger than the kernel's __launch_bounds__ (checked by the build's rewrite);
+// 5: a read one past a static shared array; 6: a write one past the dynamic shared memory. 5 and
+// 6 are for the AddressSanitizer build only (elsewhere they are undefined behaviour).
 __global__ void selftest_hazard_kernel(int kind, int* out) {
+  __shared__ int published[64];
+  extern __shared__ int dynamic[];
   const int t = threadIdx.x;
-  if (kind == 0) {
+  if (kind == 5) {
+    published[t] = t;
+    __syncthreads();
+    out[t] = published[t + 1];
+  } else if (kind == 6) {
+    dynamic[t + 1] = t;
+  } else if (kind == 0) {
     if (t % 32 < 16) __syncwarp();
   } else if (kind == 1) {
     if (t % 2 == 0) {
@@ -338,7 +348,8 @@ int emu_selftest_hazard(int kind, int* out) {
     if (kind == 4) {
       cuda_emu::launcher("selftest_bounded_kernel", selftest_bounded_kernel, 1, 128, 0, stream())(out);
     } else {
-      cuda_emu::launcher("selftest_hazard_kernel", selftest_hazard_kernel, 1, 64, 0, stream())(kind, out);
+      const size_t shared = kind == 6 ? 64 * sizeof(int) : 0;
+      cuda_emu::launcher("selftest_hazard_kernel", selftest_hazard_kernel, 1, 64, shared, stream())(kind, out);
     }
     return cudaGetLastError();
   });
