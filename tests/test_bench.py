@@ -5,6 +5,7 @@ import torch
 
 from robustagg.bench import cli
 from robustagg.bench.models import EXPECTED_D, model_layout
+from robustagg.bench.timing import Timer
 
 
 def test_model_presets_have_their_parameter_counts():
@@ -30,3 +31,16 @@ def test_bench_writes_a_row_per_case_and_backend(tmp_path):
     assert {"FedAvg", "Krum", "Bulyan", "SignGuard", "SparseFed", "CosDen", "FLTrust"} <= names
     assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in rows)
     assert {r["backend"] for r in aggregators} == {"torch-ref", "auto"}
+
+
+def test_a_case_that_runs_out_of_gpu_memory_is_skipped_and_noted():
+    timer = Timer(torch.device("cpu"), repeats=1)
+
+    def out_of_memory():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    skipped = []
+    assert cli._median_or_none(timer, out_of_memory, "ops median n=100 [torch-ref]", skipped) is None
+    assert skipped == ["ops median n=100 [torch-ref]: out of memory"]
+    assert cli._median_or_none(timer, lambda: None, "ops median n=100 [cpu]", skipped) > 0
+    assert len(skipped) == 1

@@ -150,6 +150,25 @@ def test_topk_abs_same_selection(d):
         assert_bitwise(v_c, v_p)
 
 
+def test_topk_abs_float64_same_selection():
+    """float64 keys take six digits: passes 3 to 6 read only the candidate buffer."""
+    x = awkward(1, 100_003, 11)[0].double() * torch.linspace(0.5, 2.0, 100_003, dtype=torch.float64)
+    for k in (1, 1000, 50_000):
+        (i_c, v_c), (i_p, v_p) = both(ops.topk_abs, x, k=k)
+        assert torch.equal(i_c.cpu(), i_p), f"k={k}"
+        assert_bitwise(v_c, v_p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_abs_all_magnitudes_equal_takes_the_lowest_indices(dtype):
+    """Every key survives every digit: the candidate buffer stays full and all of it is ties."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.where(torch.rand(70_001, generator=g) < 0.5, -1.0, 1.0).to(dtype)
+    (i_c, v_c), (i_p, v_p) = both(ops.topk_abs, x, k=20_000)
+    assert i_c.cpu().tolist() == i_p.tolist() == list(range(20_000))
+    assert_bitwise(v_c, v_p)
+
+
 def test_topk_abs_ties_go_to_lower_index_on_both():
     x = torch.tensor([1.0, -2.0, 2.0, -2.0, 0.5, 2.0, -0.0, 0.0])
     (i_c, _), (i_p, _) = both(ops.topk_abs, x, k=3)

@@ -3,7 +3,7 @@
 // ordered compaction.
 //
 // Keys are |x| as unsigned integers (31 bits for float, 63 for double), taken 11 bits at a time
-// from the top: 3 digit passes for 16/32-bit data, 6 for float64. Pass p histograms digit p of the
+// from the top: 3 digits for 16/32-bit data, 6 for float64. Digit pass p histograms digit p of the
 // keys that match the digits already chosen, per block in shared memory (integer atomics, so the
 // counts do not depend on their order), and a one-block kernel picks the bucket holding the k-th
 // largest key. After the last digit the k-th key T is exact and every block knows how many of its
@@ -11,8 +11,16 @@
 // and the compaction pass emits, in index order, every key > T and the first `quota` keys == T of
 // each block: ties go to the lower index and indices come out ascending, on every run and GPU.
 //
-// topk_ef_step never writes state before the selection is settled: each pass recomputes the new
-// error and momentum from (u, error, momentum) with core's ef_update, and the compaction pass
+// Only the first two digit passes read the data. The second one also writes the keys still in the
+// running (those matching the first digit) to a candidate buffer, each block into its own index
+// range in index order; every later digit pass reads only that buffer and filters it in place. So
+// every dtype reads the data three times (two digit passes and the compaction), float64's six
+// digits included, and the buffer passes shrink with the candidates. Keys that leave the running
+// above the chosen prefix are counted per block as they leave; with the last digit's per-block
+// histogram that gives each block's keys > T.
+//
+// topk_ef_step never writes state before the selection is settled: each data pass recomputes the
+// new error and momentum from (u, error, momentum) with core's ef_update, and the compaction pass
 // writes them back with zeros at the selected coordinates. The first pass also checks u for
 // NaN/Inf; the launcher reads that flag back (one stream synchronization) and, when u is not
 // finite, stops with the state untouched.
@@ -84,10 +92,13 @@ struct SelectState {
   unsigned long long remaining;  // keys still to take among those matching prefix
 };
 
+template <typename A>
 struct Workspace {
+  key_t<A>* keys;                 // [d] candidate keys: block b's at [begin_b, begin_b + kept[b])
   unsigned int* total;            // [passes][kBins] histogram of each digit over all blocks
   unsigned int* last_hist;        // [blocks][kBins] per-block histogram of the last digit
-  unsigned long long* above;      // [blocks] keys above the prefix chosen before the last digit
+  unsigned long long* above;      // [blocks] keys that left the running above the chosen prefix
+  unsigned long long* kept;       // [blocks] candidate keys of the block in `keys`
   unsigned long long* greater;    // [blocks] keys > T
   unsigned long long* equal;      // [blocks] keys == T
   unsigned long long* offset;     // [blocks] first output slot of the block
@@ -96,6 +107,7 @@ struct Workspace {
 };
 
 constexpr int kMaxPasses = (63 + kDigitBits - 1) / kDigitBits;
+constexpr int kBlockCounters = 6;  // above, kept, greater, equal, offset, quota
 
 int64_t block_count(int64_t d) {
   const int64_t blocks = ceil_div(d, kMinBlockElements);
@@ -103,15 +115,22 @@ int64_t block_count(int64_t d) {
 }
 static_assert(kMaxBlocks <= kSelectThreads, "the offsets kernel scans one block entry per thread");
 
-Workspace carve(void* base, int64_t blocks) {
+// The key buffer comes first and its size is rounded up to 8 bytes, so every part stays aligned.
+size_t key_buffer_bytes(int64_t d, size_t key_size) { return static_cast<size_t>(ceil_div(d * key_size, 8)) * 8; }
+
+template <typename A>
+Workspace<A> carve(void* base, int64_t d, int64_t blocks) {
   unsigned char* p = static_cast<unsigned char*>(base);
-  Workspace w;
+  Workspace<A> w;
+  w.keys = reinterpret_cast<key_t<A>*>(p);
+  p += key_buffer_bytes(d, sizeof(key_t<A>));
   w.total = reinterpret_cast<unsigned int*>(p);
   p += kMaxPasses * kBins * sizeof(unsigned int);
   w.last_hist = reinterpret_cast<unsigned int*>(p);
   p += blocks * kBins * sizeof(unsigned int);
   w.above = reinterpret_cast<unsigned long long*>(p);
-  w.greater = w.above + blocks;
+  w.kept = w.above + blocks;
+  w.greater = w.kept + blocks;
   w.equal = w.greater + blocks;
   w.offset = w.equal + blocks;
   w.quota = w.offset + blocks;
@@ -119,13 +138,14 @@ Workspace carve(void* base, int64_t blocks) {
   return w;
 }
 
-size_t workspace_bytes(int64_t blocks) {
-  return kMaxPasses * kBins * sizeof(unsigned int) + blocks * kBins * sizeof(unsigned int) +
-         5 * blocks * sizeof(unsigned long long) + sizeof(SelectState);
+size_t workspace_bytes(int64_t d, int64_t blocks, size_t key_size) {
+  return key_buffer_bytes(d, key_size) + kMaxPasses * kBins * sizeof(unsigned int) +
+         blocks * kBins * sizeof(unsigned int) + kBlockCounters * blocks * sizeof(unsigned long long) +
+         sizeof(SelectState);
 }
 
 // Block b owns the contiguous range [b * chunk, (b + 1) * chunk) of the coordinates, so the
-// compaction can emit blocks in order.
+// compaction can emit blocks in order; its candidate keys live in the same range of the buffer.
 __device__ __forceinline__ void block_range(int64_t d, int64_t& begin, int64_t& end) {
   const int64_t chunk = ceil_div(d, gridDim.x);
   begin = blockIdx.x * chunk;
@@ -137,59 +157,99 @@ __device__ __forceinline__ unsigned long long warp_sum(unsigned long long x) {
   return x;
 }
 
-// ---- pass p: histogram of digit p over the keys matching the chosen prefix
+// Exclusive rank of `flag` among the block's threads and the block's total, in thread order.
+// Every thread of the block calls it; it synchronizes the block.
+__device__ __forceinline__ unsigned int block_rank(bool flag, unsigned int* warp_counts, unsigned int& total) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const unsigned int ballot = __ballot_sync(0xffffffffu, flag);
+  if (lane == 0) warp_counts[warp] = __popc(ballot);
+  __syncthreads();
+  unsigned int before = 0;
+  total = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    before += w < warp ? warp_counts[w] : 0;
+    total += warp_counts[w];
+  }
+  __syncthreads();
+  return before + __popc(ballot & ((1u << lane) - 1u));
+}
 
-// Adds the block's histogram into total (integer atomics: the sums do not depend on the order).
-// In the last pass the block also keeps its own histogram and counts its keys above the prefix,
-// which give its output offset once the last digit is chosen.
-template <Source kSource, typename T>
+// ---- digit pass p: histogram of digit p over the keys matching the chosen prefix
+
+// Where a digit pass reads its keys: the data (the first two passes) or the candidate buffer.
+enum class Read { kData, kCandidates };
+
+// Adds the block's histogram of digit `dig` into total (integer atomics: the sums do not depend on
+// their order), adds the block's keys above the prefix to above[b], and with `keep` writes the
+// keys matching the prefix to the block's range of the buffer, in index order. Reading and
+// rewriting the buffer in place is safe: a key is written at or below the position it was read
+// from, after the whole block has read its chunk (block_rank synchronizes). The last pass also
+// keeps the block's own histogram, which gives its keys == T and > T once T is chosen.
+template <Source kSource, typename T, Read kRead>
 __global__ void __launch_bounds__(kThreads)
-    digit_histogram_kernel(Inputs<T> in, int64_t d, Digit dig, bool last, const SelectState* __restrict__ state,
-                           unsigned int* __restrict__ total, unsigned int* __restrict__ last_hist,
-                           unsigned long long* __restrict__ above_prefix, bool* __restrict__ nonfinite) {
+    digit_pass_kernel(Inputs<T> in, int64_t d, Digit dig, bool keep, bool last, const SelectState* __restrict__ state,
+                      key_t<acc_t<T>>* keys, unsigned long long* __restrict__ kept,
+                      unsigned int* __restrict__ total, unsigned int* __restrict__ last_hist,
+                      unsigned long long* __restrict__ above_prefix, bool* __restrict__ nonfinite) {
   using A = acc_t<T>;
   // One spare bin takes the keys outside the prefix, so every lane joins the warp vote below.
   __shared__ unsigned int counts[kBins + 1];
   __shared__ unsigned long long warp_above[kWarps];
+  __shared__ unsigned int warp_counts[kWarps];
   for (int b = threadIdx.x; b <= kBins; b += kThreads) counts[b] = 0;
   __syncthreads();
-  const unsigned long long prefix = dig.prev_shift < 0 ? 0 : state->prefix;
+  const bool first = dig.prev_shift < 0;
+  const unsigned long long prefix = first ? 0 : state->prefix;
   const unsigned int digit_mask = (1u << dig.width) - 1u;
   int64_t begin, end;
   block_range(d, begin, end);
+  const int64_t length = kRead == Read::kData ? end - begin : static_cast<int64_t>(kept[blockIdx.x]);
   bool any_bad = false;
   unsigned long long above = 0;
-  for (int64_t base = begin; base < end; base += kThreads) {
-    const int64_t j = base + threadIdx.x;
+  int64_t slot = 0;
+  for (int64_t base = 0; base < length; base += kThreads) {
+    const int64_t i = base + threadIdx.x;
     unsigned int bin = kBins;
-    if (j < end) {
-      A momentum;
-      bool bad;
-      const key_t<A> key = abs_key(element<kSource>(in, j, momentum, bad));
-      any_bad |= bad;
-      const unsigned long long high = dig.prev_shift < 0 ? 0ull : static_cast<unsigned long long>(key >> dig.prev_shift);
-      if (high == prefix) bin = static_cast<unsigned int>(key >> dig.shift) & digit_mask;
+    key_t<A> key = 0;
+    bool match = false;
+    if (i < length) {
+      if (kRead == Read::kData) {
+        A momentum;
+        bool bad;
+        key = abs_key(element<kSource>(in, begin + i, momentum, bad));
+        any_bad |= bad;
+      } else {
+        key = keys[begin + i];
+      }
+      const unsigned long long high = first ? 0ull : static_cast<unsigned long long>(key >> dig.prev_shift);
+      match = high == prefix;
+      if (match) bin = static_cast<unsigned int>(key >> dig.shift) & digit_mask;
       above += high > prefix;
+    }
+    if (keep) {
+      unsigned int taken;
+      const unsigned int rank = block_rank(match, warp_counts, taken);
+      if (match) keys[begin + slot + rank] = key;
+      slot += taken;
     }
     // Lanes with equal bins add once (skewed magnitudes share few bins; this avoids serializing).
     const unsigned int peers = __match_any_sync(0xffffffffu, bin);
     if ((threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&counts[bin], __popc(peers));
   }
-  if (any_bad && dig.prev_shift < 0) nonfinite[0] = true;
-  if (last) {
-    above = warp_sum(above);
-    if ((threadIdx.x & 31) == 0) warp_above[threadIdx.x / 32] = above;
-  }
+  if (any_bad && first) nonfinite[0] = true;
+  above = warp_sum(above);
+  if ((threadIdx.x & 31) == 0) warp_above[threadIdx.x / 32] = above;
   __syncthreads();
   for (int b = threadIdx.x; b < kBins; b += kThreads) {
     const unsigned int c = counts[b];
     if (c != 0) atomicAdd(total + b, c);
     if (last) last_hist[static_cast<int64_t>(blockIdx.x) * kBins + b] = c;
   }
-  if (last && threadIdx.x == 0) {
+  if (threadIdx.x == 0) {
     unsigned long long sum = 0;
     for (int w = 0; w < kWarps; ++w) sum += warp_above[w];
-    above_prefix[blockIdx.x] = sum;
+    above_prefix[blockIdx.x] += sum;
+    if (keep) kept[blockIdx.x] = static_cast<unsigned long long>(slot);
   }
 }
 
@@ -283,22 +343,6 @@ __global__ void init_state_kernel(SelectState* state, unsigned long long k) {
 
 // ---- compaction in index order
 
-// Exclusive rank of `flag` among the block's threads and the block's total, in thread order.
-__device__ __forceinline__ unsigned int block_rank(bool flag, unsigned int* warp_counts, unsigned int& total) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const unsigned int ballot = __ballot_sync(0xffffffffu, flag);
-  if (lane == 0) warp_counts[warp] = __popc(ballot);
-  __syncthreads();
-  unsigned int before = 0;
-  total = 0;
-  for (int w = 0; w < kWarps; ++w) {
-    before += w < warp ? warp_counts[w] : 0;
-    total += warp_counts[w];
-  }
-  __syncthreads();
-  return before + __popc(ballot & ((1u << lane) - 1u));
-}
-
 template <Source kSource, typename T>
 __global__ void __launch_bounds__(kThreads)
     compact_kernel(Inputs<T> in, int64_t d, bool select_none, const SelectState* __restrict__ state,
@@ -349,19 +393,27 @@ cudaError_t radix_topk(const Inputs<T>& in, int64_t d, int64_t k, int64_t* indic
   if (d < 1 || k < 0 || workspace == nullptr) return cudaErrorInvalidValue;
   const int64_t k_sel = k < d ? k : d;
   const int64_t blocks = block_count(d);
-  const Workspace w = carve(workspace, blocks);
+  const Workspace<A> w = carve<A>(workspace, d, blocks);
   const unsigned int grid = static_cast<unsigned int>(blocks);
   constexpr int passes = digit_passes<A>();
+  static_assert(passes >= 3, "the second digit pass fills the candidate buffer that the last one reads");
   RA_CUDA_TRY(cudaMemsetAsync(nonfinite, 0, sizeof(bool), stream));
   RA_CUDA_TRY(cudaMemsetAsync(w.total, 0, passes * kBins * sizeof(unsigned int), stream));
+  RA_CUDA_TRY(cudaMemsetAsync(w.above, 0, blocks * sizeof(unsigned long long), stream));
   init_state_kernel<<<1, 1, 0, stream>>>(w.state, static_cast<unsigned long long>(k_sel));
   RA_CUDA_TRY(cudaGetLastError());
   Digit dig{};
   for (int pass = 0; pass < passes; ++pass) {
     dig = digit<A>(pass);
     const bool last = pass == passes - 1;
-    digit_histogram_kernel<kSource, T><<<grid, kThreads, 0, stream>>>(
-        in, d, dig, last, w.state, w.total + pass * kBins, w.last_hist, w.above, nonfinite);
+    unsigned int* total = w.total + pass * kBins;
+    if (pass < 2) {
+      digit_pass_kernel<kSource, T, Read::kData><<<grid, kThreads, 0, stream>>>(
+          in, d, dig, pass == 1, last, w.state, w.keys, w.kept, total, w.last_hist, w.above, nonfinite);
+    } else {
+      digit_pass_kernel<kSource, T, Read::kCandidates><<<grid, kThreads, 0, stream>>>(
+          in, d, dig, !last, last, w.state, w.keys, w.kept, total, w.last_hist, w.above, nonfinite);
+    }
     RA_CUDA_TRY(cudaGetLastError());
     if (pass == 0 && host_nonfinite != nullptr) {
       RA_CUDA_TRY(cudaMemcpyAsync(host_nonfinite, nonfinite, sizeof(bool), cudaMemcpyDeviceToHost, stream));
@@ -369,7 +421,7 @@ cudaError_t radix_topk(const Inputs<T>& in, int64_t d, int64_t k, int64_t* indic
       if (*host_nonfinite) return cudaSuccess;
     }
     if (k_sel == 0) break;
-    select_digit_kernel<<<1, kSelectThreads, 0, stream>>>(w.total + pass * kBins, dig, w.state);
+    select_digit_kernel<<<1, kSelectThreads, 0, stream>>>(total, dig, w.state);
     RA_CUDA_TRY(cudaGetLastError());
   }
   if (k_sel == 0 && !kFeedback) return cudaSuccess;
@@ -387,8 +439,8 @@ cudaError_t radix_topk(const Inputs<T>& in, int64_t d, int64_t k, int64_t* indic
 }  // namespace
 
 size_t topk_workspace_bytes(int64_t d, size_t acc_size) {
-  (void)acc_size;
-  return workspace_bytes(block_count(d < 1 ? 1 : d));
+  if (d < 1) d = 1;
+  return workspace_bytes(d, block_count(d), acc_size);
 }
 
 template <typename T>

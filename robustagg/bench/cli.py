@@ -65,21 +65,34 @@ def _backends(device, op):
     return names
 
 
-def _run_case(section, case: Case, G, timer):
+def _median_or_none(timer, thunk, what, skipped):
+    """The median seconds of ``thunk``, or None (noted in ``skipped``) when the GPU runs out of
+    memory: the float64 references copy G, which at ResNet-101 size and n = 100 is 36 GB."""
+    try:
+        return timer.median(thunk)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        skipped.append(f"{what}: out of memory")
+        return None
+
+
+def _run_case(section, case: Case, G, timer, skipped):
     """Rows for one case; the floor's bandwidth is measured right before it, so that a shared
     machine's changing load shifts the floor and the case together."""
     n, d = G.shape
     bandwidth, _, _ = timer.bandwidth(G)
     floor_s = case.bytes_moved / bandwidth
-    rows = []
-    t_ref = timer.median(case.run("reference"))
-    rows.append(Row(section, case.name, n, d, "torch-ref", t_ref * 1e3, 1.0, floor_s * 1e3, t_ref / floor_s))
-    for name, thunk in (case.extra_baselines or {}).items():
-        t = timer.median(thunk)
-        rows.append(Row(section, case.name, n, d, name, t * 1e3, t_ref / t, floor_s * 1e3, t / floor_s))
-    for backend in (_backends(G.device, case.op) if case.op else ["auto"]):
-        t = timer.median(case.run(backend if backend != "auto" else None))
-        rows.append(Row(section, case.name, n, d, backend, t * 1e3, t_ref / t, floor_s * 1e3, t / floor_s))
+    timed = [("torch-ref", case.run("reference"))]
+    timed += list((case.extra_baselines or {}).items())
+    timed += [(b, case.run(b if b != "auto" else None)) for b in (_backends(G.device, case.op) if case.op else ["auto"])]
+    rows, t_ref = [], None
+    for name, thunk in timed:
+        t = _median_or_none(timer, thunk, f"{section} {case.name} n={n} [{name}]", skipped)
+        if t is None:
+            continue
+        t_ref = t if name == "torch-ref" else t_ref
+        rows.append(Row(section, case.name, n, d, name, t * 1e3, t_ref / t if t_ref else None, floor_s * 1e3,
+                        t / floor_s))
     return rows
 
 
@@ -161,7 +174,7 @@ def main(argv=None):
     layout = model_layout(args.model)
     d = EXPECTED_D[args.model]
     timer = Timer(device, repeats=args.repeats)
-    rows, meta = [], None
+    rows, meta, skipped = [], None, []
     plan = [(n, "ops") for n in args.n if args.ops is None or args.ops]
     if args.aggregators:
         plan.append((args.aggregator_n, "aggregators"))
@@ -178,15 +191,17 @@ def main(argv=None):
             progress.update(task, total=(progress.tasks[0].total or 0) + len(cases))
             for case in cases:
                 progress.update(task, description=f"{section}: {case.name} n={n}")
-                rows.extend(_run_case(section, case, G, timer))
+                rows.extend(_run_case(section, case, G, timer, skipped))
                 progress.advance(task)
             meta.setdefault("bandwidth_GBps", bandwidth / 1e9)
             meta.setdefault("floor", floor_what)
             del G
     meta.update(model=args.model, d=d, dtype=args.dtype, device=_device_name(device), torch=torch.__version__,
                 triton=_triton_version(), commit=_commit(), python=sys.version.split()[0],
-                backends=_backend.available_backends())
+                backends=_backend.available_backends(), skipped=skipped)
     _table(rows, meta)
+    for line in skipped:
+        print(f"skipped {line}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
