@@ -10,9 +10,10 @@ partners like the hardware, and a deadlock, a divergent barrier, a shuffle readi
 a launch beyond the kernel's __launch_bounds__ or on another stream stops the launch with an
 error naming the kernel, block and thread.
 
-Every op runs under two fiber schedules (threads and blocks resumed in ascending and in
-descending order; a few cases also under a seeded shuffle) and must give the same bits under
-each, so a missing __syncthreads/__syncwarp shows up as a difference. Expectations, as in
+Every op runs under two fiber schedules (threads and blocks resumed in ascending order with all
+warps in lockstep, then in descending order with each warp running ahead through its own warp
+collectives; a few cases also under seeded shuffles) and must give the same bits under each, so a
+missing __syncthreads/__syncwarp shows up as a difference. Expectations, as in
 tests/test_cuda_parity.py (the GPU version of these tests):
 
 * sign_sum, order_mean, invariant, rlr in float32: bitwise equal to the CPU backend;
@@ -20,11 +21,15 @@ tests/test_cuda_parity.py (the GPU version of these tests):
 * everything else: within conftest.RESOLUTION of robustagg.reference on float64 inputs;
 * non-finite row flags equal to the CPU backend's.
 
-What the emulator cannot see: timing, memory-model races between blocks that run concurrently
-on a GPU (blocks run one after another here), reads of uninitialized static shared memory
-(a static starts zeroed and keeps the last block's values; dynamic shared memory and workspaces
-do start as garbage), and out-of-bounds accesses in this build (see test_asan_memcheck for the
-AddressSanitizer build).
+Shared memory (static and dynamic) and workspaces start every block as garbage bytes, as on a
+GPU, so reading what no thread wrote shows up too. Out-of-bounds accesses are found by the
+AddressSanitizer build of the same kernels (test_asan_memcheck_of_every_op, in a child process
+with libasan preloaded), which stands in for compute-sanitizer memcheck.
+
+What the emulator cannot see: timing; races between blocks (they run one after another here,
+although descending and shuffled block orders change any result that depends on their order);
+memory-model effects such as a stale __ldg of data written in the same kernel; and grid-stride
+loops beyond the first pass (the shapes here are far below 65535 blocks).
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ import robustagg.layout
 from robustagg import ops, reference
 from conftest import BAD, RESOLUTION, with_bad_rows
 from cuda_emu import build, library
-from cuda_emu.library import ASCENDING, DESCENDING, SHUFFLED, EmulatorError
+from cuda_emu.library import ASCENDING, DESCENDING, SHUFFLED, WARP_EAGER, EmulatorError
 
 pytestmark = pytest.mark.skipif(build.compiler() is None,
                                 reason="g++ not found: the CUDA kernels cannot be emulated on this machine")
@@ -94,7 +99,8 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str = ""):
     same = bits_equal(actual, expected)
     where = (~same).nonzero()[:8].tolist()
-    assert bool(same.all()), f"{what} differs at {where}: {actual[~same][:8].tolist()} vs {expected[~same][:8].tolist()}"
+    assert bool(same.all()), (f"{what} differs at {where}: {actual[~same][:8].tolist()} vs "
+                              f"{expected[~same][:8].tolist()}")
 
 
 def assert_close(actual, expected, dtype, what=""):
@@ -107,7 +113,13 @@ def assert_close(actual, expected, dtype, what=""):
 ONE_SCHEDULE = os.environ.get("ROBUSTAGG_EMU_SCHEDULES") == "ascending"
 
 
-def emulated(emu, op: str, *args, schedules=(ASCENDING, DESCENDING)):
+# Default: ascending lockstep, then descending with each warp running ahead (runtime.cpp).
+SCHEDULES = (ASCENDING, DESCENDING | WARP_EAGER)
+ALL_SCHEDULES = (ASCENDING, DESCENDING, SHUFFLED, ASCENDING | WARP_EAGER, DESCENDING | WARP_EAGER,
+                 SHUFFLED | WARP_EAGER)
+
+
+def emulated(emu, op: str, *args, schedules=SCHEDULES):
     """Runs the emulated op under each schedule on fresh copies of the tensor arguments; all runs
     must agree bit for bit (tensors updated in place included). Returns the outputs and the
     tensor arguments of the first run."""
@@ -128,7 +140,7 @@ def emulated(emu, op: str, *args, schedules=(ASCENDING, DESCENDING)):
     return first
 
 
-def emulate(emu, op, *args, schedules=(ASCENDING, DESCENDING)):
+def emulate(emu, op, *args, schedules=SCHEDULES):
     return emulated(emu, op, *args, schedules=schedules)[0]
 
 
@@ -175,11 +187,29 @@ def test_emulator_schedules_expose_a_missing_syncthreads(emu):
     right = lambda salt: salt + (torch.arange(64) + 1) % 64  # noqa: E731
     assert torch.equal(results[True, ASCENDING], right(1010).int())
     assert torch.equal(results[True, DESCENDING], right(2010).int())
-    # without the barrier, ascending order reads stale neighbours (the previous launch's), descending
+    # without the barrier, ascending order reads neighbours not yet written (garbage), descending
     # fresh ones except for the wrap-around read of thread 63
     stale, fresh = results[False, ASCENDING], results[False, DESCENDING]
     assert not (stale[:63] == right(1000)[:63]).any()
     assert torch.equal(fresh[:63], right(2000)[:63].int()) and fresh[63] != 2000
+
+
+def test_emulator_warp_eager_schedule_exposes_a_missing_trailing_barrier(emu):
+    def run(barrier, schedule):
+        emu.schedule(schedule)
+        out = torch.full((128,), -1, dtype=torch.int32)
+        emu.call("emu_selftest_rounds", int(barrier), out.data_ptr())
+        return out
+
+    t = torch.arange(64)
+    expected = torch.cat([((t[:32] % 2 == 0).sum() + 100 * (t[32:] % 3 == 0).sum()).repeat(64),
+                          ((t[:32] % 4 == 0).sum() + 100 * (t[32:] % 5 == 0).sum()).repeat(64)]).int()
+    for schedule in ALL_SCHEDULES:
+        assert torch.equal(run(True, schedule), expected), schedule
+    # Lockstep warps cannot see this write-after-read race; a warp running ahead does.
+    assert torch.equal(run(False, ASCENDING), expected)
+    assert not torch.equal(run(False, ASCENDING | WARP_EAGER), expected)
+    assert not torch.equal(run(False, DESCENDING | WARP_EAGER), expected)
 
 
 def test_emulator_warp_intrinsics_match_the_hardware_semantics(emu):
@@ -330,7 +360,7 @@ def test_order_mean_other_dtypes(emu, n, dtype):
                          ids=["float32-select-2100", "float64-global-network-1100", "float64-select-2049"])
 def test_order_mean_large_n_global_scratch(emu, dtype, n):
     # 32 slices of n values do not fit the shared-memory budget: per-thread slices in the workspace.
-    G = awkward(n, 3, 12, dtype)
+    G = awkward(n, 256, 12, dtype)  # a multiple of 128 threads: every slice of the scratch is used
     for lo, hi in (((n - 1) // 2, n // 2 + 1), (n // 10, n - n // 10), (0, n)):
         out, bad = emulate(emu, "order_mean", G, lo, hi)
         assert_bitwise(out, CPU.order_mean(G, lo, hi)[0], f"order_mean n={n} lo={lo} hi={hi}")
@@ -481,7 +511,7 @@ def test_topk_abs_ties_across_block_boundaries(emu, k):
     # Every magnitude equal over 3+ blocks: the k lowest indices, in order, on every schedule.
     d = 3 * 4096 + 4
     x = torch.where(torch.arange(d) % 3 == 0, -1.5, 1.5)
-    idx, values, _ = emulate(emu, "topk_abs", x, k, schedules=(ASCENDING, DESCENDING, SHUFFLED))
+    idx, values, _ = emulate(emu, "topk_abs", x, k, schedules=ALL_SCHEDULES)
     assert idx.tolist() == list(range(k))
     assert_bitwise(values, x[:k])
 
@@ -492,7 +522,7 @@ def test_topk_abs_ties_at_threshold_with_larger_values_in_later_blocks(emu):
     big = torch.tensor([5, 4100, 8200, 16000])
     x[big] = torch.tensor([3.0, -4.0, 5.0, -6.0])
     for k in (4, 5, 4500):
-        idx, values, _ = emulate(emu, "topk_abs", x, k, schedules=(ASCENDING, DESCENDING, SHUFFLED))
+        idx, values, _ = emulate(emu, "topk_abs", x, k, schedules=ALL_SCHEDULES)
         expected = reference.topk_abs(x, k)[0]
         assert torch.equal(idx, expected), f"k={k}"
         assert torch.equal(idx, CPU.topk_abs(x, k)[0])
@@ -667,6 +697,9 @@ def test_asan_catches_out_of_bounds_shared_memory(asan, kind, report):
                           timeout=120)
     assert proc.returncode != 0, "ASan did not stop the out-of-bounds access"
     assert report in proc.stderr and "selftest_hazard_kernel" in proc.stderr, proc.stderr[-3000:]
+    # thread 63 of the 64 makes the access one element past the end
+    assert "made by kernel selftest_hazard_kernel block (0,0,0)" in proc.stderr, proc.stderr[-3000:]
+    assert "thread (63,0,0) [warp 1 lane 31]" in proc.stderr, proc.stderr[-3000:]
 
 
 @ASAN_SKIP

@@ -10,7 +10,11 @@ tests/cuda_emu/include (no CUDA toolkit needed):
 2. ``extern __shared__ T name[];`` (dynamic shared memory) becomes
    ``T* const name = static_cast<T*>(::cuda_emu::dynamic_shared());``;
 3. the body of every function declared with ``__launch_bounds__(X)`` starts with
-   ``::cuda_emu::check_launch_bounds(X);``, so a launch with more threads fails as on the GPU.
+   ``::cuda_emu::check_launch_bounds(X);``, so a launch with more threads fails as on the GPU;
+4. every static ``__shared__ T name[...];`` is followed (same line) by
+   ``::cuda_emu::fresh_shared(&name, sizeof(name));``, which fills the variable with garbage when
+   the first thread of a block passes its declaration: shared memory starts uninitialized in
+   every block, instead of zeroed, or holding the previous block's values.
 
 A leftover ``<<<``/``>>>`` or ``extern __shared__`` after the rewrite is an error, never skipped.
 """
@@ -42,6 +46,7 @@ _LAUNCH = re.compile(r"<<<")
 _KERNEL_EXPR = re.compile(r"^\s*((?:::)?[A-Za-z_]\w*(?:::[A-Za-z_]\w*)*(?:<[^;{}]*>)?)\s*$")
 _DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+([A-Za-z_][\w\s:]*?)\s+([A-Za-z_]\w*)\s*\[\s*\]\s*;")
 _LAUNCH_BOUNDS = re.compile(r"__launch_bounds__\s*\(")
+_STATIC_SHARED = re.compile(r"(?<!\w)__shared__\s+([^;=(){}]+?)\s+([A-Za-z_]\w*)\s*((?:\[[^\];]*\]\s*)*);")
 
 
 def _matching(text: str, start: int, open_: str, close: str) -> int:
@@ -91,6 +96,14 @@ def _rewrite_dynamic_shared(text: str) -> str:
         text)
 
 
+def _rewrite_static_shared(text: str) -> str:
+    def fresh(m):
+        if _in_comment(text, m.start()):
+            return m.group(0)
+        return f"{m.group(0)} ::cuda_emu::fresh_shared(&{m.group(2)}, sizeof({m.group(2)}));"
+    return _STATIC_SHARED.sub(fresh, text)
+
+
 def _rewrite_launch_bounds(text: str, name: str) -> str:
     out, pos = [], 0
     for m in _LAUNCH_BOUNDS.finditer(text):
@@ -114,11 +127,15 @@ def rewrite(text: str, name: str) -> str:
     """The CUDA source ``text`` as C++ for the emulator (see the module docstring)."""
     text = _rewrite_launches(text, name)
     text = _rewrite_dynamic_shared(text)
+    text = _rewrite_static_shared(text)
     text = _rewrite_launch_bounds(text, name)
     code = re.sub(r"//[^\n]*", "", text)
     for leftover in ("<<<", ">>>", "extern __shared__"):
         if leftover in code:
             raise RewriteError(f"{name}: {leftover!r} left after the rewrite")
+    declared, fresh = len(re.findall(r"(?<!\w)__shared__", code)), code.count("::cuda_emu::fresh_shared(")
+    if declared != fresh:
+        raise RewriteError(f"{name}: {declared} __shared__ declarations but {fresh} understood by the rewrite")
     return text
 
 

@@ -252,6 +252,20 @@ __global__ void selftest_neighbour_kernel(int salt, bool barrier, int* out) {
   out[t] = published[(t + 1) % 64];
 }
 
+// Two rounds of "count the flags of every warp through shared memory". Without the barrier after
+// the reads, a warp that runs ahead overwrites its count while another warp still reads it.
+__global__ void selftest_rounds_kernel(bool trailing_barrier, int* out) {
+  __shared__ int warp_counts[2];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int round = 0; round < 2; ++round) {
+    const unsigned ballot = __ballot_sync(0xffffffffu, threadIdx.x % (warp + 2 + 2 * round) == 0);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    out[round * 64 + threadIdx.x] = warp_counts[0] + 100 * warp_counts[1];
+    if (trailing_barrier) __syncthreads();
+  }
+}
+
 __global__ void selftest_warp_kernel(int* out) {
   const int lane = threadIdx.x % 32;
   int* o = out + threadIdx.x * 8;
@@ -332,6 +346,14 @@ int emu_selftest_neighbour(int salt, int barrier, int* out) {
   return guarded([&] {
     cuda_emu::launcher("selftest_neighbour_kernel", selftest_neighbour_kernel, 1, 64, 0, stream())(salt, barrier != 0,
                                                                                                   out);
+    return cudaGetLastError();
+  });
+}
+
+int emu_selftest_rounds(int trailing_barrier, int* out) {
+  return guarded([&] {
+    cuda_emu::launcher("selftest_rounds_kernel", selftest_rounds_kernel, 1, 64, 0, stream())(trailing_barrier != 0,
+                                                                                            out);
     return cudaGetLastError();
   });
 }

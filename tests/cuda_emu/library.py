@@ -13,7 +13,8 @@ import torch
 
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
-ASCENDING, DESCENDING, SHUFFLED = 0, 1, 2
+# Fiber schedules (runtime.cpp): the order, plus WARP_EAGER to let each warp run ahead.
+ASCENDING, DESCENDING, SHUFFLED, WARP_EAGER = 0, 1, 2, 4
 
 _c_i64, _c_int, _c_ptr, _c_dbl, _c_bool = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_double, ctypes.c_bool
 
@@ -32,6 +33,7 @@ _SIGNATURES = {
     "emu_selftest_launch": [ctypes.c_uint] * 6 + [ctypes.c_size_t, _c_int, _c_ptr],
     "emu_selftest_neighbour": [_c_int, _c_int, _c_ptr],
     "emu_selftest_warp": [_c_ptr],
+    "emu_selftest_rounds": [_c_int, _c_ptr],
     "emu_selftest_hazard": [_c_int, _c_ptr],
     "emu_selftest_wrong_stream": [_c_ptr],
     "emu_float_to_half": [_c_ptr, _c_ptr, _c_i64],

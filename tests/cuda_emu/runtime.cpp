@@ -9,9 +9,12 @@
 // runnable and releases nothing is a deadlock: the launch stops with a cuda_emu::Error naming the
 // kernel, the block and what every waiting thread waits for.
 //
-// The order of each sweep (ascending, descending or a seeded shuffle of the thread ids) is the
-// schedule: a missing __syncthreads/__syncwarp lets a reader run before or after the writer
-// depending on it, so the answers of two schedules differ.
+// The schedule is the order of each sweep (ascending, descending or a seeded shuffle of the
+// thread ids, and of the blocks) and its mode: lockstep (every thread reaches its next
+// synchronization point before any warp collective completes) or warp-eager (each warp runs as
+// far as it can, through its own collectives, before the next warp starts). A missing
+// __syncthreads/__syncwarp lets a reader run before or after the writer depending on it, so the
+// answers of two schedules differ.
 //
 // With -fsanitize=address every switch is announced to ASan (__sanitizer_start/finish_switch_fiber)
 // so that it tracks the fiber stacks; the dynamic shared memory of a launch is its own heap block
@@ -26,6 +29,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <unordered_map>
 #include <random>
 #include <sstream>
 #include <string>
@@ -93,7 +97,9 @@ struct Launch {
   uint3 block{};
 };
 
-Schedule g_schedule = Schedule::kAscending;
+enum class Order { kAscending, kDescending, kShuffled };
+Order g_order = Order::kAscending;
+bool g_eager = false;
 uint64_t g_seed = 0;
 cudaStream_t g_stream = nullptr;
 cudaError_t g_last_error = cudaSuccess;
@@ -106,6 +112,8 @@ std::vector<Stack> g_stacks;
 Thread* g_current = nullptr;
 ucontext_t g_scheduler;
 std::string g_fiber_error;  // set by a fiber that stops the launch (then it never resumes)
+uint64_t g_block_serial = 0;                         // counts blocks over all launches
+std::unordered_map<void*, uint64_t> g_shared_block;  // static shared variable -> block that filled it
 
 #if CUDA_EMU_ASAN
 void* g_scheduler_fake_stack = nullptr;
@@ -361,20 +369,60 @@ bool try_release_barrier() {
 
 // ---- one block
 
-std::vector<int> sweep_order(const std::vector<int>& ids, std::mt19937_64& rng) {
-  std::vector<int> order = ids;
-  if (g_schedule == Schedule::kDescending) std::reverse(order.begin(), order.end());
-  if (g_schedule == Schedule::kShuffled) std::shuffle(order.begin(), order.end(), rng);
-  return order;
+std::vector<int> in_order(std::vector<int> ids, std::mt19937_64& rng) {
+  if (g_order == Order::kDescending) std::reverse(ids.begin(), ids.end());
+  if (g_order == Order::kShuffled) std::shuffle(ids.begin(), ids.end(), rng);
+  return ids;
+}
+
+std::vector<int> range(int begin, int end) {
+  std::vector<int> ids;
+  for (int i = begin; i < end; ++i) ids.push_back(i);
+  return ids;
+}
+
+// Lockstep: every runnable thread of the block runs to its next synchronization point before any
+// warp collective completes, so warps advance together.
+bool lockstep_sweep(std::mt19937_64& rng) {
+  bool ran = false;
+  for (int i : in_order(range(0, static_cast<int>(g_threads.size())), rng)) {
+    if (g_threads[i].state != State::kRunnable) continue;
+    resume(g_threads[i]);
+    ran = true;
+  }
+  return ran;
+}
+
+// Warp-eager: one warp at a time runs as far as it can, its own collectives completing at once,
+// before the next warp starts: maximal skew between warps, which exposes a missing __syncthreads
+// between one warp's reads of shared memory and another warp's next writes.
+bool eager_sweep(std::mt19937_64& rng) {
+  bool ran = false;
+  const int count = static_cast<int>(g_threads.size());
+  for (int warp : in_order(range(0, (count + 31) / 32), rng)) {
+    const std::vector<int> lanes = range(warp * 32, std::min(count, warp * 32 + 32));
+    for (bool again = true; again;) {
+      for (int i : in_order(lanes, rng)) {
+        if (g_threads[i].state != State::kRunnable) continue;
+        resume(g_threads[i]);
+        ran = true;
+      }
+      again = false;
+      for (int i : lanes) {
+        if (g_threads[i].state == State::kWarp && try_release_group(g_threads[i])) again = true;
+      }
+    }
+  }
+  return ran;
 }
 
 void run_block(uint3 block, std::mt19937_64& rng) {
   const dim3 bd = g_launch.config.block;
   const int count = static_cast<int>(bd.x * bd.y * bd.z);
   g_launch.block = block;
+  ++g_block_serial;
   while (static_cast<int>(g_stacks.size()) < count) g_stacks.push_back(new_stack());
   g_threads.assign(count, Thread{});
-  std::vector<int> ids(count);
   for (int i = 0; i < count; ++i) {
     Thread& t = g_threads[i];
     t.linear = i;
@@ -382,18 +430,12 @@ void run_block(uint3 block, std::mt19937_64& rng) {
     t.state = State::kRunnable;
     t.stack = g_stacks[i];
     start_fiber(t);
-    ids[i] = i;
   }
   if (g_launch.dynamic_shared != nullptr) {
     std::memset(g_launch.dynamic_shared, 0xa5, g_launch.config.shared_bytes);  // uninitialized on the GPU
   }
   for (;;) {
-    bool ran = false;
-    for (int i : sweep_order(ids, rng)) {
-      if (g_threads[i].state != State::kRunnable) continue;
-      resume(g_threads[i]);
-      ran = true;
-    }
+    const bool ran = g_eager ? eager_sweep(rng) : lockstep_sweep(rng);
     const bool released = try_release_warps() || try_release_barrier();
     const bool all_exited =
         std::all_of(g_threads.begin(), g_threads.end(), [](const Thread& t) { return t.state == State::kExited; });
@@ -429,6 +471,19 @@ void check_stream(cudaStream_t stream, const char* call) {
   }
 }
 
+#if CUDA_EMU_ASAN
+// ASan's report names the kernel function; this adds the emulated block and thread.
+void report_emulated_thread() {
+  if (g_launch.name == nullptr || g_current == nullptr) return;
+  std::fprintf(stderr, "cuda_emu: the access above was made by %s, %s\n", launch_name().c_str(),
+               where(*g_current).c_str());
+}
+
+struct InstallDeathCallback {
+  InstallDeathCallback() { __sanitizer_set_death_callback(report_emulated_thread); }
+} g_install_death_callback;
+#endif
+
 void watchdog(int) {
   static const char message[] = "cuda_emu: watchdog: a launch ran for too long (a spin loop waiting for another "
                                 "thread never yields in the emulator); aborting\n";
@@ -445,6 +500,13 @@ void watchdog(int) {
 // ---- device side
 
 void* dynamic_shared() { return g_launch.dynamic_shared; }
+
+void fresh_shared(void* variable, size_t bytes) {
+  uint64_t& filled = g_shared_block[variable];
+  if (filled == g_block_serial) return;
+  filled = g_block_serial;
+  std::memset(variable, 0xa5, bytes);  // uninitialized on the GPU
+}
 
 void check_launch_bounds(int max_threads) {
   const dim3 bd = g_launch.config.block;
@@ -497,8 +559,8 @@ void run_grid(const char* name, const char* signature, const void* func, const L
     for (unsigned y = 0; y < config.grid.y; ++y)
       for (unsigned x = 0; x < config.grid.x; ++x) blocks.push_back(uint3{x, y, z});
   std::mt19937_64 rng(g_seed ^ (g_counters.launches * 0x9e3779b97f4a7c15ull));
-  if (g_schedule == Schedule::kDescending) std::reverse(blocks.begin(), blocks.end());
-  if (g_schedule == Schedule::kShuffled) std::shuffle(blocks.begin(), blocks.end(), rng);
+  if (g_order == Order::kDescending) std::reverse(blocks.begin(), blocks.end());
+  if (g_order == Order::kShuffled) std::shuffle(blocks.begin(), blocks.end(), rng);
   ++g_counters.launches;
   for (const uint3& b : blocks) run_block(b, rng);
 }
@@ -511,7 +573,9 @@ cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int val
 }
 
 void configure(Schedule schedule, uint64_t seed, cudaStream_t stream) {
-  g_schedule = schedule;
+  const int bits = static_cast<int>(schedule);
+  g_order = static_cast<Order>(bits & 3);
+  g_eager = (bits & static_cast<int>(Schedule::kWarpEager)) != 0;
   g_seed = seed;
   g_stream = stream;
 }

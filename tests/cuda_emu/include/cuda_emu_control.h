@@ -14,8 +14,9 @@ struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Order in which runnable fibers (and blocks) are resumed between synchronization points.
-enum class Schedule : int { kAscending = 0, kDescending = 1, kShuffled = 2 };
+// Order in which runnable fibers (and blocks) are resumed between synchronization points, plus
+// kWarpEager: each warp runs ahead through its own warp collectives (see runtime.cpp).
+enum class Schedule : int { kAscending = 0, kDescending = 1, kShuffled = 2, kWarpEager = 4 };
 
 // Applies to the following launches. Every launch, memset, copy and synchronization must use
 // `stream`, the one the launcher was handed.

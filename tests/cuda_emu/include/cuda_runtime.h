@@ -4,7 +4,8 @@
 // * __global__/__device__/__host__ are no-ops; __forceinline__ is `inline` (header functions are
 //   defined in several translation units).
 // * __shared__ is `static`: blocks run one after another, so a static is exactly one block's
-//   shared memory. `extern __shared__ T name[];` (dynamic shared memory) is rewritten by
+//   shared memory; build.py's rewrite has each block start it as garbage (fresh_shared).
+//   `extern __shared__ T name[];` (dynamic shared memory) is rewritten by
 //   tests/cuda_emu/build.py into a pointer to the launch's dynamic buffer.
 // * threadIdx/blockIdx/blockDim/gridDim read the emulated thread that is running.
 // * __syncthreads and the warp intrinsics park the calling fiber until its partners arrived,
@@ -55,6 +56,7 @@ struct ThreadIndex {
 extern const ThreadIndex* g_index;
 
 void* dynamic_shared();
+void fresh_shared(void* variable, size_t bytes);
 void check_launch_bounds(int max_threads);
 void syncthreads(const char* file, int line);
 
@@ -232,7 +234,7 @@ template <typename T> struct same { using type = T; };  // keeps the value argum
 
 #define CUDA_EMU_ATOMIC(NAME, EXPR)                                                        \
   template <typename T>                                                                    \
-  inline T NAME(T* address, typename cuda_emu::same<T>::type val) {                                                       \
+  inline T NAME(T* address, typename cuda_emu::same<T>::type val) {                        \
     static_assert(std::is_same_v<T, int> || std::is_same_v<T, unsigned int> ||             \
                       std::is_same_v<T, unsigned long long>,                               \
                   #NAME ": the emulator covers CUDA's int, unsigned int, unsigned long long"); \
@@ -251,7 +253,8 @@ CUDA_EMU_ATOMIC(atomicXor, old ^ val)
 #undef CUDA_EMU_ATOMIC
 
 template <typename T>
-inline T atomicCAS(T* address, typename cuda_emu::same<T>::type compare, typename cuda_emu::same<T>::type val) {
+inline T atomicCAS(T* address, typename cuda_emu::same<T>::type compare,
+                   typename cuda_emu::same<T>::type val) {
   static_assert(std::is_same_v<T, int> || std::is_same_v<T, unsigned int> || std::is_same_v<T, unsigned long long>,
                 "atomicCAS: the emulator covers CUDA's int, unsigned int, unsigned long long");
   const T old = *address;
