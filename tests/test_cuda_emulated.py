@@ -119,13 +119,13 @@ ALL_SCHEDULES = (ASCENDING, DESCENDING, SHUFFLED, ASCENDING | WARP_EAGER, DESCEN
                  SHUFFLED | WARP_EAGER)
 
 
-def emulated(emu, op: str, *args, schedules=SCHEDULES):
+def emulated(emu, op: str, *args, schedules=SCHEDULES, seed=1234):
     """Runs the emulated op under each schedule on fresh copies of the tensor arguments; all runs
     must agree bit for bit (tensors updated in place included). Returns the outputs and the
     tensor arguments of the first run."""
     first = None
     for schedule in schedules[:1] if ONE_SCHEDULE else schedules:
-        emu.schedule(schedule, seed=1234)
+        emu.schedule(schedule, seed=seed)
         call_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
         outputs = getattr(emu, op)(*call_args)
         state = [a for a in call_args if isinstance(a, torch.Tensor)]
@@ -528,6 +528,22 @@ def test_topk_abs_ties_at_threshold_with_larger_values_in_later_blocks(emu):
         assert torch.equal(idx, CPU.topk_abs(x, k)[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_abs_keys_differing_only_in_their_lowest_bits(emu, dtype):
+    # Every magnitude shares its top digits, so the selection is decided by the last digit passes
+    # over the candidate buffer (six digits for float64), with ties inside blocks and across them.
+    d = 3 * 4096 + 9
+    g = torch.Generator().manual_seed(15)
+    ulps = torch.randint(0, 40, (d,), generator=g)
+    bits = torch.tensor(1.0, dtype=dtype).view(_BITS[dtype]) + ulps.to(_BITS[dtype])
+    x = bits.view(dtype) * torch.where(torch.rand(d, generator=g) < 0.5, -1.0, 1.0).to(dtype)
+    for k in (1, 7, 300, 6000, d - 1):
+        idx, values, _ = emulate(emu, "topk_abs", x, k)
+        assert torch.equal(idx, reference.topk_abs(x, k)[0]), f"k={k}"
+        assert torch.equal(idx, CPU.topk_abs(x, k)[0]), f"k={k}"
+        assert_bitwise(values, x[idx])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_topk_abs_nan_is_flagged_and_ranked_first(emu, dtype):
     x = awkward(1, 5000, 14, dtype)[0]
@@ -615,7 +631,7 @@ def test_maxpool_amplify_nonfinite_in_dropped_remainder_is_flagged(emu):
 # ---------------------------------------------------------------- pairwise
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n, d", [(1, 1), (1, 50), (2, 7), (33, 1000), (33, 1)])
+@pytest.mark.parametrize("n, d", [(1, 1), (1, 50), (2, 7), (33, 1000), (33, 1), (65, 130)])
 def test_pairwise_close_to_reference(emu, n, d, dtype):
     G = torch.randn(n, d, generator=torch.Generator().manual_seed(n * d)).to(dtype)
     if n > 3:
@@ -647,6 +663,41 @@ def test_pairwise_flags_nonfinite_rows(emu):
     G = with_bad_rows(torch.randn(9, 300, generator=torch.Generator().manual_seed(3)))
     _, bad = emulate(emu, "pairwise_cosine", G)
     assert torch.equal(bad, CPU.pairwise_cosine(G)[1]) and bad.sum() == len(BAD)
+
+
+# ---------------------------------------------------------------- every schedule
+
+def _maxpool_fuzz_args():
+    layout = robustagg.layout.Layout.from_shapes(SHAPES)
+    return awkward(5, layout.d, 38), layout.segment_table(layout.d, 2, True), 2, True, layout.d
+
+
+_FUZZ = {
+    "sign_sum": lambda: (with_bad_rows(awkward(9, 700, 31)),),
+    "rlr": lambda: (awkward(9, 700, 32), torch.rand(9) + 0.5, 4, 0.5),
+    "order_mean": lambda: (awkward(257, 200, 33), 64, 193),
+    "invariant": lambda: (awkward(100, 300, 34), 20, 80, 30),
+    "client_stats": lambda: (with_bad_rows(awkward(9, 9000, 35)), 100, 5000, torch.randn(9000)),
+    "clip_rows": lambda: (awkward(9, 5000, 36).clamp(-1e3, 1e3), torch.full((9,), 3.0)),
+    "topk_ef_step": lambda: (torch.randn(9000), torch.randn(9000), torch.randn(9000), 90, 0.9),
+    "topk_abs": lambda: (awkward(1, 9000, 37)[0], 4500),
+    "maxpool_amplify": _maxpool_fuzz_args,
+    "pairwise_sqdist": lambda: (awkward(40, 1500, 39).clamp(-10, 10),),
+    "pairwise_cosine": lambda: (awkward(40, 1500, 40).clamp(-10, 10),),
+}
+_BITWISE_VS_CPU = {"sign_sum", "rlr", "order_mean", "invariant", "topk_abs", "maxpool_amplify"}
+
+
+@pytest.mark.parametrize("op", sorted(_FUZZ))
+def test_every_op_gives_the_same_bits_under_every_schedule(emu, op):
+    # Six schedules (ascending, descending, shuffled; lockstep and warp-eager) with two shuffle
+    # seeds: all twelve runs agree bit for bit (checked inside `emulated`).
+    args = _FUZZ[op]()
+    runs = [emulated(emu, op, *args, schedules=ALL_SCHEDULES, seed=seed)[0] for seed in (1, 2)]
+    for i, (a, b) in enumerate(zip(*runs)):
+        assert_bitwise(a, b, f"{op} output {i}, shuffle seed 1 vs 2")
+    if op in _BITWISE_VS_CPU:
+        assert_bitwise(runs[0][0], getattr(CPU, op)(*args)[0], f"{op} vs cpu")
 
 
 # ---------------------------------------------------------------- AddressSanitizer build
