@@ -619,6 +619,24 @@ def test_maxpool_amplify_flat_layout_with_tail_and_bad_rows(emu, restore):
     assert_bitwise(out, cpu_out)
 
 
+@pytest.mark.parametrize("restore", [False, True])
+@pytest.mark.parametrize("d, layout", [(50, robustagg.layout.Layout.flat(100)),
+                                       (30, robustagg.layout.Layout.flat(7, skip_tail=29)),
+                                       (1, robustagg.layout.Layout.flat(1))],
+                         ids=["shorter-than-a-row", "all-tail", "single-value"])
+def test_maxpool_amplify_degenerate_layouts(emu, d, layout, restore):
+    # Segments with no row (or too small for the window) leave only leftovers and the tail.
+    G = torch.randn(3, d, generator=torch.Generator().manual_seed(d))
+    G[1, -1] = float("nan")
+    for kernel in (1, 2, 3):
+        table = layout.segment_table(d, kernel, restore)
+        width = d if restore else layout.pooled_width(d, kernel)
+        out, bad = emulate(emu, "maxpool_amplify", G, table, kernel, restore, width)
+        cpu_out, cpu_bad = CPU.maxpool_amplify(G, table, kernel, restore, width)
+        assert_bitwise(out, cpu_out, f"kernel={kernel}")
+        assert bad.tolist() == cpu_bad.tolist() == [False, True, False]
+
+
 def test_maxpool_amplify_nonfinite_in_dropped_remainder_is_flagged(emu):
     layout = robustagg.layout.Layout.from_shapes([(5, 7)])
     G = torch.randn(3, 35, generator=torch.Generator().manual_seed(1))
