@@ -470,6 +470,17 @@ def test_clip_rows_close_to_reference(emu, n, d, dtype):
     assert not bad.any()
 
 
+def test_clip_rows_grid_stride_over_columns(emu):
+    # The scaling kernel caps its grid at 1024 x 256 threads per row: columns past 262144 are
+    # reached only by the grid-stride loop.
+    d = 1024 * 256 + 300
+    G = torch.randn(2, d, generator=torch.Generator().manual_seed(17))
+    max_norm = torch.tensor([10.0, 1e9])
+    out, _ = emulate(emu, "clip_rows", G, max_norm)
+    assert_close(out, reference.clip_rows(G.double(), max_norm.double()), torch.float32, "clip_rows")
+    assert torch.equal(out[1], G[1])
+
+
 def test_clip_rows_flags_nonfinite_rows(emu):
     G = with_bad_rows(torch.randn(8, 700, generator=torch.Generator().manual_seed(8)))
     out, bad = emulate(emu, "clip_rows", G, torch.full((8,), 2.0))
@@ -675,6 +686,19 @@ def test_pairwise_nearly_identical_rows_use_direct_differences(emu):
     expected = reference.pairwise_sqdist(G)
     assert_close(sq, expected, torch.float64, "nearly identical rows")
     assert sq[0, 4] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pairwise_more_direct_pairs_than_direct_blocks(emu, dtype):
+    # 50 nearly identical rows: all 1225 pairs cancel in the Gram formula and are recomputed from
+    # direct differences by at most 1024 blocks, so some blocks take a second pair.
+    g = torch.Generator().manual_seed(18)
+    G = (torch.randn(1, 64, generator=g).double() + torch.randn(50, 64, generator=g).double() * 1e-6).to(dtype)
+    sq, _ = emulate(emu, "pairwise_sqdist", G)
+    expected = reference.pairwise_sqdist(G.double())
+    assert bool((expected > 0).sum() == 50 * 49)
+    torch.testing.assert_close(sq.double(), expected, rtol=1e-5, atol=0)  # SPEC §4.8: 1e-5 relative
+    assert_bitwise(sq, sq.T, "symmetric")
 
 
 def test_pairwise_flags_nonfinite_rows(emu):
