@@ -1,8 +1,8 @@
 // The CUDA emulator's runtime: launches, the fiber scheduler, barriers and warp intrinsics.
 //
 // A launch runs its blocks one after another (in the order of the schedule); inside a block every
-// CUDA thread is a fiber (ucontext) on one OS thread, with stacks reused across blocks. A fiber
-// runs until it reaches __syncthreads or a warp intrinsic, where it parks, or until it exits.
+// CUDA thread is a fiber on one OS thread, with stacks reused across blocks. A fiber runs until
+// it reaches __syncthreads or a warp intrinsic, where it parks, or until it exits.
 // After each sweep over the runnable fibers the scheduler releases the warp groups whose lanes
 // have all arrived (computing the intrinsic's results as the hardware does) and then, once every
 // live thread waits at the same __syncthreads, the whole block. A sweep that leaves nothing
@@ -76,13 +76,81 @@ struct Stack {
   unsigned char* bottom() const { return base + getpagesize(); }
 };
 
+// ---- execution contexts
+//
+// On x86-64 a switch saves the callee-saved registers and the SSE/x87 control words on the old
+// stack and swaps stack pointers (System V ABI: everything else is caller-saved), which avoids
+// the signal-mask system call swapcontext makes on every switch. Elsewhere: ucontext.
+#if defined(__x86_64__)
+struct Context {
+  void* sp;
+};
+
+extern "C" void cuda_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .globl cuda_emu_switch
+  .hidden cuda_emu_switch
+  .type cuda_emu_switch, @function
+cuda_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cuda_emu_switch, .-cuda_emu_switch
+)");
+
+void switch_context(Context& save, Context& load) { cuda_emu_switch(&save.sp, load.sp); }
+
+// A fresh context whose first switch "returns" into entry with the stack aligned as after a call.
+void make_context(Context& c, unsigned char* stack, size_t bytes, void (*entry)()) {
+  uint64_t* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t(15));
+  top[-1] = 0;                                     // entry's return address: it never returns
+  top[-2] = reinterpret_cast<uint64_t>(entry);     // popped by `ret`
+  for (int r = 3; r <= 8; ++r) top[-r] = 0;        // rbp, rbx, r12..r15
+  top[-9] = 0x1f80ull | (uint64_t(0x037f) << 32);  // default MXCSR and x87 control word
+  c.sp = top - 9;
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+
+void switch_context(Context& save, Context& load) { swapcontext(&save.uc, &load.uc); }
+
+void make_context(Context& c, unsigned char* stack, size_t bytes, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
 struct Thread {
   ThreadIndex index;
   int linear;
   State state;
   Waiting wait;
   uint64_t result;
-  ucontext_t context;
+  Context context;
   Stack stack;
   void* fake_stack;
 };
@@ -110,7 +178,7 @@ Launch g_launch;
 std::vector<Thread> g_threads;
 std::vector<Stack> g_stacks;
 Thread* g_current = nullptr;
-ucontext_t g_scheduler;
+Context g_scheduler;
 std::string g_fiber_error;  // set by a fiber that stops the launch (then it never resumes)
 uint64_t g_block_serial = 0;                         // counts blocks over all launches
 std::unordered_map<void*, uint64_t> g_shared_block;  // static shared variable -> block that filled it
@@ -190,7 +258,7 @@ void yield_to_scheduler(bool exiting) {
 #else
   (void)exiting;
 #endif
-  swapcontext(&t->context, &g_scheduler);
+  switch_context(t->context, g_scheduler);
 #if CUDA_EMU_ASAN
   __sanitizer_finish_switch_fiber(t->fake_stack, nullptr, nullptr);
 #endif
@@ -213,7 +281,7 @@ void resume(Thread& t) {
 #if CUDA_EMU_ASAN
   __sanitizer_start_switch_fiber(&g_scheduler_fake_stack, t.stack.bottom(), kStackBytes);
 #endif
-  swapcontext(&g_scheduler, &t.context);
+  switch_context(g_scheduler, t.context);
 #if CUDA_EMU_ASAN
   __sanitizer_finish_switch_fiber(g_scheduler_fake_stack, nullptr, nullptr);
 #endif
@@ -227,16 +295,12 @@ void resume(Thread& t) {
 }
 
 void start_fiber(Thread& t) {
-  getcontext(&t.context);
 #if CUDA_EMU_ASAN
   // A reused stack may still carry the redzones of an abandoned fiber's frames.
   __asan_unpoison_memory_region(t.stack.bottom(), kStackBytes);
 #endif
-  t.context.uc_stack.ss_sp = t.stack.bottom();
-  t.context.uc_stack.ss_size = kStackBytes;
-  t.context.uc_link = nullptr;
   t.fake_stack = nullptr;
-  makecontext(&t.context, fiber_main, 0);
+  make_context(t.context, t.stack.bottom(), kStackBytes, fiber_main);
 }
 
 // ---- releasing parked threads
