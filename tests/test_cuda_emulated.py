@@ -34,7 +34,7 @@ loops beyond the first pass (the shapes here are far below 65535 blocks).
 from __future__ import annotations
 
 import os
-import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,8 +52,9 @@ from cuda_emu.library import ASCENDING, DESCENDING, SHUFFLED, WARP_EAGER, Emulat
 pytestmark = pytest.mark.skipif(build.compiler() is None,
                                 reason="g++ not found: the CUDA kernels cannot be emulated on this machine")
 
-# Set (with libasan preloaded) by test_asan_memcheck for the run of this module on the ASan build.
-UNDER_ASAN = os.environ.get("ROBUSTAGG_EMU_ASAN") == "1"
+# "address" or "thread": set (with the sanitizer's runtime preloaded) by the sanitizer tests at the
+# end of this module for their run of it on that build.
+SANITIZER = os.environ.get("ROBUSTAGG_EMU_SANITIZER") or None
 
 CPU = torch.ops.robustagg
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -67,7 +68,7 @@ def emu(tmp_path_factory):
     cache = os.environ.get("ROBUSTAGG_EMU_CACHE")
     out = Path(cache) if cache else tmp_path_factory.mktemp("cuda_emu")
     out.mkdir(parents=True, exist_ok=True)
-    return library.Emulator(build.build(out, asan=UNDER_ASAN))
+    return library.Emulator(build.build(out, sanitizer=SANITIZER))
 
 
 # ---------------------------------------------------------------- helpers
@@ -742,7 +743,7 @@ def test_every_op_gives_the_same_bits_under_every_schedule(emu, op):
         assert_bitwise(runs[0][0], getattr(CPU, op)(*args)[0], f"{op} vs cpu")
 
 
-# ---------------------------------------------------------------- AddressSanitizer build
+# ---------------------------------------------------------------- sanitizer builds
 #
 # The same kernels built with -fsanitize=address stand in for compute-sanitizer memcheck: global
 # memory is host memory of exact sizes (torch tensors, workspaces from posix_memalign), static
@@ -751,12 +752,12 @@ def test_every_op_gives_the_same_bits_under_every_schedule(emu, op):
 # starts (LD_PRELOAD, with libstdc++ so that ASan intercepts C++ throws), so these run in a child
 # process.
 
-ASAN_SKIP = pytest.mark.skipif(UNDER_ASAN, reason="already the AddressSanitizer run")
+SANITIZER_SKIP = pytest.mark.skipif(SANITIZER is not None, reason=f"already the {SANITIZER} sanitizer run")
 
 
-def _asan_preload() -> str | None:
+def _preload(runtime: str) -> str | None:
     paths = []
-    for name in ("libasan.so", "libstdc++.so"):
+    for name in (runtime, "libstdc++.so"):
         found = subprocess.run([build.compiler(), f"-print-file-name={name}"], capture_output=True, text=True)
         path = found.stdout.strip()
         if not os.path.isabs(path) or not os.path.exists(path):
@@ -768,18 +769,18 @@ def _asan_preload() -> str | None:
 @pytest.fixture(scope="session")
 def asan(tmp_path_factory):
     """(library path, environment) of the ASan build; skipped with the reason where g++ has no libasan."""
-    preload = _asan_preload()
+    preload = _preload("libasan.so")
     if preload is None:
         pytest.skip("g++ has no libasan: the AddressSanitizer build is not available")
     cache = Path(os.environ.get("ROBUSTAGG_EMU_CACHE") or tmp_path_factory.mktemp("cuda_emu_asan"))
     cache.mkdir(parents=True, exist_ok=True)
-    lib = build.build(cache, asan=True)
-    env = dict(os.environ, ROBUSTAGG_EMU_ASAN="1", ROBUSTAGG_EMU_CACHE=str(cache), LD_PRELOAD=preload,
+    lib = build.build(cache, sanitizer="address")
+    env = dict(os.environ, ROBUSTAGG_EMU_SANITIZER="address", ROBUSTAGG_EMU_CACHE=str(cache), LD_PRELOAD=preload,
                ASAN_OPTIONS="detect_leaks=0:halt_on_error=1")
     return lib, env
 
 
-@ASAN_SKIP
+@SANITIZER_SKIP
 @pytest.mark.parametrize("kind, report", [(5, "global-buffer-overflow"), (6, "heap-buffer-overflow")],
                          ids=["static-shared-read", "dynamic-shared-write"])
 def test_asan_catches_out_of_bounds_shared_memory(asan, kind, report):
@@ -795,7 +796,7 @@ def test_asan_catches_out_of_bounds_shared_memory(asan, kind, report):
     assert "thread (63,0,0) [warp 1 lane 31]" in proc.stderr, proc.stderr[-3000:]
 
 
-@ASAN_SKIP
+@SANITIZER_SKIP
 def test_asan_memcheck_of_every_op(asan):
     # Every op test of this module on the ASan build, under one schedule to bound the time.
     _, env = asan
@@ -807,3 +808,60 @@ def test_asan_memcheck_of_every_op(asan):
     assert proc.returncode == 0 and "AddressSanitizer" not in proc.stderr.replace(
         "ASan doesn't fully support makecontext/swapcontext", ""), output
     assert " passed" in proc.stdout and "failed" not in proc.stdout, output
+
+
+# ThreadSanitizer stands in for compute-sanitizer racecheck: the kernels are instrumented, the
+# runtime declares each CUDA thread a TSan fiber whose switches imply no ordering, and only
+# __syncthreads, __syncwarp, kernel boundaries and atomics order memory accesses, so two threads of
+# a block touching the same shared (or global) bytes without a barrier between them, one of them
+# writing, is reported whatever the schedule. The row flags, written racily by design (many threads
+# store the same `true`), are declared a benign race. Torch and the CPU backend run on one OpenMP
+# thread here: TSan cannot see libgomp's synchronization.
+
+@pytest.fixture(scope="session")
+def tsan(tmp_path_factory):
+    """(library path, environment) of the TSan build; skipped with the reason where g++ has no libtsan."""
+    preload = _preload("libtsan.so")
+    if preload is None:
+        pytest.skip("g++ has no libtsan: the ThreadSanitizer build is not available")
+    cache = Path(os.environ.get("ROBUSTAGG_EMU_CACHE") or tmp_path_factory.mktemp("cuda_emu_tsan"))
+    cache.mkdir(parents=True, exist_ok=True)
+    lib = build.build(cache, sanitizer="thread")
+    env = dict(os.environ, ROBUSTAGG_EMU_SANITIZER="thread", ROBUSTAGG_EMU_CACHE=str(cache), LD_PRELOAD=preload,
+               TSAN_OPTIONS="halt_on_error=1", OMP_NUM_THREADS="1")
+    return lib, env
+
+
+@SANITIZER_SKIP
+@pytest.mark.parametrize("entry, barrier, schedule", [("emu_selftest_neighbour", 5, ASCENDING),
+                                                      ("emu_selftest_rounds", 0, ASCENDING)],
+                         ids=["read-before-barrier", "write-after-read-lockstep"])
+def test_tsan_catches_a_missing_barrier(tsan, entry, barrier, schedule):
+    # The second case is the race the lockstep schedule cannot see (see
+    # test_emulator_warp_eager_schedule_exposes_a_missing_trailing_barrier); TSan sees it anyway.
+    lib, env = tsan
+    args = "5, 0, out" if entry == "emu_selftest_neighbour" else "0, out"
+    script = (f"import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); lib.emu_configure({schedule}, 0); "
+              f"out = (ctypes.c_int * 128)(); lib.{entry}({args})")
+    proc = subprocess.run([sys.executable, "-c", script, str(lib)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    kernel = "selftest_neighbour_kernel" if entry == "emu_selftest_neighbour" else "selftest_rounds_kernel"
+    assert proc.returncode != 0 and "ThreadSanitizer: data race" in proc.stderr, proc.stderr[-3000:]
+    assert f"'cuda_emu {kernel} block (0,0,0) thread (" in proc.stderr, proc.stderr[-3000:]
+
+
+@SANITIZER_SKIP
+def test_tsan_racecheck_of_every_op(tsan):
+    # Every op once (the schedule-fuzz cases, non-finite rows included), plus the multi-block
+    # top-k tie split, the global-scratch order statistics and a tail-only max-pool.
+    _, env = tsan
+    env = dict(env, ROBUSTAGG_EMU_SCHEDULES="ascending")
+    selection = ("every_schedule or ties_across_block_boundaries and 4097 or large_n and 1100 "
+                 "or degenerate and all-tail")
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x",
+                           "-k", selection], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).parent.parent)
+    output = proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.returncode == 0 and "ThreadSanitizer" not in proc.stderr, output
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 15 and "failed" not in proc.stdout, output

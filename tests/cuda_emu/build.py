@@ -35,7 +35,15 @@ INCLUDE = HERE / "include"
 
 FLAGS = ["-O1", "-std=c++17", "-ffp-contract=off", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
          "-Wno-unused-function", "-Wno-unused-variable"]
-ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer"]
+# The sanitizer builds: AddressSanitizer (every file, the runtime included: it announces fiber
+# switches to ASan) stands in for compute-sanitizer memcheck; ThreadSanitizer (the kernels and the
+# harness only: the runtime tells TSan about fibers and barriers itself and keeps its own
+# bookkeeping out of sight) for racecheck.
+SANITIZER_FLAGS = {
+    None: ([], []),
+    "address": (["-fsanitize=address", "-fno-omit-frame-pointer"],) * 2,
+    "thread": (["-fsanitize=thread"], ["-DCUDA_EMU_TSAN=1"]),
+}
 
 
 class RewriteError(ValueError):
@@ -143,9 +151,9 @@ def sources() -> list[Path]:
     return sorted((CSRC / "cuda").glob("*.cu")) + [HERE / "harness.cpp"]
 
 
-def _inputs_digest(asan: bool, compiler: str) -> str:
+def _inputs_digest(sanitizer: str | None, compiler: str) -> str:
     h = hashlib.sha256()
-    h.update(" ".join([compiler, *FLAGS, *(ASAN_FLAGS if asan else [])]).encode())
+    h.update(" ".join([compiler, *FLAGS, str(sanitizer)]).encode())
     files = sources() + [HERE / "runtime.cpp", Path(__file__)]
     files += sorted(INCLUDE.glob("*.h")) + sorted((CSRC / "cuda").glob("*.h*")) + sorted((CSRC / "core").glob("*.h"))
     for f in files:
@@ -158,13 +166,15 @@ def compiler() -> str | None:
     return os.environ.get("CXX_EMU") or shutil.which("g++")
 
 
-def build(out_dir: Path, asan: bool = False, jobs: int = 2) -> Path:
+def build(out_dir: Path, sanitizer: str | None = None, jobs: int = 2) -> Path:
     """Compile the rewritten kernels, the emulator runtime and the harness into one shared library
-    under ``out_dir`` (reused when its inputs are unchanged); returns its path."""
+    under ``out_dir`` (reused when its inputs are unchanged), optionally with a sanitizer
+    ("address" or "thread"); returns its path."""
     cxx = compiler()
     if cxx is None:
         raise FileNotFoundError("g++ not found")
-    lib = out_dir / f"libcuda_emu_{'asan_' if asan else ''}{_inputs_digest(asan, cxx)}.so"
+    unit_flags, runtime_flags = SANITIZER_FLAGS[sanitizer]
+    lib = out_dir / f"libcuda_emu_{sanitizer + '_' if sanitizer else ''}{_inputs_digest(sanitizer, cxx)}.so"
     if lib.exists():
         return lib
     work = out_dir / f"src_{lib.stem}"
@@ -176,11 +186,13 @@ def build(out_dir: Path, asan: bool = False, jobs: int = 2) -> Path:
         units.append(dst)
     units.append(HERE / "runtime.cpp")
     # nvcc includes cuda_runtime.h into every translation unit; so does this build.
-    flags = [*FLAGS, *(ASAN_FLAGS if asan else []), f"-I{CSRC}", f"-I{INCLUDE}", "-include", "cuda_runtime.h"]
+    flags = [*FLAGS, f"-I{CSRC}", f"-I{INCLUDE}", "-include", "cuda_runtime.h"]
 
     def compile_one(unit: Path) -> Path:
         obj = work / (unit.stem + ".o")
-        proc = subprocess.run([cxx, *flags, "-c", str(unit), "-o", str(obj)], capture_output=True, text=True)
+        extra = runtime_flags if unit.name == "runtime.cpp" else unit_flags
+        proc = subprocess.run([cxx, *flags, *extra, "-c", str(unit), "-o", str(obj)], capture_output=True,
+                              text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"g++ failed on {unit.name}:\n{proc.stderr[-6000:]}")
         return obj
@@ -188,8 +200,8 @@ def build(out_dir: Path, asan: bool = False, jobs: int = 2) -> Path:
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         objects = list(pool.map(compile_one, units))
     tmp = lib.with_suffix(".tmp")
-    proc = subprocess.run([cxx, *flags, "-shared", "-o", str(tmp), *map(str, objects)], capture_output=True,
-                          text=True)
+    proc = subprocess.run([cxx, *flags, *unit_flags, "-shared", "-o", str(tmp), *map(str, objects)],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"linking the emulator library failed:\n{proc.stderr[-6000:]}")
     tmp.rename(lib)

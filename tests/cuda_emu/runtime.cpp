@@ -38,6 +38,24 @@
 #include "cuda_emu_control.h"
 #include "cuda_runtime.h"
 
+// The ThreadSanitizer build (racecheck stand-in) compiles this file without instrumentation, so
+// the emulator's own bookkeeping is invisible to TSan, and tells TSan about fibers and
+// synchronization: fibers switch without implying any ordering; __syncthreads and __syncwarp are
+// release/acquire pairs on one object per block and per warp; a block's first switch into each
+// thread orders the launch (host writes, earlier blocks) before it, and each exiting thread
+// releases what the host acquires after the block. Warp shuffles, votes and matches imply no
+// memory ordering, as on the GPU.
+#if defined(CUDA_EMU_TSAN)
+extern "C" {
+void* __tsan_get_current_fiber(void);
+void* __tsan_create_fiber(unsigned flags);
+void __tsan_switch_to_fiber(void* fiber, unsigned flags);
+void __tsan_set_fiber_name(void* fiber, const char* name);
+void __tsan_acquire(void* addr);
+void __tsan_release(void* addr);
+}
+#endif
+
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
@@ -153,6 +171,8 @@ struct Thread {
   Context context;
   Stack stack;
   void* fake_stack;
+  void* tsan_fiber;  // CUDA_EMU_TSAN: the TSan fiber of this thread slot
+  bool tsan_fresh;   // CUDA_EMU_TSAN: not yet switched to in this block
 };
 
 struct Launch {
@@ -182,6 +202,13 @@ Context g_scheduler;
 std::string g_fiber_error;  // set by a fiber that stops the launch (then it never resumes)
 uint64_t g_block_serial = 0;                         // counts blocks over all launches
 std::unordered_map<void*, uint64_t> g_shared_block;  // static shared variable -> block that filled it
+
+#if defined(CUDA_EMU_TSAN)
+std::vector<void*> g_tsan_fibers;  // one per thread slot, reused across blocks
+void* g_tsan_scheduler = nullptr;
+char g_tsan_block_end, g_tsan_barrier, g_tsan_warp[32];  // synchronization objects
+constexpr unsigned kTsanNoSync = 1;                      // __tsan_switch_to_fiber_no_sync
+#endif
 
 #if CUDA_EMU_ASAN
 void* g_scheduler_fake_stack = nullptr;
@@ -258,6 +285,10 @@ void yield_to_scheduler(bool exiting) {
 #else
   (void)exiting;
 #endif
+#if defined(CUDA_EMU_TSAN)
+  if (exiting) __tsan_release(&g_tsan_block_end);
+  __tsan_switch_to_fiber(g_tsan_scheduler, kTsanNoSync);
+#endif
   switch_context(t->context, g_scheduler);
 #if CUDA_EMU_ASAN
   __sanitizer_finish_switch_fiber(t->fake_stack, nullptr, nullptr);
@@ -281,6 +312,11 @@ void resume(Thread& t) {
 #if CUDA_EMU_ASAN
   __sanitizer_start_switch_fiber(&g_scheduler_fake_stack, t.stack.bottom(), kStackBytes);
 #endif
+#if defined(CUDA_EMU_TSAN)
+  g_tsan_scheduler = __tsan_get_current_fiber();
+  __tsan_switch_to_fiber(t.tsan_fiber, t.tsan_fresh ? 0 : kTsanNoSync);
+  t.tsan_fresh = false;
+#endif
   switch_context(g_scheduler, t.context);
 #if CUDA_EMU_ASAN
   __sanitizer_finish_switch_fiber(g_scheduler_fake_stack, nullptr, nullptr);
@@ -300,6 +336,16 @@ void start_fiber(Thread& t) {
   __asan_unpoison_memory_region(t.stack.bottom(), kStackBytes);
 #endif
   t.fake_stack = nullptr;
+#if defined(CUDA_EMU_TSAN)
+  while (g_tsan_fibers.size() <= static_cast<size_t>(t.linear)) g_tsan_fibers.push_back(__tsan_create_fiber(0));
+  t.tsan_fiber = g_tsan_fibers[t.linear];
+  t.tsan_fresh = true;
+  // TSan reports name their threads by this (it copies the string).
+  const std::string name = "cuda_emu " + std::string(g_launch.name) + " block (" + std::to_string(g_launch.block.x) +
+                           "," + std::to_string(g_launch.block.y) + "," + std::to_string(g_launch.block.z) + ") " +
+                           where(t);
+  __tsan_set_fiber_name(t.tsan_fiber, name.c_str());
+#endif
   make_context(t.context, t.stack.bottom(), kStackBytes, fiber_main);
 }
 
@@ -506,6 +552,9 @@ void run_block(uint3 block, std::mt19937_64& rng) {
     if (all_exited) break;
     if (!ran && !released) deadlock();
   }
+#if defined(CUDA_EMU_TSAN)
+  __tsan_acquire(&g_tsan_block_end);
+#endif
   g_counters.threads += count;
   ++g_counters.blocks;
 }
@@ -569,7 +618,10 @@ void fresh_shared(void* variable, size_t bytes) {
   uint64_t& filled = g_shared_block[variable];
   if (filled == g_block_serial) return;
   filled = g_block_serial;
-  std::memset(variable, 0xa5, bytes);  // uninitialized on the GPU
+  // Garbage, as uninitialized on the GPU; byte stores rather than memset, which TSan would see
+  // as a write by whichever thread got here first.
+  volatile unsigned char* bytes_of = static_cast<unsigned char*>(variable);
+  for (size_t i = 0; i < bytes; ++i) bytes_of[i] = 0xa5;
 }
 
 void check_launch_bounds(int max_threads) {
@@ -585,7 +637,13 @@ void syncthreads(const char* file, int line) {
   Thread* t = g_current;
   t->state = State::kBarrier;
   t->wait = Waiting{WarpOp::kSyncwarp, 0, 0, 0, 0, 0, file, line};
+#if defined(CUDA_EMU_TSAN)
+  __tsan_release(&g_tsan_barrier);
+#endif
   yield_to_scheduler(false);
+#if defined(CUDA_EMU_TSAN)
+  __tsan_acquire(&g_tsan_barrier);
+#endif
 }
 
 uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int bytes, int arg, int width, const char* file,
@@ -593,7 +651,13 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int bytes, in
   Thread* t = g_current;
   t->state = State::kWarp;
   t->wait = Waiting{op, mask, value, bytes, arg, width, file, line};
+#if defined(CUDA_EMU_TSAN)
+  if (op == WarpOp::kSyncwarp) __tsan_release(&g_tsan_warp[t->linear / 32]);
+#endif
   yield_to_scheduler(false);
+#if defined(CUDA_EMU_TSAN)
+  if (op == WarpOp::kSyncwarp) __tsan_acquire(&g_tsan_warp[t->linear / 32]);
+#endif
   return t->result;
 }
 

@@ -225,39 +225,56 @@ inline long long __double_as_longlong(double x) { return static_cast<long long>(
 inline double __fma_rn(double x, double y, double z) { return std::fma(x, y, z); }
 inline float __fmaf_rn(float x, float y, float z) { return std::fma(x, y, z); }
 
+// ---- integer atomics. Fibers switch only inside the intrinsics above, so no other thread runs
+// during a read-modify-write; the __atomic builtins make that visible to ThreadSanitizer too (the
+// racecheck build), which would otherwise report concurrent atomicAdds as races. Each returns the
+// old value, like the hardware.
+
 namespace cuda_emu {
 template <typename T> struct same { using type = T; };  // keeps the value argument out of deduction
-}
-
-// ---- integer atomics: fibers switch only inside the intrinsics above, so a read-modify-write
-// here is never interleaved with another thread's. Returns the old value, like the hardware.
-
-#define CUDA_EMU_ATOMIC(NAME, EXPR)                                                        \
-  template <typename T>                                                                    \
-  inline T NAME(T* address, typename cuda_emu::same<T>::type val) {                        \
-    static_assert(std::is_same_v<T, int> || std::is_same_v<T, unsigned int> ||             \
-                      std::is_same_v<T, unsigned long long>,                               \
-                  #NAME ": the emulator covers CUDA's int, unsigned int, unsigned long long"); \
-    const T old = *address;                                                                \
-    *address = (EXPR);                                                                     \
-    return old;                                                                            \
-  }
-CUDA_EMU_ATOMIC(atomicAdd, old + val)
-CUDA_EMU_ATOMIC(atomicSub, old - val)
-CUDA_EMU_ATOMIC(atomicExch, val)
-CUDA_EMU_ATOMIC(atomicMax, old < val ? val : old)
-CUDA_EMU_ATOMIC(atomicMin, val < old ? val : old)
-CUDA_EMU_ATOMIC(atomicAnd, old & val)
-CUDA_EMU_ATOMIC(atomicOr, old | val)
-CUDA_EMU_ATOMIC(atomicXor, old ^ val)
-#undef CUDA_EMU_ATOMIC
 
 template <typename T>
-inline T atomicCAS(T* address, typename cuda_emu::same<T>::type compare,
-                   typename cuda_emu::same<T>::type val) {
+inline void check_atomic_type() {
   static_assert(std::is_same_v<T, int> || std::is_same_v<T, unsigned int> || std::is_same_v<T, unsigned long long>,
-                "atomicCAS: the emulator covers CUDA's int, unsigned int, unsigned long long");
-  const T old = *address;
-  if (old == compare) *address = val;
+                "the emulator covers CUDA's integer atomics on int, unsigned int, unsigned long long");
+}
+}  // namespace cuda_emu
+
+#define CUDA_EMU_ATOMIC_FETCH(NAME, BUILTIN)                                    \
+  template <typename T>                                                         \
+  inline T NAME(T* address, typename cuda_emu::same<T>::type val) {             \
+    cuda_emu::check_atomic_type<T>();                                           \
+    return BUILTIN(address, val, __ATOMIC_RELAXED);                             \
+  }
+CUDA_EMU_ATOMIC_FETCH(atomicAdd, __atomic_fetch_add)
+CUDA_EMU_ATOMIC_FETCH(atomicSub, __atomic_fetch_sub)
+CUDA_EMU_ATOMIC_FETCH(atomicAnd, __atomic_fetch_and)
+CUDA_EMU_ATOMIC_FETCH(atomicOr, __atomic_fetch_or)
+CUDA_EMU_ATOMIC_FETCH(atomicXor, __atomic_fetch_xor)
+CUDA_EMU_ATOMIC_FETCH(atomicExch, __atomic_exchange_n)
+#undef CUDA_EMU_ATOMIC_FETCH
+
+template <typename T>
+inline T atomicCAS(T* address, typename cuda_emu::same<T>::type compare, typename cuda_emu::same<T>::type val) {
+  cuda_emu::check_atomic_type<T>();
+  __atomic_compare_exchange_n(address, &compare, val, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+  return compare;  // the old value, whether or not it was replaced
+}
+
+template <typename T>
+inline T atomicMax(T* address, typename cuda_emu::same<T>::type val) {
+  cuda_emu::check_atomic_type<T>();
+  T old = __atomic_load_n(address, __ATOMIC_RELAXED);
+  while (old < val && !__atomic_compare_exchange_n(address, &old, val, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+  return old;
+}
+
+template <typename T>
+inline T atomicMin(T* address, typename cuda_emu::same<T>::type val) {
+  cuda_emu::check_atomic_type<T>();
+  T old = __atomic_load_n(address, __ATOMIC_RELAXED);
+  while (val < old && !__atomic_compare_exchange_n(address, &old, val, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
   return old;
 }
