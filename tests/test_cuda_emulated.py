@@ -22,14 +22,20 @@ tests/test_cuda_parity.py (the GPU version of these tests):
 * non-finite row flags equal to the CPU backend's.
 
 Shared memory (static and dynamic) and workspaces start every block as garbage bytes, as on a
-GPU, so reading what no thread wrote shows up too. Out-of-bounds accesses are found by the
-AddressSanitizer build of the same kernels (test_asan_memcheck_of_every_op, in a child process
-with libasan preloaded), which stands in for compute-sanitizer memcheck.
+GPU, so reading what no thread wrote shows up too. Two sanitizer builds of the same kernels run
+in child processes with the sanitizer runtime preloaded (skipped with the reason where g++ lacks
+it): AddressSanitizer stands in for compute-sanitizer memcheck (test_asan_memcheck_of_every_op:
+every op test of this module, one schedule) and ThreadSanitizer, with every CUDA thread a TSan
+fiber, for racecheck (test_tsan_racecheck_of_every_op: every op once); each also has self-tests
+showing that it catches what it should.
 
 What the emulator cannot see: timing; races between blocks (they run one after another here,
 although descending and shuffled block orders change any result that depends on their order);
 memory-model effects such as a stale __ldg of data written in the same kernel; and grid-stride
-loops beyond the first pass (the shapes here are far below 65535 blocks).
+loops beyond the first pass, except for clip_rows' columns and the direct pairwise distances
+(the other kernels need millions of threads before they stride).
+
+tests/cuda_emu/mutate.py checks this suite against deliberately broken copies of the kernels.
 """
 from __future__ import annotations
 
@@ -62,13 +68,17 @@ _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32:
          torch.float64: torch.int64}
 
 
+# Kernel sources: csrc, or a broken copy of it (tests/cuda_emu/mutate.py).
+CSRC = Path(os.environ.get("ROBUSTAGG_EMU_CSRC") or build.CSRC)
+
+
 @pytest.fixture(scope="session")
 def emu(tmp_path_factory):
     """The emulator library, built once per session (ROBUSTAGG_EMU_CACHE: a directory to keep it in)."""
     cache = os.environ.get("ROBUSTAGG_EMU_CACHE")
     out = Path(cache) if cache else tmp_path_factory.mktemp("cuda_emu")
     out.mkdir(parents=True, exist_ok=True)
-    return library.Emulator(build.build(out, sanitizer=SANITIZER))
+    return library.Emulator(build.build(out, sanitizer=SANITIZER, csrc=CSRC))
 
 
 # ---------------------------------------------------------------- helpers
@@ -774,7 +784,7 @@ def asan(tmp_path_factory):
         pytest.skip("g++ has no libasan: the AddressSanitizer build is not available")
     cache = Path(os.environ.get("ROBUSTAGG_EMU_CACHE") or tmp_path_factory.mktemp("cuda_emu_asan"))
     cache.mkdir(parents=True, exist_ok=True)
-    lib = build.build(cache, sanitizer="address")
+    lib = build.build(cache, sanitizer="address", csrc=CSRC)
     env = dict(os.environ, ROBUSTAGG_EMU_SANITIZER="address", ROBUSTAGG_EMU_CACHE=str(cache), LD_PRELOAD=preload,
                ASAN_OPTIONS="detect_leaks=0:halt_on_error=1")
     return lib, env
@@ -826,7 +836,7 @@ def tsan(tmp_path_factory):
         pytest.skip("g++ has no libtsan: the ThreadSanitizer build is not available")
     cache = Path(os.environ.get("ROBUSTAGG_EMU_CACHE") or tmp_path_factory.mktemp("cuda_emu_tsan"))
     cache.mkdir(parents=True, exist_ok=True)
-    lib = build.build(cache, sanitizer="thread")
+    lib = build.build(cache, sanitizer="thread", csrc=CSRC)
     env = dict(os.environ, ROBUSTAGG_EMU_SANITIZER="thread", ROBUSTAGG_EMU_CACHE=str(cache), LD_PRELOAD=preload,
                TSAN_OPTIONS="halt_on_error=1", OMP_NUM_THREADS="1")
     return lib, env

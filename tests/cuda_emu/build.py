@@ -147,15 +147,15 @@ def rewrite(text: str, name: str) -> str:
     return text
 
 
-def sources() -> list[Path]:
-    return sorted((CSRC / "cuda").glob("*.cu")) + [HERE / "harness.cpp"]
+def sources(csrc: Path = CSRC) -> list[Path]:
+    return sorted((csrc / "cuda").glob("*.cu")) + [HERE / "harness.cpp"]
 
 
-def _inputs_digest(sanitizer: str | None, compiler: str) -> str:
+def _inputs_digest(sanitizer: str | None, compiler: str, csrc: Path) -> str:
     h = hashlib.sha256()
-    h.update(" ".join([compiler, *FLAGS, str(sanitizer)]).encode())
-    files = sources() + [HERE / "runtime.cpp", Path(__file__)]
-    files += sorted(INCLUDE.glob("*.h")) + sorted((CSRC / "cuda").glob("*.h*")) + sorted((CSRC / "core").glob("*.h"))
+    h.update(" ".join([compiler, *FLAGS, str(sanitizer), str(csrc)]).encode())
+    files = sources(csrc) + [HERE / "runtime.cpp", Path(__file__)]
+    files += sorted(INCLUDE.glob("*.h")) + sorted((csrc / "cuda").glob("*.h*")) + sorted((csrc / "core").glob("*.h"))
     for f in files:
         h.update(f.name.encode())
         h.update(f.read_bytes())
@@ -166,27 +166,27 @@ def compiler() -> str | None:
     return os.environ.get("CXX_EMU") or shutil.which("g++")
 
 
-def build(out_dir: Path, sanitizer: str | None = None, jobs: int = 2) -> Path:
-    """Compile the rewritten kernels, the emulator runtime and the harness into one shared library
-    under ``out_dir`` (reused when its inputs are unchanged), optionally with a sanitizer
-    ("address" or "thread"); returns its path."""
+def build(out_dir: Path, sanitizer: str | None = None, jobs: int = 2, csrc: Path = CSRC) -> Path:
+    """Compile the rewritten kernels of ``csrc``, the emulator runtime and the harness into one
+    shared library under ``out_dir`` (reused when its inputs are unchanged), optionally with a
+    sanitizer ("address" or "thread"); returns its path."""
     cxx = compiler()
     if cxx is None:
         raise FileNotFoundError("g++ not found")
     unit_flags, runtime_flags = SANITIZER_FLAGS[sanitizer]
-    lib = out_dir / f"libcuda_emu_{sanitizer + '_' if sanitizer else ''}{_inputs_digest(sanitizer, cxx)}.so"
+    lib = out_dir / f"libcuda_emu_{sanitizer + '_' if sanitizer else ''}{_inputs_digest(sanitizer, cxx, csrc)}.so"
     if lib.exists():
         return lib
     work = out_dir / f"src_{lib.stem}"
     work.mkdir(parents=True, exist_ok=True)
     units = []
-    for src in sources():
+    for src in sources(csrc):
         dst = work / (src.stem + ("_cu.cpp" if src.suffix == ".cu" else ".cpp"))
         dst.write_text(f'#line 1 "{src}"\n' + rewrite(src.read_text(), src.name))
         units.append(dst)
     units.append(HERE / "runtime.cpp")
     # nvcc includes cuda_runtime.h into every translation unit; so does this build.
-    flags = [*FLAGS, f"-I{CSRC}", f"-I{INCLUDE}", "-include", "cuda_runtime.h"]
+    flags = [*FLAGS, f"-I{csrc}", f"-I{INCLUDE}", "-include", "cuda_runtime.h"]
 
     def compile_one(unit: Path) -> Path:
         obj = work / (unit.stem + ".o")

@@ -1,0 +1,112 @@
+"""Mutation check of tests/test_cuda_emulated.py: does the suite catch broken kernels?
+
+Each mutation below breaks a copy of csrc in one place, the way a CUDA kernel typically goes
+wrong (a missing barrier, a wrong warp-shuffle offset, an off-by-one workspace, a logic slip), and
+runs the part of the suite that should notice, on the plain, the AddressSanitizer or the
+ThreadSanitizer build. A mutation the suite does not catch is a hole in the tests.
+
+    /work/main/.venv/bin/python tests/cuda_emu/mutate.py [NAME_PREFIX ...]
+
+Prints one line per mutation: caught (and how) or MISSED. Takes a few minutes; not part of the
+pytest run.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+
+# name: (file under csrc, text, replacement, sanitizer or None, pytest -k selection)
+MUTATIONS = {
+    "client_stats: no barrier before the warp totals are merged": (
+        "cuda/client_stats.cu", "  if (lane == 0) warp_totals[warp] = s;\n  __syncthreads();\n",
+        "  if (lane == 0) warp_totals[warp] = s;\n", None, "client_stats or clip_rows"),
+    "client_stats: warp sum skips the offset-16 step": (
+        "cuda/client_stats.cu", "warp_sum(double x) {\n  for (int offset = 16;",
+        "warp_sum(double x) {\n  for (int offset = 8;", None, "client_stats or clip_rows"),
+    "topk: no barrier after block_rank reads the warp counts": (
+        "cuda/topk.cu", "  __syncthreads();\n  return before + __popc", "  return before + __popc", None, "topk"),
+    "topk: inclusive scan adds lanes below the offset": (
+        "cuda/topk.cu", "    if (lane >= offset) x += y;", "    x += y;", None, "topk"),
+    "pairwise: no barrier before the next tile overwrites shared memory": (
+        "cuda/pairwise.cu", "    __syncthreads();\n  }\n  double* out", "  }\n  double* out", None, "pairwise"),
+    "rlr: no barrier after thread 0 stores the weight total": (
+        "cuda/sign_votes.cu", "    weight_total = total;\n  }\n  __syncthreads();\n",
+        "    weight_total = total;\n  }\n", None, "rlr"),
+    "maxpool: the first value of a window does not start the max": (
+        "cuda/maxpool.cu", "if ((a == 0 && b == 0) || window_takes(x, best))", "if (window_takes(x, best))", None,
+        "maxpool"),
+    "order_stats: register kernel reads one row too many": (
+        "cuda/order_stats.cu", "      if (i < n) {\n        const A x = load_acc(G + i * d + j);",
+        "      if (i <= n && i < N) {\n        const A x = load_acc(G + i * d + j);", None, "order_mean"),
+    "order_stats: global scratch one value short (ASan)": (
+        "cuda/order_stats.cu",
+        "plan.workspace_bytes += static_cast<size_t>(plan.blocks) * plan.threads * n * acc_size;",
+        "plan.workspace_bytes += static_cast<size_t>(plan.blocks) * plan.threads * n * acc_size - acc_size;",
+        "address", "large_n"),
+    "topk: no barrier after block_rank reads the warp counts (TSan)": (
+        "cuda/topk.cu", "  __syncthreads();\n  return before + __popc", "  return before + __popc", "thread",
+        "every_schedule and topk_abs"),
+    "client_stats: no barrier before the warp totals are merged (TSan)": (
+        "cuda/client_stats.cu", "  if (lane == 0) warp_totals[warp] = s;\n  __syncthreads();\n",
+        "  if (lane == 0) warp_totals[warp] = s;\n", "thread", "every_schedule and client_stats"),
+}
+
+_RUNTIMES = {"address": "libasan.so", "thread": "libtsan.so"}
+
+
+def _preload(runtime: str) -> str:
+    cxx = os.environ.get("CXX_EMU") or shutil.which("g++")
+    paths = [subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+             for name in (runtime, "libstdc++.so")]
+    return " ".join(paths)
+
+
+def run(name: str, work: Path) -> str:
+    path, text, replacement, sanitizer, selection = MUTATIONS[name]
+    csrc = work / "csrc"
+    shutil.rmtree(csrc, ignore_errors=True)
+    shutil.copytree(ROOT / "csrc", csrc)
+    source = (csrc / path).read_text()
+    if text not in source:
+        return "NOT APPLICABLE (the source changed; update the mutation)"
+    (csrc / path).write_text(source.replace(text, replacement, 1))
+    env = dict(os.environ, ROBUSTAGG_EMU_CSRC=str(csrc), ROBUSTAGG_EMU_CACHE=str(work / "cache"))
+    if sanitizer is not None:
+        env.update(ROBUSTAGG_EMU_SANITIZER=sanitizer, ROBUSTAGG_EMU_SCHEDULES="ascending",
+                   LD_PRELOAD=_preload(_RUNTIMES[sanitizer]), ASAN_OPTIONS="detect_leaks=0", OMP_NUM_THREADS="1")
+        selection = f"({selection}) and not asan and not tsan and not emulator"
+    no_capture = ["-s"] if sanitizer is not None else []  # the sanitizer's report goes to stderr
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_cuda_emulated.py"), "-q", "-x",
+                           *no_capture, "-p", "no:cacheprovider", "-k", selection], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode == 0:
+        return "MISSED"
+    if "AddressSanitizer" in proc.stderr or "ThreadSanitizer" in proc.stderr:
+        return f"caught by {sanitizer} (exit {proc.returncode})"
+    if proc.returncode < 0:
+        return f"caught: the test process died of signal {-proc.returncode}"
+    failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+    return f"caught: {failed[0][:110]}" if failed else f"caught: test process exit {proc.returncode}"
+
+
+def main(prefixes: list[str]) -> int:
+    missed = 0
+    with tempfile.TemporaryDirectory(prefix="cuda_emu_mutate_") as tmp:
+        for name in MUTATIONS:
+            if prefixes and not any(name.startswith(p) for p in prefixes):
+                continue
+            verdict = run(name, Path(tmp))
+            missed += verdict.startswith(("MISSED", "NOT"))
+            print(f"{name}: {verdict}", flush=True)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
