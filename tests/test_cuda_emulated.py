@@ -258,6 +258,38 @@ def test_emulator_rejects_a_launch_on_another_stream(emu):
         emu.call("emu_selftest_wrong_stream", out.data_ptr())
 
 
+def test_rewrite_of_launches_shared_memory_and_launch_bounds():
+    source = """// a comment about kernel<<<grid, block>>> is left alone
+template <typename T>
+__global__ void __launch_bounds__(kThreads) scale_kernel(T* x, int n) {
+  extern __shared__ unsigned char raw[];
+  __shared__ float totals[kWarps][2];
+  x[0] = raw[0] + totals[0][0];
+}
+void launch(float* x, cudaStream_t stream) {
+  scale_kernel<float><<<dim3(static_cast<unsigned int>(4), 2),
+                        kThreads, 64, stream>>>(x, 3);
+}
+"""
+    out = build.rewrite(source, "example.cu")
+    assert out.count("\n") == source.count("\n")  # line numbers are kept
+    assert "// a comment about kernel<<<grid, block>>> is left alone" in out
+    assert ('::cuda_emu::launcher("scale_kernel<float>", scale_kernel<float>, dim3(static_cast<unsigned int>(4), 2),'
+            "\n                        kThreads, 64, stream)(x, 3);") in out
+    assert "unsigned char* const raw = static_cast<unsigned char*>(::cuda_emu::dynamic_shared());" in out
+    assert "__shared__ float totals[kWarps][2]; ::cuda_emu::fresh_shared(&totals, sizeof(totals));" in out
+    assert "T* x, int n) { ::cuda_emu::check_launch_bounds(kThreads);" in out
+
+
+@pytest.mark.parametrize("source, message", [
+    ("void f() { if (ok) kernel<<<1, 32>>>(x); }", "must stand alone on its line"),
+    ("void f() {\n  kernel<<<1, 32;\n}", "without its >>>"),
+], ids=["launch-inside-expression", "unterminated-launch"])
+def test_rewrite_refuses_what_it_does_not_understand(source, message):
+    with pytest.raises(build.RewriteError, match=message):
+        build.rewrite(source, "example.cu")
+
+
 def test_half_and_bfloat16_shims_round_like_torch(emu):
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(20000, generator=g) * 10.0 ** torch.randint(-9, 9, (20000,), generator=g),
