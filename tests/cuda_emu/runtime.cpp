@@ -106,7 +106,7 @@ struct Context {
 
 extern "C" void cuda_emu_switch(void** save_sp, void* load_sp);
 asm(R"(
-  .text
+  .pushsection .text
   .globl cuda_emu_switch
   .hidden cuda_emu_switch
   .type cuda_emu_switch, @function
@@ -133,6 +133,7 @@ cuda_emu_switch:
   popq %rbp
   ret
   .size cuda_emu_switch, .-cuda_emu_switch
+  .popsection
 )");
 
 void switch_context(Context& save, Context& load) { cuda_emu_switch(&save.sp, load.sp); }
@@ -232,7 +233,9 @@ std::string launch_name() {
   return s.str();
 }
 
-[[noreturn]] void fail(const std::string& what) { throw Error("cuda_emu: " + launch_name() + ": " + what); }
+[[noreturn]] void fail(const std::string& what) {
+  throw Error("cuda_emu: " + launch_name() + ": " + what + "\n  (launched as " + g_launch.signature + ")");
+}
 
 const char* op_name(WarpOp op) {
   switch (op) {
