@@ -31,9 +31,10 @@ showing that it catches what it should.
 
 What the emulator cannot see: timing; races between blocks (they run one after another here,
 although descending and shuffled block orders change any result that depends on their order);
-memory-model effects such as a stale __ldg of data written in the same kernel; and grid-stride
-loops beyond the first pass, except for clip_rows' columns and the direct pairwise distances
-(the other kernels need millions of threads before they stride).
+memory-model effects such as a stale __ldg of data written in the same kernel. Grid-stride loops
+are exercised where the grid cap is reachable with a few million threads (sign votes, register
+order statistics, max-pool, clip_rows, direct pairwise distances), not in the shared-memory order
+statistics or the pairwise Gram kernels.
 
 tests/cuda_emu/mutate.py checks this suite against deliberately broken copies of the kernels.
 """
@@ -748,6 +749,54 @@ def test_pairwise_flags_nonfinite_rows(emu):
     G = with_bad_rows(torch.randn(9, 300, generator=torch.Generator().manual_seed(3)))
     _, bad = emulate(emu, "pairwise_cosine", G)
     assert torch.equal(bad, CPU.pairwise_cosine(G)[1]) and bad.sum() == len(BAD)
+
+
+# ---------------------------------------------------------------- grid-stride loops
+#
+# The 1-D kernels cap their grids at 65535 blocks (common.cuh's grid_for) and stride over the rest;
+# these shapes are the smallest that make them stride. One schedule each: the point is the
+# coordinates only the second pass reaches.
+
+def test_sign_sum_grid_stride(emu):
+    d = 65535 * 256 + 1000
+    G = torch.randn(1, d, generator=torch.Generator().manual_seed(41))
+    G[0, -3:] = torch.tensor([0.0, -2.0, float("nan")])
+    sums, bad = emulate(emu, "sign_sum", G, schedules=(ASCENDING,))
+    assert torch.equal(sums, CPU.sign_sum(G)[0]) and sums[-3:].tolist() == [0, -1, 0]
+    assert bad.tolist() == [True]
+
+
+@pytest.mark.parametrize("op", ["order_mean", "invariant"])
+def test_order_statistics_register_kernel_grid_stride(emu, op):
+    d = 65535 * 128 + 1000
+    G = torch.randn(3, d, generator=torch.Generator().manual_seed(42))
+    args = (1, 2) if op == "order_mean" else (1, 2, 3)
+    out = emulate(emu, op, G, *args, schedules=(ASCENDING,))
+    for a, b in zip(out, getattr(CPU, op)(G, *args)):
+        assert_bitwise(a, b, op)
+
+
+@pytest.mark.parametrize("restore", [False, True])
+def test_maxpool_amplify_grid_stride_over_rows(emu, restore):
+    # 100 blocks of windows leave room for 81 row blocks: rows 81..99 come from the row stride.
+    d, layout = 256 * 100, robustagg.layout.Layout.flat(160)
+    G = torch.randn(100, d, generator=torch.Generator().manual_seed(43))
+    table = layout.segment_table(d, 2, restore)
+    width = d if restore else layout.pooled_width(d, 2)
+    out, _ = emulate(emu, "maxpool_amplify", G, table, 2, restore, width, schedules=(ASCENDING,))
+    assert_bitwise(out, CPU.maxpool_amplify(G, table, 2, restore, width)[0])
+
+
+def test_maxpool_amplify_grid_stride_over_work_items(emu):
+    # More pass-through values and 1 x 1 windows than 8192 blocks of 256 threads.
+    d = 8192 * 256 + 5000
+    layout = robustagg.layout.Layout.from_shapes([(d - 4000,), (40, 100)])
+    G = torch.randn(1, d, generator=torch.Generator().manual_seed(44))
+    G[0, -1] = float("inf")
+    table = layout.segment_table(d, 1, False)
+    out, bad = emulate(emu, "maxpool_amplify", G, table, 1, False, d, schedules=(ASCENDING,))
+    assert_bitwise(out, CPU.maxpool_amplify(G, table, 1, False, d)[0])
+    assert bad.tolist() == [True]
 
 
 # ---------------------------------------------------------------- every schedule
