@@ -889,11 +889,12 @@ def test_asan_catches_out_of_bounds_shared_memory(asan, kind, report):
 
 @SANITIZER_SKIP
 def test_asan_memcheck_of_every_op(asan):
-    # Every op test of this module on the ASan build, under one schedule to bound the time.
+    # Every op test of this module on the ASan build, under one schedule to bound the time (and
+    # without the two largest grid-stride cases: 16.8M and 8.4M threads of plain indexing).
     _, env = asan
     env = dict(env, ROBUSTAGG_EMU_SCHEDULES="ascending")
     proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x",
-                           "-k", "not asan"],
+                           "-k", "not asan and not (grid_stride and (sign_sum or register_kernel))"],
                           env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
     output = proc.stdout[-3000:] + proc.stderr[-6000:]
     assert proc.returncode == 0 and "AddressSanitizer" not in proc.stderr.replace(
