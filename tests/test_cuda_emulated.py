@@ -857,18 +857,22 @@ def _preload(runtime: str) -> str | None:
     return " ".join(paths)
 
 
+def _sanitizer_build(tmp_path_factory, sanitizer, runtime, **env):
+    """(library path, environment) of the build with -fsanitize=<sanitizer>; skipped with the reason
+    where g++ lacks the sanitizer's runtime."""
+    preload = _preload(runtime)
+    if preload is None:
+        pytest.skip(f"g++ has no {runtime}: the -fsanitize={sanitizer} build is not available")
+    cache = Path(os.environ.get("ROBUSTAGG_EMU_CACHE") or tmp_path_factory.mktemp(f"cuda_emu_{sanitizer}"))
+    cache.mkdir(parents=True, exist_ok=True)
+    lib = build.build(cache, sanitizer=sanitizer, csrc=CSRC)
+    return lib, dict(os.environ, ROBUSTAGG_EMU_SANITIZER=sanitizer, ROBUSTAGG_EMU_CACHE=str(cache),
+                     LD_PRELOAD=preload, **env)
+
+
 @pytest.fixture(scope="session")
 def asan(tmp_path_factory):
-    """(library path, environment) of the ASan build; skipped with the reason where g++ has no libasan."""
-    preload = _preload("libasan.so")
-    if preload is None:
-        pytest.skip("g++ has no libasan: the AddressSanitizer build is not available")
-    cache = Path(os.environ.get("ROBUSTAGG_EMU_CACHE") or tmp_path_factory.mktemp("cuda_emu_asan"))
-    cache.mkdir(parents=True, exist_ok=True)
-    lib = build.build(cache, sanitizer="address", csrc=CSRC)
-    env = dict(os.environ, ROBUSTAGG_EMU_SANITIZER="address", ROBUSTAGG_EMU_CACHE=str(cache), LD_PRELOAD=preload,
-               ASAN_OPTIONS="detect_leaks=0:halt_on_error=1")
-    return lib, env
+    return _sanitizer_build(tmp_path_factory, "address", "libasan.so", ASAN_OPTIONS="detect_leaks=0:halt_on_error=1")
 
 
 @SANITIZER_SKIP
@@ -912,16 +916,8 @@ def test_asan_memcheck_of_every_op(asan):
 
 @pytest.fixture(scope="session")
 def tsan(tmp_path_factory):
-    """(library path, environment) of the TSan build; skipped with the reason where g++ has no libtsan."""
-    preload = _preload("libtsan.so")
-    if preload is None:
-        pytest.skip("g++ has no libtsan: the ThreadSanitizer build is not available")
-    cache = Path(os.environ.get("ROBUSTAGG_EMU_CACHE") or tmp_path_factory.mktemp("cuda_emu_tsan"))
-    cache.mkdir(parents=True, exist_ok=True)
-    lib = build.build(cache, sanitizer="thread", csrc=CSRC)
-    env = dict(os.environ, ROBUSTAGG_EMU_SANITIZER="thread", ROBUSTAGG_EMU_CACHE=str(cache), LD_PRELOAD=preload,
-               TSAN_OPTIONS="halt_on_error=1", OMP_NUM_THREADS="1")
-    return lib, env
+    return _sanitizer_build(tmp_path_factory, "thread", "libtsan.so", TSAN_OPTIONS="halt_on_error=1",
+                            OMP_NUM_THREADS="1")
 
 
 @SANITIZER_SKIP
