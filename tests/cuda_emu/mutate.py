@@ -5,7 +5,7 @@ wrong (a missing barrier, a wrong warp-shuffle offset, an off-by-one workspace, 
 runs the part of the suite that should notice, on the plain, the AddressSanitizer or the
 ThreadSanitizer build. A mutation the suite does not catch is a hole in the tests.
 
-    /work/main/.venv/bin/python tests/cuda_emu/mutate.py [NAME_PREFIX ...]
+    python tests/cuda_emu/mutate.py [NAME_PREFIX ...]
 
 Prints one line per mutation: caught (and how) or MISSED. Takes a few minutes; not part of the
 pytest run.
@@ -34,6 +34,11 @@ MUTATIONS = {
         "cuda/topk.cu", "  __syncthreads();\n  return before + __popc", "  return before + __popc", None, "topk"),
     "topk: inclusive scan adds lanes below the offset": (
         "cuda/topk.cu", "    if (lane >= offset) x += y;", "    x += y;", None, "topk"),
+    "topk: keys leaving the running above the prefix are counted only in the last digit pass": (
+        "cuda/topk.cu", "above_prefix[blockIdx.x] += sum;", "above_prefix[blockIdx.x] = sum;", None, "topk"),
+    "topk: a buffer pass keeps every candidate instead of those matching the prefix": (
+        "cuda/topk.cu", "if (match) keys[begin + slot + rank] = key;",
+        "if (i < length) keys[begin + slot + rank] = key;", None, "topk"),
     "pairwise: no barrier before the next tile overwrites shared memory": (
         "cuda/pairwise.cu", "    __syncthreads();\n  }\n  double* out", "  }\n  double* out", None, "pairwise"),
     "rlr: no barrier after thread 0 stores the weight total": (
