@@ -1,4 +1,6 @@
-"""Exceptions shared by the ops and the aggregators."""
+"""Exceptions and argument checks shared by the ops and the aggregators."""
+import math
+import numbers
 
 
 class NonFiniteUpdateError(ValueError):
@@ -20,3 +22,34 @@ class NonFiniteUpdateError(ValueError):
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this call; the message says why."""
+
+
+def check_int(owner: str, name: str, value, lo: int, hi: int | None = None, why: str = "") -> int:
+    """An int in [lo, hi], else an error naming the argument, the value and the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be an int, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{owner}: {name}={value} is out of range; allowed {allowed}{why}")
+    return value
+
+
+def check_float(owner: str, name: str, value, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False) -> float:
+    """A finite real in [lo, hi] (or (lo, hi] with ``lo_open``), else an error naming the argument,
+    the value and the allowed range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    below = lo is not None and (value <= lo if lo_open else value < lo)
+    if not math.isfinite(value) or below or (hi is not None and value > hi):
+        opening = "(" if lo_open else "["
+        if lo is not None and hi is not None:
+            allowed = f"in {opening}{lo}, {hi}]"
+        elif lo is not None:
+            allowed = f"{'>' if lo_open else '>='} {lo}"
+        else:
+            allowed = f"<= {hi}" if hi is not None else "finite"
+        raise ValueError(f"{owner}: {name}={value} is out of range; allowed {allowed} (and finite)")
+    return value

@@ -20,14 +20,13 @@ float16 row norm cannot overflow.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 
 from . import _backend
 from . import _fake  # noqa: F401  (registers the fake implementations)
-from ._errors import NonFiniteUpdateError
+from ._errors import NonFiniteUpdateError, check_float, check_int
 from .layout import Layout
 from .reference import acc_dtype
 
@@ -69,28 +68,6 @@ def _check_vector(x, op: str, name: str) -> torch.Tensor:
 def _check_dtype(x, op, name):
     if x.dtype not in DTYPES:
         raise TypeError(f"{op}: {name} has dtype {x.dtype}; supported dtypes are float16, bfloat16, float32, float64")
-
-
-def _check_int(value, op: str, name: str, lo: int, hi: int | None = None, why: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{op}: {name} must be an int, got {value!r} ({type(value).__name__})")
-    value = int(value)
-    if value < lo or (hi is not None and value > hi):
-        allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{op}: {name}={value} is out of range; allowed {allowed}{why}")
-    return value
-
-
-def _check_float(value, op: str, name: str, lo: float | None = None, hi: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a real number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    bad = not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi)
-    if bad:
-        allowed = {(True, True): f"in [{lo}, {hi}]", (True, False): f">= {lo}",
-                   (False, True): f"<= {hi}", (False, False): "finite"}[(lo is not None, hi is not None)]
-        raise ValueError(f"{op}: {name}={value} is out of range; allowed {allowed} (and finite)")
-    return value
 
 
 def _check_policy(nonfinite, op, allowed=POLICIES):
@@ -181,8 +158,8 @@ def sign_agreement(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
 # ---------------------------------------------------------------- §4.2 order statistics
 
 def _order_bounds(op, lo, hi, rows):
-    lo = _check_int(lo, op, "lo", 0, rows.n - 1, rows.why())
-    hi = _check_int(hi, op, "hi", lo + 1, rows.n, f" (lo={lo} < hi <= n){rows.why()}")
+    lo = check_int(op, "lo", lo, 0, rows.n - 1, rows.why())
+    hi = check_int(op, "hi", hi, lo + 1, rows.n, f" (lo={lo} < hi <= n){rows.why()}")
     return lo, hi
 
 
@@ -204,7 +181,7 @@ def order_mean(G, lo: int, hi: int, *, nonfinite="raise", backend=None) -> torch
 
 
 def _trim_bounds(op, trim, rows):
-    trim = _check_int(trim, op, "trim", 0, (rows.n - 1) // 2,
+    trim = check_int(op, "trim", trim, 0, (rows.n - 1) // 2,
                       f": n - 2*trim must be >= 1 so that a value is left{rows.why()}")
     return trim, rows.n - trim
 
@@ -261,7 +238,7 @@ def invariant(G, tau: float, trim: int, strict: bool = True, *, return_mask: boo
     """
     op = "invariant"
     G = _check_matrix(G, op)
-    tau = _check_float(tau, op, "tau", 0.0, 1.0)
+    tau = check_float(op, "tau", tau, 0.0, 1.0)
     if not isinstance(strict, bool):
         raise TypeError(f"{op}: strict must be a bool, got {strict!r}")
 
@@ -281,7 +258,7 @@ def invariant_ranks(G, tau: float, lo: int, hi: int, strict: bool = True, *, ret
     """
     op = "invariant"
     G = _check_matrix(G, op)
-    tau = _check_float(tau, op, "tau", 0.0, 1.0)
+    tau = check_float(op, "tau", tau, 0.0, 1.0)
 
     def run(fn, X, rows, kept=None):
         a, b = _order_bounds(op, lo, hi, rows)
@@ -316,10 +293,10 @@ def rlr(G, theta: int, weights=None, server_lr: float = 1.0, *, nonfinite="raise
     G = _check_matrix(G, op)
     n = G.shape[0]
     w = _check_weights(weights, op, n, G)
-    server_lr = _check_float(server_lr, op, "server_lr")
+    server_lr = check_float(op, "server_lr", server_lr)
 
     def run(fn, X, rows, kept=None):
-        th = _check_int(theta, op, "theta", 0, rows.n, f" (a vote count){rows.why()}")
+        th = check_int(op, "theta", theta, 0, rows.n, f" (a vote count){rows.why()}")
         wk = w if (w is None or kept is None) else w.index_select(0, kept)
         if wk is not None and float(wk.sum()) <= 0:
             raise ValueError(f"{op}: the weights of the finite rows sum to 0{rows.why()}")
@@ -361,8 +338,8 @@ def client_stats(G, window: tuple[int, int] | None = None, ref=None, *, nonfinit
     else:
         if not isinstance(window, (tuple, list)) or len(window) != 2:
             raise TypeError(f"{op}: window must be a (start, length) tuple or None, got {window!r}")
-        start = _check_int(window[0], op, "window start", 0, d - 1, f" for d={d}")
-        length = _check_int(window[1], op, "window length", 1, d - start, f" (start={start}, d={d})")
+        start = check_int(op, "window start", window[0], 0, d - 1, f" for d={d}")
+        length = check_int(op, "window length", window[1], 1, d - start, f" (start={start}, d={d})")
     if ref is not None:
         ref = _check_vector(ref, op, "ref")
         if ref.shape[0] != d:
@@ -389,7 +366,7 @@ def clip_rows(G, max_norm, *, nonfinite="raise", backend=None) -> torch.Tensor:
         if not bool(torch.isfinite(bound).all()) or bool((bound < 0).any()):
             raise ValueError(f"{op}: max_norm must be finite and >= 0, got min={bound.min().item()}")
     else:
-        value = _check_float(float(max_norm) if isinstance(max_norm, torch.Tensor) else max_norm, op, "max_norm", 0.0)
+        value = check_float(op, "max_norm", float(max_norm) if isinstance(max_norm, torch.Tensor) else max_norm, 0.0)
         bound = torch.full((n,), value, dtype=acc, device=G.device)
     (out,), _ = _per_client(op, G, nonfinite, backend, lambda fn, X: fn(X, bound), row_outputs=(0,))
     return out
@@ -398,7 +375,7 @@ def clip_rows(G, max_norm, *, nonfinite="raise", backend=None) -> torch.Tensor:
 # ---------------------------------------------------------------- §4.6 top-k with error feedback
 
 def _check_k(k, op):
-    return _check_int(k, op, "k", 0)
+    return check_int(op, "k", k, 0)
 
 
 def _raise_vector_nonfinite(op, name, x):
@@ -426,7 +403,7 @@ def topk_ef_step(u, error, momentum, k: int, rho: float, *, nonfinite="raise", b
             raise ValueError(f"{op}: {name} is {tuple(t.shape)} {t.dtype} on {t.device}; it must match u: "
                              f"{tuple(u.shape)} {u.dtype} on {u.device}")
     k = _check_k(k, op)
-    rho = _check_float(rho, op, "rho", 0.0)
+    rho = check_float(op, "rho", rho, 0.0)
     fn = _backend.kernel(op, _backend.select(op, u.device, backend))
     e = error if error.is_contiguous() else error.contiguous()
     m = momentum if momentum.is_contiguous() else momentum.contiguous()
@@ -467,7 +444,7 @@ def maxpool_amplify(G, layout: Layout, kernel: int = 2, restore: bool = False, *
     if not isinstance(layout, Layout):
         raise TypeError(f"{op}: layout must be a robustagg.layout.Layout (Layout.from_shapes or Layout.flat), "
                         f"got {type(layout).__name__}")
-    kernel = _check_int(kernel, op, "kernel", 1)
+    kernel = check_int(op, "kernel", kernel, 1)
     if not isinstance(restore, bool):
         raise TypeError(f"{op}: restore must be a bool, got {restore!r}")
     d = G.shape[1]

@@ -11,14 +11,12 @@ n x n tensors, and on [d] vectors after G has been reduced.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, field
 
 import torch
 
 from .. import ops
-from .._errors import NonFiniteUpdateError
+from .._errors import NonFiniteUpdateError, check_float, check_int  # noqa: F401  (re-exported to the aggregators)
 from ..layout import flatten
 
 POLICIES = ("drop", "raise", "propagate")
@@ -152,32 +150,6 @@ class Clients:
 
 
 # ---------------------------------------------------------------- argument checks
-
-def check_int(owner: str, name: str, value, lo: int, hi: int | None = None, why: str = "") -> int:
-    """An int in [lo, hi], else an error naming the argument, the value and the allowed range."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{owner}: {name} must be an int, got {value!r} ({type(value).__name__})")
-    value = int(value)
-    if value < lo or (hi is not None and value > hi):
-        allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{owner}: {name}={value} is out of range; allowed {allowed}{why}")
-    return value
-
-
-def check_float(owner: str, name: str, value, lo: float | None = None, hi: float | None = None,
-                lo_open: bool = False) -> float:
-    """A finite real in [lo, hi] (or (lo, hi] with ``lo_open``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}: {name} must be a real number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    below = lo is not None and (value <= lo if lo_open else value < lo)
-    if not math.isfinite(value) or below or (hi is not None and value > hi):
-        low = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
-        high = "" if hi is None else f"<= {hi}"
-        allowed = " and ".join(x for x in (low, high) if x) or "finite"
-        raise ValueError(f"{owner}: {name}={value} is out of range; allowed {allowed} (and finite)")
-    return value
-
 
 def check_choice(owner: str, name: str, value, choices) -> str:
     if value not in choices:
