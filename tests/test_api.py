@@ -229,3 +229,48 @@ def test_auto_selection_prefers_compiled_kernels():
         expected = next(b for b in ("cuda", "triton", "torch")
                         if _backend._unavailable_reason(b, "order_mean", DEVICE) is None)
     assert _backend.select("order_mean", DEVICE, None) == expected
+
+
+# The raw torch.ops.robustagg.* entry points check their own arguments (csrc/checks.h, shared by
+# the cpu and cuda registrations), so a bad size reaching them is an error, never a bad address.
+RAW = torch.ops.robustagg
+
+
+def _raw_backends():
+    return [d for d, b in (("cpu", "cpu"), ("cuda", "cuda")) if robustagg.available_backends()[b] == "available"]
+
+
+def _segments(*rows):
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("device", _raw_backends())
+@pytest.mark.parametrize("call, match", [
+    (lambda G: RAW.order_mean(G, 3, 3), r"order_mean: lo=3, hi=3 are out of range; allowed 0 <= lo < hi <= n=5"),
+    (lambda G: RAW.invariant(G, 0, 5, 7), r"invariant: min_votes=7 is out of range; allowed \[0, 6\]"),
+    (lambda G: RAW.rlr(G, None, 6, 1.0), r"rlr: theta=6 is out of range; allowed \[0, 5\]"),
+    (lambda G: RAW.rlr(G, torch.ones(4, device=G.device), 1, 1.0), r"rlr: weights must have shape \(5,\)"),
+    (lambda G: RAW.client_stats(G, 7, 1, None), r"client_stats: window_start=7 is out of range; allowed \[0, 6\]"),
+    (lambda G: RAW.client_stats(G, 2, 6, None), r"client_stats: window_length=6 is out of range; allowed \[1, 5\]"),
+    (lambda G: RAW.client_stats(G, 0, 1, G[0, :6]), r"client_stats: ref must be \(7,\)"),
+    (lambda G: RAW.clip_rows(G, torch.ones(3)), r"clip_rows: max_norm must have shape \(5,\)"),
+    (lambda G: RAW.sign_sum(G[0]), r"sign_sum: G must be 2-D \(n, d\)"),
+    (lambda G: RAW.sign_sum(G.int()), r"sign_sum: G has dtype Int; supported dtypes are float16"),
+    (lambda G: RAW.topk_abs(G[0], -1), r"topk_abs: k=-1 is out of range; allowed >= 0"),
+    (lambda G: RAW.topk_ef_step(G[0], G[1], G[2, :6].clone(), 2, 0.0),
+     r"topk_ef_step: error and momentum must match u's shape"),
+    (lambda G: RAW.maxpool_amplify(G, _segments((0, 2, 3, 1, 0)), 0, False, 7),
+     r"maxpool_amplify: kernel=0 is out of range; allowed >= 1"),
+    (lambda G: RAW.maxpool_amplify(G, _segments((4, 2, 2, 1, 0)), 2, False, 7),
+     r"maxpool_amplify: segment 0 \(offset 4, rows 2, cols 2\) does not fit in d=7"),
+    (lambda G: RAW.maxpool_amplify(G, _segments((0, 2, 2**62, 0, 0)), 2, False, 7),
+     r"segment 0 \(offset 0, rows 2, cols 4611686018427387904\) does not fit in d=7"),
+    (lambda G: RAW.maxpool_amplify(G, _segments((0, 2, 3, 0, 2)), 2, False, 7),
+     r"maxpool_amplify: segment 0 writes 6 values at output offset 2, outside the output row of width 7"),
+    (lambda G: RAW.maxpool_amplify(G, _segments((0, 2, 3, 1, 1)), 2, True, 7),
+     r"with restore=True segment 0 must write where it reads"),
+])
+def test_raw_ops_reject_bad_arguments_with_the_same_message_on_every_backend(device, call, match):
+    G = torch.randn(5, 7, device=device)
+    with pytest.raises(RuntimeError, match=match):
+        call(G)

@@ -15,6 +15,7 @@
 #include <optional>
 #include <tuple>
 
+#include "checks.h"
 #include "cuda/launch.h"
 
 // `import robustagg._C_cuda` loads this library, whose static initializers register the kernels.
@@ -47,40 +48,15 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA error ", cudaGetErrorName(err), ": ", cudaGetErrorString(err));
 }
 
-at::ScalarType arithmetic_dtype(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+using checks::arithmetic_dtype;
+using checks::row_flags;
+using checks::row_vector_arg;
 
-void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the cuda backend, got one on ", t.device());
-  const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble, op, ": ", name,
-              " has dtype ", dt, "; supported dtypes are float16, bfloat16, float32, float64");
-}
-
-// G as a contiguous, non-empty [n, d] CUDA matrix of a supported dtype.
-at::Tensor matrix_arg(const at::Tensor& G, const char* op) {
-  check_cuda(G, op, "G");
-  TORCH_CHECK(G.dim() == 2, op, ": G must be 2-D (n, d), got shape ", G.sizes());
-  TORCH_CHECK(G.size(0) > 0 && G.size(1) > 0, op, ": G must have n >= 1 rows and d >= 1 columns, got ", G.sizes());
-  return G.contiguous();
-}
+at::Tensor matrix_arg(const at::Tensor& G, const char* op) { return checks::matrix_arg(G, op, at::kCUDA); }
 
 at::Tensor vector_arg(const at::Tensor& x, const char* op, const char* name) {
-  check_cuda(x, op, name);
-  TORCH_CHECK(x.dim() == 1 && x.size(0) > 0, op, ": ", name, " must be 1-D with at least 1 element, got shape ",
-              x.sizes());
-  return x.contiguous();
+  return checks::vector_arg(x, op, name, at::kCUDA);
 }
-
-// A per-row vector (weights, max_norm) in the arithmetic type on G's device.
-at::Tensor row_vector_arg(const at::Tensor& v, const at::Tensor& G, const char* op, const char* name) {
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == G.size(0), op, ": ", name, " must have shape (", G.size(0),
-              ",), one per row of G, got ", v.sizes());
-  return v.to(G.device(), arithmetic_dtype(G)).contiguous();
-}
-
-at::Tensor row_flags(const at::Tensor& G) { return at::empty({G.size(0)}, G.options().dtype(at::kBool)); }
 
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))}, like.options().dtype(at::kByte));
@@ -112,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> rlr(const at::Tensor& G_in, const std::option
   const at::Tensor G = matrix_arg(G_in, "rlr");
   const int64_t n = G.size(0), d = G.size(1);
   check_rows_fit_int(n, "rlr");
-  TORCH_CHECK(theta >= 0 && theta <= n, "rlr: theta=", theta, " is out of range; allowed [0, ", n, "]");
+  checks::check_count(theta, 0, n, "rlr", "theta");
   const c10::cuda::CUDAGuard guard(G.device());
   at::Tensor weights;
   if (weights_in.has_value()) weights = row_vector_arg(*weights_in, G, "rlr", "weights");
@@ -129,16 +105,11 @@ std::tuple<at::Tensor, at::Tensor> rlr(const at::Tensor& G_in, const std::option
 
 // ---- §4.2, §4.3 order statistics
 
-void check_ranks(int64_t lo, int64_t hi, int64_t n, const char* op) {
-  TORCH_CHECK(lo >= 0 && lo < hi && hi <= n, op, ": lo=", lo, ", hi=", hi, " are out of range; allowed 0 <= lo < hi <= n=",
-              n);
-}
-
 std::tuple<at::Tensor, at::Tensor> order_mean(const at::Tensor& G_in, int64_t lo, int64_t hi) {
   const at::Tensor G = matrix_arg(G_in, "order_mean");
   const int64_t n = G.size(0), d = G.size(1);
   check_rows_fit_int(n, "order_mean");
-  check_ranks(lo, hi, n, "order_mean");
+  checks::check_ranks(lo, hi, n, "order_mean");
   const c10::cuda::CUDAGuard guard(G.device());
   at::Tensor out = at::empty({d}, G.options()), bad = row_flags(G);
   const at::Tensor ws = workspace(cuda::order_stats_workspace_bytes(n, d, at::elementSize(arithmetic_dtype(G))), G);
@@ -155,9 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> invariant(const at::Tensor& G_in,
   const at::Tensor G = matrix_arg(G_in, "invariant");
   const int64_t n = G.size(0), d = G.size(1);
   check_rows_fit_int(n, "invariant");
-  check_ranks(lo, hi, n, "invariant");
-  TORCH_CHECK(min_votes >= 0 && min_votes <= n + 1, "invariant: min_votes=", min_votes,
-              " is out of range; allowed [0, ", n + 1, "]");
+  checks::check_ranks(lo, hi, n, "invariant");
+  checks::check_count(min_votes, 0, n + 1, "invariant", "min_votes");
   const c10::cuda::CUDAGuard guard(G.device());
   at::Tensor out = at::empty({d}, G.options()), mask = at::empty({d}, G.options().dtype(at::kBool));
   at::Tensor bad = row_flags(G);
@@ -178,18 +148,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> client_st
   const at::Tensor G = matrix_arg(G_in, "client_stats");
   const int64_t n = G.size(0), d = G.size(1);
   check_rows_fit_int(n, "client_stats");
-  TORCH_CHECK(window_start >= 0 && window_start < d, "client_stats: window_start=", window_start,
-              " is out of range; allowed [0, ", d - 1, "]");
-  TORCH_CHECK(window_length >= 1 && window_length <= d - window_start, "client_stats: window_length=", window_length,
-              " is out of range; allowed [1, ", d - window_start, "]");
+  checks::check_window(window_start, window_length, d);
   const c10::cuda::CUDAGuard guard(G.device());
   at::Tensor ref;
-  if (ref_in.has_value()) {
-    ref = vector_arg(*ref_in, "client_stats", "ref");
-    TORCH_CHECK(ref.size(0) == d && ref.scalar_type() == G.scalar_type() && ref.device() == G.device(),
-                "client_stats: ref must be (", d, ",) ", G.scalar_type(), " on ", G.device(), ", got ", ref.sizes(),
-                " ", ref.scalar_type(), " on ", ref.device());
-  }
+  if (ref_in.has_value()) ref = checks::reference_arg(*ref_in, G);
   const bool with_ref = ref.defined();
   const auto acc = G.options().dtype(arithmetic_dtype(G));
   at::Tensor norm = at::empty({n}, acc), frac = at::empty({n, 3}, acc);
@@ -231,13 +193,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_ef_step(const at::Tensor& u_
                                                             at::Tensor& momentum, int64_t k, double rho) {
   const at::Tensor u = vector_arg(u_in, "topk_ef_step", "u");
   const int64_t d = u.size(0);
-  TORCH_CHECK(k >= 0, "topk_ef_step: k=", k, " is out of range; allowed >= 0");
-  for (const at::Tensor* t : {&error, &momentum}) {
-    TORCH_CHECK(t->sizes() == u.sizes() && t->scalar_type() == u.scalar_type() && t->device() == u.device(),
-                "topk_ef_step: error and momentum must match u's shape ", u.sizes(), ", dtype ", u.scalar_type(),
-                " and device ", u.device(), ", got ", t->sizes(), " ", t->scalar_type(), " on ", t->device());
-    TORCH_CHECK(t->is_contiguous(), "topk_ef_step: error and momentum are updated in place and must be contiguous");
-  }
+  checks::check_k(k, "topk_ef_step");
+  checks::check_topk_state(u, error, momentum);
   const c10::cuda::CUDAGuard guard(u.device());
   const int64_t kk = std::min(k, d);
   at::Tensor indices = at::empty({kk}, u.options().dtype(at::kLong)), values = at::empty({kk}, u.options());
@@ -257,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_ef_step(const at::Tensor& u_
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_abs(const at::Tensor& x_in, int64_t k) {
   const at::Tensor x = vector_arg(x_in, "topk_abs", "x");
   const int64_t d = x.size(0);
-  TORCH_CHECK(k >= 0, "topk_abs: k=", k, " is out of range; allowed >= 0");
+  checks::check_k(k, "topk_abs");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t kk = std::min(k, d);
   at::Tensor indices = at::empty({kk}, x.options().dtype(at::kLong)), values = at::empty({kk}, x.options());
@@ -273,36 +230,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_abs(const at::Tensor& x_in, 
 
 // ---- §4.7 max-pool amplification
 
-// The kernel trusts the table for its addresses, so it is checked here (on a host copy; it is a
-// few hundred bytes).
-void check_segments(const at::Tensor& table, int64_t d, int64_t kernel, bool restore, int64_t out_width) {
-  const at::Tensor host = table.cpu();
-  const int64_t* t = host.data_ptr<int64_t>();
-  for (int64_t s = 0; s < host.size(0); ++s) {
-    const int64_t off = t[5 * s], rows = t[5 * s + 1], cols = t[5 * s + 2], out = t[5 * s + 4];
-    const bool pooled = t[5 * s + 3] != 0;
-    TORCH_CHECK(off >= 0 && rows >= 0 && cols >= 0 && off <= d && (cols == 0 || rows <= (d - off) / cols),
-                "maxpool_amplify: segment ", s, " (offset ", off, ", rows ", rows, ", cols ", cols,
-                ") does not fit in d=", d);
-    const int64_t written = restore ? rows * cols : (pooled ? (rows / kernel) * (cols / kernel) : rows * cols);
-    TORCH_CHECK(out >= 0 && written <= out_width - out && (!restore || out == off), "maxpool_amplify: segment ", s,
-                " writes [", out, ", ", out + written, ") outside the output row of width ", out_width);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> maxpool_amplify(const at::Tensor& G_in, const at::Tensor& segments_in,
                                                    int64_t kernel, bool restore, int64_t out_width) {
   const at::Tensor G = matrix_arg(G_in, "maxpool_amplify");
   const int64_t n = G.size(0), d = G.size(1);
-  TORCH_CHECK(kernel >= 1, "maxpool_amplify: kernel=", kernel, " is out of range; allowed >= 1");
-  TORCH_CHECK(segments_in.dim() == 2 && segments_in.size(1) == 5 && segments_in.scalar_type() == at::kLong,
-              "maxpool_amplify: segments must be int64[S, 5], got ", segments_in.scalar_type(), " ",
-              segments_in.sizes());
-  TORCH_CHECK(out_width >= 0 && (!restore || out_width == d), "maxpool_amplify: out_width=", out_width,
-              " is out of range; allowed >= 0 (== d=", d, " when restore)");
-  check_segments(segments_in, d, kernel, restore, out_width);
+  const at::Tensor table = checks::segment_table(segments_in, d, kernel, restore, out_width);
   const c10::cuda::CUDAGuard guard(G.device());
-  const at::Tensor segments = segments_in.to(G.device()).contiguous();
+  const at::Tensor segments = table.to(G.device());
   const int64_t S = segments.size(0);
   at::Tensor out = at::empty({n, out_width}, G.options()), bad = row_flags(G);
   const at::Tensor ws = workspace(cuda::maxpool_workspace_bytes(S), G);

@@ -1,0 +1,122 @@
+// Argument checks shared by the CPU registrations (csrc/ops.cpp) and the CUDA ones
+// (csrc/cuda/bindings.cpp), so that a bad argument gets the same message on every backend. Each
+// message names the op, the argument, its value and the allowed range. Torch-side only: the
+// kernels in csrc/cpu, csrc/cuda and csrc/core never include it.
+//
+// The public API (robustagg/ops.py) checks its arguments before it reaches a raw op; these guard
+// the raw torch.ops.robustagg.* entry points, where a bad size would otherwise become a bad address.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace robustagg::checks {
+
+// SPEC §2: float32 arithmetic for 16/32-bit storage, float64 for float64.
+inline at::ScalarType arithmetic_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A tensor of a supported dtype on the backend's device type.
+inline void check_tensor(const at::Tensor& t, const char* op, const char* name, c10::DeviceType device) {
+  const std::string backend = c10::DeviceTypeName(device, /*lower_case=*/true);
+  TORCH_CHECK(t.device().type() == device, op, ": ", name, " must be a ", backend, " tensor for the ", backend,
+              " backend, got one on ", t.device());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble, op, ": ", name,
+              " has dtype ", dt, "; supported dtypes are float16, bfloat16, float32, float64");
+}
+
+// G as a contiguous, non-empty [n, d] matrix.
+inline at::Tensor matrix_arg(const at::Tensor& G, const char* op, c10::DeviceType device) {
+  check_tensor(G, op, "G", device);
+  TORCH_CHECK(G.dim() == 2, op, ": G must be 2-D (n, d), got shape ", G.sizes());
+  TORCH_CHECK(G.size(0) > 0 && G.size(1) > 0, op, ": G must have n >= 1 rows and d >= 1 columns, got shape ",
+              G.sizes());
+  return G.contiguous();
+}
+
+// A contiguous, non-empty vector.
+inline at::Tensor vector_arg(const at::Tensor& x, const char* op, const char* name, c10::DeviceType device) {
+  check_tensor(x, op, name, device);
+  TORCH_CHECK(x.dim() == 1 && x.size(0) > 0, op, ": ", name, " must be 1-D with at least 1 element, got shape ",
+              x.sizes());
+  return x.contiguous();
+}
+
+// A per-row vector (weights, max_norm) in G's arithmetic dtype, on G's device.
+inline at::Tensor row_vector_arg(const at::Tensor& v, const at::Tensor& G, const char* op, const char* name) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == G.size(0), op, ": ", name, " must have shape (", G.size(0),
+              ",), one per row of G, got ", v.sizes());
+  return v.to(G.device(), arithmetic_dtype(G)).contiguous();
+}
+
+// The per-row non-finite flags every matrix op returns.
+inline at::Tensor row_flags(const at::Tensor& G) { return at::empty({G.size(0)}, G.options().dtype(at::kBool)); }
+
+inline void check_ranks(int64_t lo, int64_t hi, int64_t n, const char* op) {
+  TORCH_CHECK(lo >= 0 && lo < hi && hi <= n, op, ": lo=", lo, ", hi=", hi,
+              " are out of range; allowed 0 <= lo < hi <= n=", n);
+}
+
+inline void check_count(int64_t value, int64_t lo, int64_t hi, const char* op, const char* name) {
+  TORCH_CHECK(value >= lo && value <= hi, op, ": ", name, "=", value, " is out of range; allowed [", lo, ", ", hi,
+              "]");
+}
+
+inline void check_window(int64_t start, int64_t length, int64_t d) {
+  check_count(start, 0, d - 1, "client_stats", "window_start");
+  check_count(length, 1, d - start, "client_stats", "window_length");
+}
+
+// client_stats' reference vector: G's column count, dtype and device.
+inline at::Tensor reference_arg(const at::Tensor& ref_in, const at::Tensor& G) {
+  const at::Tensor ref = vector_arg(ref_in, "client_stats", "ref", G.device().type());
+  TORCH_CHECK(ref.size(0) == G.size(1) && ref.scalar_type() == G.scalar_type() && ref.device() == G.device(),
+              "client_stats: ref must be (", G.size(1), ",) ", G.scalar_type(), " on ", G.device(), ", got ",
+              ref.sizes(), " ", ref.scalar_type(), " on ", ref.device());
+  return ref;
+}
+
+inline void check_k(int64_t k, const char* op) {
+  TORCH_CHECK(k >= 0, op, ": k=", k, " is out of range; allowed >= 0");
+}
+
+// topk_ef_step's state, updated in place: u's shape, dtype and device, contiguous.
+inline void check_topk_state(const at::Tensor& u, const at::Tensor& error, const at::Tensor& momentum) {
+  for (const at::Tensor* t : {&error, &momentum}) {
+    TORCH_CHECK(t->sizes() == u.sizes() && t->scalar_type() == u.scalar_type() && t->device() == u.device(),
+                "topk_ef_step: error and momentum must match u's shape ", u.sizes(), ", dtype ", u.scalar_type(),
+                " and device ", u.device(), ", got ", t->sizes(), " ", t->scalar_type(), " on ", t->device());
+    TORCH_CHECK(t->is_contiguous(), "topk_ef_step: error and momentum are updated in place and must be contiguous");
+  }
+}
+
+// maxpool_amplify's arguments. Returns the segment table as a contiguous host copy (a few hundred
+// bytes): the kernels trust it for their addresses, so every segment must read inside a row of G
+// and write inside a row of the output. The products are bounded by divisions, so a hostile table
+// cannot overflow them.
+inline at::Tensor segment_table(const at::Tensor& segments, int64_t d, int64_t kernel, bool restore,
+                                int64_t out_width) {
+  TORCH_CHECK(kernel >= 1, "maxpool_amplify: kernel=", kernel, " is out of range; allowed >= 1");
+  TORCH_CHECK(segments.dim() == 2 && segments.size(1) == 5 && segments.scalar_type() == at::kLong,
+              "maxpool_amplify: segments must be int64[S, 5], got ", segments.scalar_type(), " ", segments.sizes());
+  TORCH_CHECK(restore ? out_width == d : out_width >= 0, "maxpool_amplify: out_width=", out_width,
+              restore ? " must equal d with restore=True" : " is out of range; allowed >= 0");
+  const at::Tensor table = segments.to(at::kCPU).contiguous();
+  const int64_t* t = table.data_ptr<int64_t>();
+  for (int64_t s = 0; s < table.size(0); ++s) {
+    const int64_t off = t[5 * s], rows = t[5 * s + 1], cols = t[5 * s + 2], pooled = t[5 * s + 3], out = t[5 * s + 4];
+    TORCH_CHECK(off >= 0 && rows >= 0 && cols >= 0 && off <= d && (cols == 0 || rows <= (d - off) / cols),
+                "maxpool_amplify: segment ", s, " (offset ", off, ", rows ", rows, ", cols ", cols,
+                ") does not fit in d=", d);
+    const int64_t written = restore || pooled == 0 ? rows * cols : (rows / kernel) * (cols / kernel);
+    TORCH_CHECK(out >= 0 && out <= out_width && written <= out_width - out, "maxpool_amplify: segment ", s,
+                " writes ", written, " values at output offset ", out, ", outside the output row of width ", out_width);
+    TORCH_CHECK(!restore || out == off, "maxpool_amplify: with restore=True segment ", s,
+                " must write where it reads (out_offset ", out, " != in_offset ", off, ")");
+  }
+  return table;
+}
+
+}  // namespace robustagg::checks
