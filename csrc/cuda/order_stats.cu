@@ -34,6 +34,20 @@ constexpr int kRegisterMaxN = 64;
 constexpr int kRegisterMaxFloatN = 128;  // float wires; 128 doubles would spill
 constexpr int kRegisterThreads = 128;
 
+// Coordinate j's result. mask == nullptr: order_mean's kept mean; otherwise the fused invariant's
+// mask bit and the kept mean where the votes pass, 0 elsewhere.
+template <typename T, typename A>
+__device__ __forceinline__ void store_coordinate(T* __restrict__ out, bool* __restrict__ mask, int64_t j, A mean,
+                                                 int votes, int min_votes) {
+  if (mask == nullptr) {
+    out[j] = from_acc<T>(mean);
+    return;
+  }
+  const bool keep = invariant_keeps(votes, min_votes);
+  mask[j] = keep;
+  out[j] = from_acc<T>(keep ? mean : A(0));
+}
+
 // mask == nullptr: order_mean; otherwise the fused invariant (votes and values from one read).
 template <typename T, int N>
 __global__ void __launch_bounds__(kRegisterThreads)
@@ -57,13 +71,7 @@ __global__ void __launch_bounds__(kRegisterThreads)
     }
     sort_wires(v);
     const A mean = kept_mean_wires(v, lo, hi);
-    if (mask == nullptr) {
-      out[j] = from_acc<T>(mean);
-    } else {
-      const bool keep = invariant_keeps(votes, min_votes);
-      mask[j] = keep;
-      out[j] = from_acc<T>(keep ? mean : A(0));
-    }
+    store_coordinate(out, mask, j, mean, votes, min_votes);
   }
 }
 
@@ -143,13 +151,7 @@ __global__ void __launch_bounds__(kSliceMaxThreads)
     } else {
       mean = order_mean_select(v, n, lo, hi);
     }
-    if (mask == nullptr) {
-      out[j] = from_acc<T>(mean);
-    } else {
-      const bool keep = invariant_keeps(votes, min_votes);
-      mask[j] = keep;
-      out[j] = from_acc<T>(keep ? mean : A(0));
-    }
+    store_coordinate(out, mask, j, mean, votes, min_votes);
   }
 }
 
