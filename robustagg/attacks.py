@@ -13,6 +13,7 @@ from statistics import NormalDist
 import torch
 
 from . import ops
+from ._errors import check_float
 
 __all__ = ["lie", "byzmean", "min_max", "min_sum", "sign_flip", "gaussian", "noise", "ipm", "scaling",
            "nan_inject", "ATTACKS"]
@@ -88,8 +89,11 @@ def _perturbation(X, kind, name):
 
 
 def _gamma_search(fits, gamma_init: float, tol: float) -> float:
-    """Shejwalkar & Houmansadr's search for the largest gamma that ``fits``: move by half the last
-    step up after a success and down after a failure, until the move is below ``tol``."""
+    """Shejwalkar & Houmansadr's search for the largest gamma that ``fits`` (their released code: lamda,
+    lamda_succ, lamda_fail, threshold_diff = 1e-5): move by half the last step up after a success and
+    down after a failure, until the move is below ``tol``. In exact arithmetic gamma - best = 2 step,
+    so ``step > tol / 4`` never ends the loop first; it ends it where the released code loops forever,
+    when gamma is so large that a step below its ulp no longer moves it."""
     gamma, step, best = gamma_init, gamma_init / 2, 0.0
     while abs(best - gamma) > tol and step > tol / 4:
         if fits(gamma):
@@ -100,7 +104,42 @@ def _gamma_search(fits, gamma_init: float, tol: float) -> float:
     return best
 
 
-def _agr_agnostic(G_benign, n_byz, perturbation, gamma_init, tol, name, use_max):
+def _upper_root(half_slope, slack):
+    r"""The larger root $-b + \sqrt{b^2 + s}$ of $u^2 + 2bu - s$, for $s \ge 0$, elementwise. For b > 0
+    that difference cancels, so use $s / (b + \sqrt{b^2 + s})$ there: the product of the roots is $-s$
+    (the citardauq form of $q = -(b + \mathrm{sign}(b)\sqrt{b^2 + s})$)."""
+    root = torch.sqrt(half_slope * half_slope + slack)
+    return torch.where(half_slope > 0, slack / (half_slope + root), root - half_slope)
+
+
+def _exact_gamma(A, B, C, bound, fits, use_max) -> float:
+    if C == 0:                             # p = 0: mu + gamma p = mu for every gamma, nothing binds
+        return 0.0
+    if not fits(0.0):                      # only by rounding or non-finite rows (see min_max)
+        return 0.0
+    # In u = gamma sqrt(C) (sqrt(nC) for the sum) the quadratic is monic, with coefficients a distance
+    # (|B_i| / sqrt(C) <= ||mu - g_i||, Cauchy-Schwarz) and squared distances: nothing overflows in the
+    # root that does not already overflow in the bound.
+    if use_max:                            # every row's quadratic is convex, <= bound at 0: the nearest root
+        scale = C.sqrt()
+        gamma = (_upper_root(B / scale, bound - A).min() / scale).item()
+    else:                                  # one quadratic; B.sum() is 0 up to rounding since mu is the mean
+        scale = (A.numel() * C).sqrt()
+        gamma = (_upper_root(B.sum() / scale, bound - A.sum()) / scale).item()
+    # The root and the constraint are each rounded, so the root may land a few ulps past the constraint
+    # as fits evaluates it (at most 3 steps in 1800 random and scaled trials); step down to the nearest
+    # float that fits. The loop ends: fits(0) holds.
+    while not fits(gamma):
+        gamma = math.nextafter(gamma, 0.0)
+    return gamma
+
+
+def _agr_agnostic(G_benign, n_byz, perturbation, search, gamma_init, tol, name, use_max):
+    """(mu, p, gamma) in float64, gamma the largest that fits as found by ``search``."""
+    if search not in ("exact", "authors"):
+        raise ValueError(f"{name}: search={search!r} is not one of ('exact', 'authors')")
+    gamma_init = check_float(name, "gamma_init", gamma_init, lo=0.0, lo_open=True)
+    tol = check_float(name, "tol", tol, lo=0.0, lo_open=True)
     X = _check(G_benign, n_byz, name).double()
     mu = _mean(X)
     p = _perturbation(X, perturbation, name)
@@ -111,23 +150,47 @@ def _agr_agnostic(G_benign, n_byz, perturbation, gamma_init, tol, name, use_max)
         bound = D.max()
         fits = (lambda g: bool((A + 2 * g * B + g * g * C).max() <= bound))
     else:                                  # Min-Sum: sum of squared distances within the benign max sum
+        # (the paper's max_i; the authors' released code bounds by the min_i of the sums instead)
         bound = D.sum(dim=1).max()
         fits = (lambda g: bool((A + 2 * g * B + g * g * C).sum() <= bound))
-    gamma = _gamma_search(fits, gamma_init, tol)
+    if search == "authors":
+        return mu, p, _gamma_search(fits, gamma_init, tol)
+    return mu, p, _exact_gamma(A, B, C, bound, fits, use_max)
+
+
+def min_max(G_benign, n_byz, perturbation: str = "unit", *, search: str = "exact", gamma_init: float = 10.0,
+            tol: float = 1e-5):
+    r"""Min-Max (Shejwalkar & Houmansadr, NDSS 2021): every row is $\mu + \gamma p$ with the
+    largest $\gamma \ge 0$ such that $\max_i \|\mu + \gamma p - g_i\| \le \max_{i,j} \|g_i - g_j\|$.
+    ``perturbation``: "unit" ($-\mu/\|\mu\|$), "std" ($-\sigma$) or "sign" ($-\mathrm{sign}(\mu)$).
+
+    ``search="exact"`` solves for $\gamma$: with $A_i = \|\mu - g_i\|^2$, $B_i = (\mu - g_i)\cdot p$ and
+    $C = \|p\|^2$ each squared distance is $A_i + 2\gamma B_i + \gamma^2 C$, convex in $\gamma$ and at
+    most the bound at $\gamma = 0$ ($\|\mu - g_i\| \le \frac{n-1}{n}\max_j \|g_i - g_j\|$ by the
+    triangle inequality), so $\gamma$ is the smallest of the upper roots, computed in float64 without
+    cancellation and, should rounding put it past the constraint as evaluated in float64, stepped down
+    to the nearest float64 that satisfies it. The rows are then rounded to G_benign's dtype.
+    ``search="authors"`` is the authors' halving search from ``gamma_init`` to the absolute ``tol``
+    (only it uses them; both are checked for either search): its error is up to 2 tol, 1-3% of
+    $\gamma \approx 6\cdot 10^{-4}$ for "sign" on updates around 1e-3.
+
+    Every row is the benign mean ($\gamma = 0$) when no $\gamma > 0$ fits (identical benign rows), when
+    $p = 0$ (a zero mean with "unit" or "sign", identical rows with "std"), where
+    $\mu + \gamma p = \mu$ for every $\gamma$, and when the constraint fails at $\gamma = 0$, which
+    only NaN or Inf rows (their NaN bound) or rounding can cause."""
+    mu, p, gamma = _agr_agnostic(G_benign, n_byz, perturbation, search, gamma_init, tol, "min_max", use_max=True)
     return _rows(mu + gamma * p, n_byz, G_benign)
 
 
-def min_max(G_benign, n_byz, perturbation: str = "unit", gamma_init: float = 10.0, tol: float = 1e-5):
-    r"""Min-Max (Shejwalkar & Houmansadr, NDSS 2021): $\mu + \gamma p$ with the largest $\gamma$ found
-    by the search such that $\max_i \|\mu + \gamma p - g_i\| \le \max_{i,j} \|g_i - g_j\|$.
-    ``perturbation``: "unit" ($-\mu/\|\mu\|$), "std" ($-\sigma$) or "sign" ($-\mathrm{sign}(\mu)$)."""
-    return _agr_agnostic(G_benign, n_byz, perturbation, gamma_init, tol, "min_max", use_max=True)
-
-
-def min_sum(G_benign, n_byz, perturbation: str = "unit", gamma_init: float = 10.0, tol: float = 1e-5):
+def min_sum(G_benign, n_byz, perturbation: str = "unit", *, search: str = "exact", gamma_init: float = 10.0,
+            tol: float = 1e-5):
     r"""Min-Sum (Shejwalkar & Houmansadr, NDSS 2021): as ``min_max`` with
-    $\sum_i \|\mu + \gamma p - g_i\|^2 \le \max_i \sum_j \|g_i - g_j\|^2$ (squared distances)."""
-    return _agr_agnostic(G_benign, n_byz, perturbation, gamma_init, tol, "min_sum", use_max=False)
+    $\sum_i \|\mu + \gamma p - g_i\|^2 \le \max_i \sum_j \|g_i - g_j\|^2$ (squared distances). The sum
+    $\sum_i A_i + 2\gamma \sum_i B_i + n\gamma^2 C$ is one quadratic; it is at most the bound at
+    $\gamma = 0$ since $\sum_j \|g_i - g_j\|^2 = n A_i + \sum_j A_j$, and ``search="exact"`` takes its
+    upper root. Edge cases and ``search``, ``gamma_init``, ``tol`` are as in ``min_max``."""
+    mu, p, gamma = _agr_agnostic(G_benign, n_byz, perturbation, search, gamma_init, tol, "min_sum", use_max=False)
+    return _rows(mu + gamma * p, n_byz, G_benign)
 
 
 def sign_flip(G_benign, n_byz, scale: float = 1.0):
