@@ -8,6 +8,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cfloat>
+#include <cmath>
 #include <cstdint>
 
 namespace robustagg::checks {
@@ -49,6 +51,31 @@ inline at::Tensor row_vector_arg(const at::Tensor& v, const at::Tensor& G, const
   TORCH_CHECK(v.dim() == 1 && v.size(0) == G.size(0), op, ": ", name, " must have shape (", G.size(0),
               ",), one per row of G, got ", v.sizes());
   return v.to(G.device(), arithmetic_dtype(G)).contiguous();
+}
+
+// The largest finite value of t's arithmetic dtype.
+inline double arithmetic_max(const at::Tensor& t) { return arithmetic_dtype(t) == at::kDouble ? DBL_MAX : FLT_MAX; }
+
+// A real scalar the kernels read (server_lr, rho): finite and in [lo, hi].
+inline void check_real(double value, double lo, double hi, const char* op, const char* name) {
+  TORCH_CHECK(std::isfinite(value) && value >= lo && value <= hi, op, ": ", name, "=", value,
+              " is out of range; allowed [", lo, ", ", hi, "] (and finite)");
+}
+
+// The values of a per-row vector the kernels read (weights, max_norm): finite and >= 0. Reading
+// them synchronizes a CUDA stream; the vector has only n entries.
+inline void check_nonnegative(const at::Tensor& v, const char* op, const char* name) {
+  const bool ok = at::isfinite(v).all().item<bool>() && (v >= 0).all().item<bool>();
+  TORCH_CHECK(ok, op, ": ", name, " must hold finite values >= 0, got min=", v.min().item<double>(),
+              " max=", v.max().item<double>());
+}
+
+// rlr's weights: finite, >= 0, with a positive total that fits the arithmetic dtype of G.
+inline void check_weights(const at::Tensor& w, const at::Tensor& G, const char* op) {
+  check_nonnegative(w, op, "weights");
+  const double total = w.sum(at::kDouble).item<double>();
+  TORCH_CHECK(total > 0 && total <= arithmetic_max(G), op, ": weights sum to ", total, "; allowed (0, ",
+              arithmetic_max(G), "]");
 }
 
 // The per-row non-finite flags every matrix op returns.
@@ -93,23 +120,29 @@ inline void check_topk_state(const at::Tensor& u, const at::Tensor& error, const
 }
 
 // maxpool_amplify's arguments. Returns the segment table as a contiguous host copy (a few hundred
-// bytes): the kernels trust it for their addresses, so every segment must read inside a row of G
-// and write inside a row of the output. The products are bounded by divisions, so a hostile table
-// cannot overflow them.
+// bytes): the kernels trust it for their addresses and size their scratch by it, so every
+// segment must read inside a row of G, write inside a row of the output, and have rows and cols
+// of at most d each (even when the other is 0). The products are bounded by divisions, so a
+// hostile table cannot overflow them. A pooled output is never wider than its input, so out_width
+// is at most d.
 inline at::Tensor segment_table(const at::Tensor& segments, int64_t d, int64_t kernel, bool restore,
                                 int64_t out_width) {
   TORCH_CHECK(kernel >= 1, "maxpool_amplify: kernel=", kernel, " is out of range; allowed >= 1");
   TORCH_CHECK(segments.dim() == 2 && segments.size(1) == 5 && segments.scalar_type() == at::kLong,
               "maxpool_amplify: segments must be int64[S, 5], got ", segments.scalar_type(), " ", segments.sizes());
-  TORCH_CHECK(restore ? out_width == d : out_width >= 0, "maxpool_amplify: out_width=", out_width,
-              restore ? " must equal d with restore=True" : " is out of range; allowed >= 0");
+  TORCH_CHECK(restore ? out_width == d : (out_width >= 0 && out_width <= d), "maxpool_amplify: out_width=",
+              out_width, restore ? " must equal d=" : " is out of range; allowed [0, d=", d,
+              restore ? " with restore=True" : "]");
   const at::Tensor table = segments.to(at::kCPU).contiguous();
   const int64_t* t = table.data_ptr<int64_t>();
   for (int64_t s = 0; s < table.size(0); ++s) {
     const int64_t off = t[5 * s], rows = t[5 * s + 1], cols = t[5 * s + 2], pooled = t[5 * s + 3], out = t[5 * s + 4];
-    TORCH_CHECK(off >= 0 && rows >= 0 && cols >= 0 && off <= d && (cols == 0 || rows <= (d - off) / cols),
+    TORCH_CHECK(off >= 0 && rows >= 0 && cols >= 0 && off <= d && rows <= d && cols <= d &&
+                    (cols == 0 || rows <= (d - off) / cols),
                 "maxpool_amplify: segment ", s, " (offset ", off, ", rows ", rows, ", cols ", cols,
                 ") does not fit in d=", d);
+    TORCH_CHECK(pooled == 0 || pooled == 1, "maxpool_amplify: segment ", s, " has pooled=", pooled,
+                "; allowed 0 or 1");
     const int64_t written = restore || pooled == 0 ? rows * cols : (rows / kernel) * (cols / kernel);
     TORCH_CHECK(out >= 0 && out <= out_width && written <= out_width - out, "maxpool_amplify: segment ", s,
                 " writes ", written, " values at output offset ", out, ", outside the output row of width ", out_width);

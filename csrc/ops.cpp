@@ -26,9 +26,10 @@ TORCH_LIBRARY(robustagg, m) {
   m.def("invariant(Tensor G, int lo, int hi, int min_votes) -> (Tensor out, Tensor mask, Tensor nonfinite)");
   // §4.4 fused robust learning rate; weights float[n] in the compute dtype, or None for all-ones.
   m.def("rlr(Tensor G, Tensor? weights, int theta, float server_lr) -> (Tensor out, Tensor nonfinite)");
-  // §4.5 client statistics; dot and ref_norm are empty tensors when ref is None.
+  // §4.5 client statistics, float64; dot, ref_norm and ref_dist (||G_i - ref||) are empty
+  // tensors when ref is None.
   m.def("client_stats(Tensor G, int window_start, int window_length, Tensor? ref) -> "
-        "(Tensor norm, Tensor sign_frac, Tensor dot, Tensor ref_norm, Tensor nonfinite)");
+        "(Tensor norm, Tensor sign_frac, Tensor dot, Tensor ref_norm, Tensor ref_dist, Tensor nonfinite)");
   // max_norm: float[n] in the compute dtype (ops.clip_rows expands a scalar).
   m.def("clip_rows(Tensor G, Tensor max_norm) -> (Tensor out, Tensor nonfinite)");
   // §4.6 top-k with error feedback. nonfinite is bool[1]: u holds NaN/Inf; then error and momentum
@@ -40,7 +41,7 @@ TORCH_LIBRARY(robustagg, m) {
   // (in_offset, rows, cols, pooled, out_offset); out_width is the output row length.
   m.def("maxpool_amplify(Tensor G, Tensor segments, int kernel, bool restore, int out_width) -> "
         "(Tensor out, Tensor nonfinite)");
-  // §4.8 pairwise geometry, [n, n] in the compute dtype.
+  // §4.8 pairwise geometry, [n, n] in float64.
   m.def("pairwise_sqdist(Tensor G) -> (Tensor out, Tensor nonfinite)");
   m.def("pairwise_cosine(Tensor G) -> (Tensor out, Tensor nonfinite)");
 }
@@ -115,8 +116,12 @@ std::tuple<at::Tensor, at::Tensor> rlr_cpu(const at::Tensor& G, const std::optio
                                            int64_t theta, double server_lr) {
   const at::Tensor X = cpu_matrix(G, "rlr");
   checks::check_count(theta, 0, X.size(0), "rlr", "theta");
+  checks::check_real(server_lr, -checks::arithmetic_max(X), checks::arithmetic_max(X), "rlr", "server_lr");
   at::Tensor w;
-  if (weights.has_value()) w = checks::row_vector_arg(*weights, X, "rlr", "weights");
+  if (weights.has_value()) {
+    w = checks::row_vector_arg(*weights, X, "rlr", "weights");
+    checks::check_weights(w, X, "rlr");
+  }
   at::Tensor out = at::empty({X.size(1)}, X.options());
   at::Tensor nonfinite = checks::row_flags(X);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "rlr", [&] {
@@ -151,7 +156,7 @@ namespace robustagg_stats {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> client_stats(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> client_stats(
     const at::Tensor& G_in, int64_t window_start, int64_t window_length, const std::optional<at::Tensor>& ref_in) {
   const at::Tensor G = cpu_matrix(G_in, "client_stats");
   const int64_t n = G.size(0), d = G.size(1);
@@ -159,24 +164,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> client_st
   at::Tensor ref;
   if (ref_in.has_value()) ref = checks::reference_arg(*ref_in, G);
   const bool with_ref = ref.defined();
-  const auto acc = G.options().dtype(checks::arithmetic_dtype(G));
-  at::Tensor norm = at::empty({n}, acc), frac = at::empty({n, 3}, acc);
-  at::Tensor dot = at::empty({with_ref ? n : 0}, acc), ref_norm = at::empty({with_ref ? 1 : 0}, acc);
+  const auto f64 = G.options().dtype(at::kDouble);
+  at::Tensor norm = at::empty({n}, f64), frac = at::empty({n, 3}, f64);
+  at::Tensor dot = at::empty({with_ref ? n : 0}, f64), ref_norm = at::empty({with_ref ? 1 : 0}, f64);
+  at::Tensor ref_dist = at::empty({with_ref ? n : 0}, f64);
   at::Tensor bad = checks::row_flags(G);
   RA_STATS_DISPATCH(G.scalar_type(), "client_stats", [&] {
-    using A = robustagg::acc_t<scalar_t>;
     robustagg::cpu::client_stats<scalar_t>(G.data_ptr<scalar_t>(), n, d, window_start, window_length,
-                                           with_ref ? ref.data_ptr<scalar_t>() : nullptr, norm.data_ptr<A>(),
-                                           frac.data_ptr<A>(), with_ref ? dot.data_ptr<A>() : nullptr,
-                                           with_ref ? ref_norm.data_ptr<A>() : nullptr, bad.data_ptr<bool>());
+                                           with_ref ? ref.data_ptr<scalar_t>() : nullptr, norm.data_ptr<double>(),
+                                           frac.data_ptr<double>(), with_ref ? dot.data_ptr<double>() : nullptr,
+                                           with_ref ? ref_norm.data_ptr<double>() : nullptr,
+                                           with_ref ? ref_dist.data_ptr<double>() : nullptr, bad.data_ptr<bool>());
   });
-  return {norm, frac, dot, ref_norm, bad};
+  return {norm, frac, dot, ref_norm, ref_dist, bad};
 }
 
 std::tuple<at::Tensor, at::Tensor> clip_rows(const at::Tensor& G_in, const at::Tensor& max_norm_in) {
   const at::Tensor G = cpu_matrix(G_in, "clip_rows");
   const int64_t n = G.size(0), d = G.size(1);
   const at::Tensor max_norm = checks::row_vector_arg(max_norm_in, G, "clip_rows", "max_norm");
+  checks::check_nonnegative(max_norm, "clip_rows", "max_norm");
   at::Tensor out = at::empty_like(G), bad = checks::row_flags(G);
   RA_STATS_DISPATCH(G.scalar_type(), "clip_rows", [&] {
     using A = robustagg::acc_t<scalar_t>;
@@ -201,6 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_ef_step(const at::Tensor& u_
   const at::Tensor u = cpu_vector(u_in, "topk_ef_step", "u");
   const int64_t d = u.size(0);
   checks::check_k(k, "topk_ef_step");
+  checks::check_real(rho, 0.0, checks::arithmetic_max(u), "topk_ef_step", "rho");
   checks::check_topk_state(u, error, momentum);
   const int64_t kk = std::min(k, d);
   at::Tensor indices = at::empty({kk}, u.options().dtype(at::kLong)), values = at::empty({kk}, u.options());
@@ -263,11 +271,11 @@ namespace robustagg_pairwise {
 std::tuple<at::Tensor, at::Tensor> pairwise(const at::Tensor& G_in, bool cosine, const char* op) {
   const at::Tensor G = cpu_matrix(G_in, op);
   const int64_t n = G.size(0), d = G.size(1);
-  at::Tensor out = at::empty({n, n}, G.options().dtype(checks::arithmetic_dtype(G)));
+  at::Tensor out = at::empty({n, n}, G.options().dtype(at::kDouble));
   at::Tensor bad = checks::row_flags(G);
   RA_STATS_DISPATCH(G.scalar_type(), "pairwise", [&] {
-    robustagg::cpu::pairwise<scalar_t>(G.data_ptr<scalar_t>(), n, d, cosine,
-                                       out.data_ptr<robustagg::acc_t<scalar_t>>(), bad.data_ptr<bool>());
+    robustagg::cpu::pairwise<scalar_t>(G.data_ptr<scalar_t>(), n, d, cosine, out.data_ptr<double>(),
+                                       bad.data_ptr<bool>());
   });
   return {out, bad};
 }

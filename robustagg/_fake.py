@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from .reference import acc_dtype
-
 
 def _rows_flag(G):
     return G.new_empty(G.shape[0], dtype=torch.bool)
@@ -32,10 +30,10 @@ def _rlr(G, weights, theta, server_lr):
 
 @torch.library.register_fake("robustagg::client_stats")
 def _client_stats(G, window_start, window_length, ref):
-    n, acc = G.shape[0], acc_dtype(G.dtype)
+    n, f64 = G.shape[0], torch.float64
     with_ref = 0 if ref is None else 1
-    return (G.new_empty(n, dtype=acc), G.new_empty(n, 3, dtype=acc), G.new_empty(n * with_ref, dtype=acc),
-            G.new_empty(with_ref, dtype=acc), _rows_flag(G))
+    return (G.new_empty(n, dtype=f64), G.new_empty(n, 3, dtype=f64), G.new_empty(n * with_ref, dtype=f64),
+            G.new_empty(with_ref, dtype=f64), G.new_empty(n * with_ref, dtype=f64), _rows_flag(G))
 
 
 @torch.library.register_fake("robustagg::clip_rows")
@@ -62,9 +60,9 @@ def _maxpool_amplify(G, segments, kernel, restore, out_width):
 
 @torch.library.register_fake("robustagg::pairwise_sqdist")
 def _pairwise_sqdist(G):
-    return G.new_empty(G.shape[0], G.shape[0], dtype=acc_dtype(G.dtype)), _rows_flag(G)
+    return G.new_empty(G.shape[0], G.shape[0], dtype=torch.float64), _rows_flag(G)
 
 
 @torch.library.register_fake("robustagg::pairwise_cosine")
 def _pairwise_cosine(G):
-    return G.new_empty(G.shape[0], G.shape[0], dtype=acc_dtype(G.dtype)), _rows_flag(G)
+    return G.new_empty(G.shape[0], G.shape[0], dtype=torch.float64), _rows_flag(G)

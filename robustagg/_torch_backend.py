@@ -37,11 +37,12 @@ def client_stats(G, window_start, window_length, ref_vec):
     empty = stats.norm.new_empty(0)
     dot = empty if stats.dot is None else stats.dot
     ref_norm = empty if stats.ref_norm is None else stats.ref_norm.reshape(1)
-    return stats.norm, stats.sign_frac, dot, ref_norm, _nonfinite_rows(G)
+    ref_dist = empty if stats.ref_dist is None else stats.ref_dist
+    return stats.norm, stats.sign_frac, dot, ref_norm, ref_dist, _nonfinite_rows(G)
 
 
 def clip_rows(G, max_norm):
-    return ref.clip_rows(G, max_norm.double()), _nonfinite_rows(G)
+    return ref.clip_rows(G, max_norm), _nonfinite_rows(G)
 
 
 def _vector_nonfinite(x):

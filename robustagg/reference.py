@@ -36,14 +36,28 @@ def sign_agreement(G: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- §4.2 order statistics
 
+def kept_mean(kept: torch.Tensor) -> torch.Tensor:
+    r"""Per column, the mean of the sorted kept values ``kept`` [count, d].
+
+    The mean of finite values is finite, but their sum can overflow (two 3e38 values in float32).
+    Where it does, the values are summed scaled by $2^{-m}$ with $2^m \ge 2\,\mathrm{count}$ (exact,
+    and no partial sum can overflow), and the mean is clamped to the kept range, which rounding
+    could otherwise leave by an ulp (SPEC §3).
+    """
+    count = kept.shape[0]
+    total = kept.sum(dim=0)
+    scale = 2.0 ** -(2 * count - 1).bit_length()
+    rescued = ((kept * scale).sum(dim=0) / count / scale).clamp(kept[0], kept[-1])
+    return torch.where(torch.isinf(total) & torch.isfinite(rescued), rescued, total / count)
+
+
 def order_mean(G: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     r"""Per coordinate, the mean of the sorted values at positions lo..hi-1 (ascending)."""
     acc = acc_dtype(G.dtype)
     out = torch.empty(G.shape[1], dtype=acc, device=G.device)
     for start in range(0, G.shape[1], _SORT_COLUMNS):
         block = G[:, start:start + _SORT_COLUMNS].to(acc)
-        kept = torch.sort(block, dim=0).values[lo:hi]
-        out[start:start + _SORT_COLUMNS] = kept.sum(dim=0) / (hi - lo)
+        out[start:start + _SORT_COLUMNS] = kept_mean(torch.sort(block, dim=0).values[lo:hi])
     return out.to(G.dtype)
 
 
@@ -78,50 +92,90 @@ def rlr(G: torch.Tensor, theta: int, weights: torch.Tensor | None = None, server
     $\eta_j = +\mathrm{lr}$ if $|s_j| \ge \theta$ else $-\mathrm{lr}$."""
     acc = acc_dtype(G.dtype)
     w = torch.ones(G.shape[0], dtype=acc, device=G.device) if weights is None else weights.to(acc)
-    avg = (w[:, None] * G.to(acc)).sum(dim=0) / w.sum()
+    avg = weighted_mean(G.to(acc), w)
     lr = torch.full_like(avg, server_lr)  # in the arithmetic dtype: a float64 G keeps a float64 lr
     lr = torch.where(sign_sum(G).abs() >= theta, lr, -lr)
     return (lr * avg).to(G.dtype)
 
 
+def weighted_mean(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    r"""$\sum_i w_i X_i / \sum_i w_i$ in X's dtype. Where the weighted sum overflows although every
+    value is finite, the mean is taken as $\sum_i (w_i / W) X_i$ in float64 and clamped to the
+    column's range, so finite rows always give a finite mean (SPEC §3)."""
+    avg = (w[:, None] * X).sum(dim=0) / w.sum()
+    X64, w64 = X.double(), w.double()
+    rescued = ((w64 / w64.sum())[:, None] * X64).sum(dim=0).clamp(X64.amin(dim=0), X64.amax(dim=0))
+    overflow = torch.isinf(avg) & torch.isfinite(X).all(dim=0)
+    return torch.where(overflow, rescued.to(X.dtype), avg)
+
+
 # ---------------------------------------------------------------- §4.5 client statistics
 
 class ClientStatsRef(NamedTuple):
-    norm: torch.Tensor        # [n]
-    sign_frac: torch.Tensor   # [n, 3]: fractions > 0, == 0, < 0 inside the window
-    dot: torch.Tensor | None  # [n]: G_i . ref
+    norm: torch.Tensor            # [n]
+    sign_frac: torch.Tensor       # [n, 3]: fractions > 0, == 0, < 0 inside the window
+    dot: torch.Tensor | None      # [n]: G_i . ref
     ref_norm: torch.Tensor | None
+    ref_dist: torch.Tensor | None  # [n]: ||G_i - ref||
+
+
+def power_of_two_scale(X: torch.Tensor) -> torch.Tensor:
+    """Per row of the float64 matrix X, a power of two s with max|X_i| * s in [2^-24, 1): scaling by
+    it is exact, and the squares of X_i * s neither overflow nor underflow (LAPACK's nrm2 scales
+    the same way). The exponent is capped at +-1000 so that s itself is a float64."""
+    exponent = torch.frexp(X.abs().amax(dim=1)).exponent
+    return torch.ldexp(torch.ones_like(X[:, 0]), (-exponent).clamp(-1000, 1000))
+
+
+def row_norms(X: torch.Tensor) -> torch.Tensor:
+    """L2 norms of the rows of the float64 matrix X, scaled so that a norm that fits is returned
+    (a 1e200 row or a row of 5e-324 has a finite, non-zero norm)."""
+    s = power_of_two_scale(X)
+    return (X * s[:, None]).norm(dim=1) / s
+
+
+def cosine_to(X: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """cos(X_i, ref) of float64 rows, 0 where either is zero. Rows and ref are scaled by powers of
+    two first, which leaves the cosines unchanged and keeps every product in range."""
+    Y = X * power_of_two_scale(X)[:, None]
+    r = ref * power_of_two_scale(ref[None, :])
+    denom = Y.norm(dim=1) * r.norm()
+    return torch.where(denom > 0, (Y @ r) / denom, torch.zeros_like(denom)).clamp(-1.0, 1.0)
 
 
 def client_stats(G: torch.Tensor, window: tuple[int, int] | None = None, ref: torch.Tensor | None = None):
-    """Row norms, windowed sign fractions and dot products with ``ref``, in the arithmetic dtype.
-
-    Norms and dots accumulate in float64, so a finite row never overflows.
-    """
-    acc = acc_dtype(G.dtype)
+    """Row norms, windowed sign fractions, dot products with ``ref`` and distances to it, in
+    float64 for every input dtype: n numbers whose exact values may not fit float32 (SPEC §4.5).
+    Norms and distances are scaled (``row_norms``), so every finite one is returned."""
     start, length = (0, G.shape[1]) if window is None else window
     win = G[:, start:start + length]
-    sign_frac = torch.stack([(win > 0).sum(1), (win == 0).sum(1), (win < 0).sum(1)], dim=1)
-    sign_frac = (sign_frac.double() / length).to(acc)
+    sign_frac = torch.stack([(win > 0).sum(1), (win == 0).sum(1), (win < 0).sum(1)], dim=1).double() / length
     G64 = G.double()
-    norm = G64.norm(dim=1).to(acc)
+    norm = row_norms(G64)
     if ref is None:
-        return ClientStatsRef(norm, sign_frac, None, None)
+        return ClientStatsRef(norm, sign_frac, None, None, None)
     ref64 = ref.double()
-    return ClientStatsRef(norm, sign_frac, (G64 @ ref64).to(acc), ref64.norm().to(acc))
-
-
-def clip_scale(norm64: torch.Tensor, max_norm) -> torch.Tensor:
-    """Per-row factor min(1, max_norm / norm) in float64; 1 for a zero row."""
-    max_norm = torch.as_tensor(max_norm, dtype=torch.float64, device=norm64.device)
-    return torch.where(norm64 > max_norm, max_norm / norm64, torch.ones_like(norm64))
+    s, s_ref = power_of_two_scale(G64), power_of_two_scale(ref64[None, :])
+    dot = (G64 * s[:, None]) @ (ref64 * s_ref) / s / s_ref
+    both = power_of_two_scale(torch.cat([G64, ref64.expand_as(G64)], dim=1))   # one scale per pair
+    ref_dist = (G64 * both[:, None] - ref64 * both[:, None]).norm(dim=1) / both
+    return ClientStatsRef(norm, sign_frac, dot, row_norms(ref64[None, :])[0], ref_dist)
 
 
 def clip_rows(G: torch.Tensor, max_norm) -> torch.Tensor:
-    """Scale each row by min(1, max_norm / ||G_i||); a zero row stays zero."""
-    acc = acc_dtype(G.dtype)
-    scale = clip_scale(G.double().norm(dim=1), max_norm).to(acc)
-    return (G.to(acc) * scale[:, None]).to(G.dtype)
+    """Scale each row by min(1, max_norm / ||G_i||) in float64; a zero row stays zero.
+
+    The factor is applied to the power-of-two-scaled row Y_i = s_i G_i, as
+    Y_i * (max_norm / ||Y_i||), so that neither the norm nor the factor of a huge or tiny float64
+    row can overflow or underflow."""
+    X = G.double()
+    s = power_of_two_scale(X)
+    Y = X * s[:, None]
+    norm_Y = Y.norm(dim=1)
+    max_norm = torch.as_tensor(max_norm, dtype=torch.float64, device=G.device).expand(G.shape[0])
+    clipped = norm_Y > max_norm * s      # ||G_i|| > max_norm
+    out = torch.where(clipped[:, None], Y * (max_norm / norm_Y)[:, None], X)
+    return out.to(G.dtype)
 
 
 # ---------------------------------------------------------------- §4.6 top-k with error feedback
@@ -150,10 +204,17 @@ def topk_abs(x: torch.Tensor, k: int):
 
 
 def topk_ef_step(u, error, momentum, k: int, rho: float):
-    """SparseFed's server step (SPEC §4.6); updates ``error`` and ``momentum`` in place."""
+    """SparseFed's server step (SPEC §4.6); updates ``error`` and ``momentum`` in place.
+
+    Error feedback can legitimately grow past the dtype's range (a client that keeps sending
+    3e38 in float32); momentum and error then saturate at the largest finite value of the storage
+    dtype instead of becoming Inf.
+    """
     acc = acc_dtype(u.dtype)
+    limit = torch.finfo(u.dtype).max
     m = u.to(acc, copy=True) if rho == 0 else rho * momentum.to(acc) + u.to(acc)  # copy: m is zeroed below
-    e = error.to(acc) + m
+    m = m.clamp(-limit, limit)
+    e = (error.to(acc) + m).clamp(-limit, limit)
     idx = _topk_indices(e.abs(), k)
     values = e[idx].to(u.dtype)
     e[idx] = 0
@@ -201,24 +262,29 @@ def maxpool_amplify(G: torch.Tensor, layout, kernel: int, restore: bool = False)
 
 
 # ---------------------------------------------------------------- §4.8 pairwise geometry
+#
+# [n, n] matrices are float64 for every input dtype: a squared distance between finite float32
+# rows need not fit float32.
 
 def pairwise_sqdist(G: torch.Tensor) -> torch.Tensor:
     r"""$D_{ij} = \|G_i - G_j\|^2$ from direct differences, so identical rows give exactly 0."""
-    X = G.to(acc_dtype(G.dtype))
+    X = G.double()
     return torch.cdist(X, X, compute_mode="donot_use_mm_for_euclid_dist") ** 2
 
 
 def pairwise_cosine(G: torch.Tensor) -> torch.Tensor:
-    r"""$C_{ij} = G_i \cdot G_j / (\|G_i\| \|G_j\|)$; exactly 1 for identical non-zero rows, 0 for zero rows."""
-    acc = acc_dtype(G.dtype)
+    r"""$C_{ij} = G_i \cdot G_j / (\|G_i\| \|G_j\|)$; exactly 1 for identical non-zero rows, 0 for zero rows.
+
+    Each row is first scaled by a power of two (``power_of_two_scale``), which leaves every cosine
+    unchanged and keeps float64 rows of 1e300 or 1e-300 from overflowing or underflowing.
+    """
     X = G.double()
-    norm = X.norm(dim=1)
-    gram = X @ X.T
+    Y = X * power_of_two_scale(X)[:, None]
+    norm = Y.norm(dim=1)
+    gram = Y @ Y.T
     gram = torch.triu(gram) + torch.triu(gram, 1).T  # BLAS need not return a symmetric product
-    cos = gram / (norm[:, None] * norm[None, :])
-    cos = cos.clamp(-1.0, 1.0)
+    cos = (gram / (norm[:, None] * norm[None, :])).clamp(-1.0, 1.0)
     nonzero = norm > 0
-    identical = pairwise_sqdist(X) == 0
+    identical = torch.cdist(Y, Y, compute_mode="donot_use_mm_for_euclid_dist") == 0
     cos = torch.where(identical, torch.ones_like(cos), cos)
-    cos = torch.where(nonzero[:, None] & nonzero[None, :], cos, torch.zeros_like(cos))
-    return cos.to(acc)
+    return torch.where(nonzero[:, None] & nonzero[None, :], cos, torch.zeros_like(cos))

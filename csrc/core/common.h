@@ -28,4 +28,24 @@ RA_HD bool is_nonfinite(A x) {
   return !(x - x == A(0));
 }
 
+// True for ±Inf only: where a sum of finite values overflowed (NaN means a NaN was added).
+template <typename A>
+RA_HD bool is_infinite(A x) {
+  return x == x && !(x - x == A(0));
+}
+
+// x limited to [-limit, limit] (NaN passes through).
+template <typename A>
+RA_HD A saturate(A x, A limit) {
+  return x > limit ? limit : (x < -limit ? -limit : x);
+}
+
+// Power-of-two scales for float64 values whose squares or products would overflow or underflow
+// (SPEC §3): |x| * 2^-600 <= 2^424 for every float64, and a value below 2^-450 times 2^600 is a
+// normal number whose square is one too. Multiplying by a power of two is exact in that range.
+constexpr double kScaleDown = 0x1p-600;
+constexpr double kScaleUp = 0x1p600;
+// A float64 sum of squares below this may have lost squares to underflow.
+constexpr double kTinySquares = 0x1p-900;
+
 }  // namespace robustagg

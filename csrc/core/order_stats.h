@@ -20,6 +20,10 @@
 //     V    kept_mean<A>(const V* sorted, int64_t lo, int64_t hi)
 //                                                      the mean of sorted[lo..hi-1] (A: the
 //                                                      accumulator type of one lane)
+//     A    kept_mean_rescaled(const A* sorted, int64_t lo, int64_t hi)
+//     A    kept_mean_finite(const A* sorted, int64_t lo, int64_t hi)
+//                                                      one coordinate (scalar A): the redo where
+//                                                      kept_mean overflowed, and kept_mean with it
 //
 //   General selection for any n, on one coordinate's values (scalar A):
 //     void select_nth(A* v, int64_t begin, int64_t end, int64_t nth)
@@ -31,7 +35,8 @@
 // hi - lo. Any exact selection method yields the same sorted kept values, so the network path,
 // the selection path and the CUDA kernels give the same bits. Only the kept values are added,
 // never "total minus the trimmed ones", so a ±3e38 outlier that is trimmed cannot cost the honest
-// values any precision (SPEC §3).
+// values any precision (SPEC §3). Where that sum overflows although the values are finite, every
+// path redoes it with kept_mean_rescaled.
 //
 // NaN: the kernels never crash or loop forever on NaN (it only breaks the ordering, and the caller
 // reports the row as non-finite); the results for such coordinates are unspecified.
@@ -64,6 +69,31 @@ RA_HD V kept_mean(const V* sorted, int64_t lo, int64_t hi) {
   V sum = sorted[lo];
   for (int64_t r = lo + 1; r < hi; ++r) sum = sum + sorted[r];
   return sum / static_cast<A>(hi - lo);
+}
+
+// The mean of finite values is finite, but their running sum can overflow (two 3e38 values in
+// float32), and then kept_mean is ±Inf. This redo adds the kept values scaled by 2^-m with
+// 2^m >= 2 (hi - lo), so no partial sum can overflow, in the same ascending order; the scaling is
+// exact, and the mean is clamped to [sorted[lo], sorted[hi-1]], which rounding could otherwise
+// leave by an ulp (reference.kept_mean, SPEC §3). One coordinate, scalar A.
+template <typename A>
+RA_HD A kept_mean_rescaled(const A* sorted, int64_t lo, int64_t hi) {
+  A down = A(1), up = A(1);
+  for (int64_t c = 2 * (hi - lo) - 1; c > 0; c >>= 1) {
+    down = down * A(0.5);
+    up = up * A(2);
+  }
+  A sum = sorted[lo] * down;
+  for (int64_t r = lo + 1; r < hi; ++r) sum = sum + sorted[r] * down;
+  const A mean = sum / static_cast<A>(hi - lo) * up;
+  return mean < sorted[lo] ? sorted[lo] : (sorted[hi - 1] < mean ? sorted[hi - 1] : mean);
+}
+
+// kept_mean of one coordinate whose values were all finite, with the overflow redo.
+template <typename A>
+RA_HD A kept_mean_finite(const A* sorted, int64_t lo, int64_t hi) {
+  const A mean = kept_mean<A>(sorted, lo, hi);
+  return is_infinite(mean) ? kept_mean_rescaled(sorted, lo, hi) : mean;
 }
 
 RA_HD constexpr int ceil_pow2(int n) {
@@ -188,7 +218,8 @@ RA_HD void select_nth(A* v, int64_t begin, int64_t end, int64_t nth) {
 }
 
 // The mean of sorted positions lo..hi-1 of v[0..n): isolate the kept window with two selections,
-// sort only the window, then add it up in ascending order like kept_mean.
+// sort only the window, then add it up in ascending order like kept_mean (with its overflow redo;
+// for a coordinate holding NaN/Inf the result is unspecified anyway).
 template <typename A>
 RA_HD A order_mean_select(A* v, int64_t n, int64_t lo, int64_t hi) {
   select_nth(v, 0, n, lo);
@@ -196,7 +227,7 @@ RA_HD A order_mean_select(A* v, int64_t n, int64_t lo, int64_t hi) {
     select_nth(v, lo + 1, n, hi - 1);
     heap_sort(v + lo + 1, hi - 1 - (lo + 1));
   }
-  return kept_mean<A>(v, lo, hi);
+  return kept_mean_finite(v, lo, hi);
 }
 
 }  // namespace robustagg

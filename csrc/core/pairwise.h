@@ -32,7 +32,20 @@ RA_HD double sqdiff(double a, double b) {
   return t * t;
 }
 
-// Cosine from the Gram entries: 0 if either row is zero, exactly 1 for equal rows (d2 == 0 from
+// Float64 rows whose Gram diagonal K_ii overflowed (a value beyond ~1e154) or is below 2^-900
+// (values below ~1e-136, or a zero row) are unsafe: their products with other rows can overflow
+// or lose every digit. Every pair with an unsafe row comes from a direct pass instead, with each
+// row scaled by its row_scale (exact; the cosine does not change): its squared distance from the
+// plain differences (which overflow or underflow only where the exact value does), its cosine
+// from the scaled products, and equality from a count of differing entries.
+RA_HD bool gram_row_unsafe(double kii) { return !(kii >= kTinySquares && kii - kii == 0.0); }
+
+RA_HD double row_scale(double kii) {
+  if (!gram_row_unsafe(kii)) return 1.0;
+  return kii >= kTinySquares ? kScaleDown : kScaleUp;
+}
+
+// Cosine from the Gram entries (or from the scaled direct sums of an unsafe pair): 0 if either row is zero, exactly 1 for equal rows (d2 == 0 from
 // the direct differences), otherwise K_ij / (|i| |j|) clamped to [-1, 1].
 RA_HD double cosine_from_gram(double kii, double kjj, double kij, bool equal_rows) {
   if (!(kii > 0.0) || !(kjj > 0.0)) return (kii != kii || kjj != kjj || kij != kij) ? kij : 0.0;

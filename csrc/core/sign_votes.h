@@ -14,6 +14,11 @@
 //                                          ascending row order, starting from sum = 0
 //   A    rlr_finish(int votes, int theta, A weighted_sum, A weight_total, A server_lr)
 //                                          (|votes| >= theta ? +lr : -lr) * (weighted_sum / weight_total)
+//   A    rlr_apply(int votes, int theta, A mean, A server_lr)
+//                                          the same for a mean already formed
+//   RescuedMean, rescued_mean_add, rescued_mean_value
+//                                          the weighted mean where the weighted sum overflowed
+//                                          (is_infinite) although the coordinate's rows were finite
 //
 // Bitwise agreement between backends: rlr adds w_i * x_i for i = 0, 1, ..., n-1 (w_i = 1 when
 // the caller passes no weights; 1 * x is exact, so the unweighted loop may add x directly), then
@@ -50,9 +55,32 @@ RA_HD A rlr_accumulate(A sum, A w, A x) {
 // Robust learning rate (Ozdayi et al. 2021, Eq. 3): the server lr keeps its sign where at least
 // theta clients agree on the sign of the coordinate, and flips it elsewhere.
 template <typename A>
-RA_HD A rlr_finish(int votes, int theta, A weighted_sum, A weight_total, A server_lr) {
+RA_HD A rlr_apply(int votes, int theta, A mean, A server_lr) {
   A lr = (votes < 0 ? -votes : votes) >= theta ? server_lr : -server_lr;
-  return lr * (weighted_sum / weight_total);
+  return lr * mean;
+}
+
+template <typename A>
+RA_HD A rlr_finish(int votes, int theta, A weighted_sum, A weight_total, A server_lr) {
+  return rlr_apply(votes, theta, weighted_sum / weight_total, server_lr);
+}
+
+// The weighted mean of a coordinate whose rows were all finite but whose weighted sum overflowed
+// (two 3e38 rows in float32): sum_i (w_i / W) x_i in float64, rows in ascending order, where no
+// term exceeds its |x_i|; clamped to [min_i x_i, max_i x_i], which rounding could leave by an ulp
+// (reference.weighted_mean, SPEC §3). Feed rows 0, 1, ..., n-1 with their share w_i / W.
+struct RescuedMean {
+  double sum, lo, hi;
+};
+
+RA_HD void rescued_mean_add(RescuedMean& m, int64_t row, double share, double x) {
+  m.sum = row == 0 ? share * x : m.sum + share * x;
+  m.lo = row == 0 || x < m.lo ? x : m.lo;
+  m.hi = row == 0 || m.hi < x ? x : m.hi;
+}
+
+RA_HD double rescued_mean_value(const RescuedMean& m) {
+  return m.sum < m.lo ? m.lo : (m.hi < m.sum ? m.hi : m.sum);
 }
 
 }  // namespace robustagg

@@ -41,10 +41,13 @@ template <typename A> RA_HD uint32_t key_bucket(key_t<A> key, int bits) {
 
 // SparseFed server step for one coordinate, in the arithmetic type A:
 //   momentum = rho * momentum + u  (rho == 0: momentum = u);  error += momentum.
-// rho is rounded to A once by the caller, as torch does with a Python scalar.
-template <typename A> RA_HD void ef_update(A u, A rho, bool use_momentum, A& error, A& momentum) {
-  momentum = use_momentum ? rho * momentum + u : u;
-  error = error + momentum;
+// rho is rounded to A once by the caller, as torch does with a Python scalar. Error feedback can
+// legitimately outgrow the dtype (a client that keeps sending 3e38 in float32): momentum and
+// error saturate at `limit`, the largest finite value of the storage type, instead of becoming
+// Inf (reference.topk_ef_step).
+template <typename A> RA_HD void ef_update(A u, A rho, bool use_momentum, A limit, A& error, A& momentum) {
+  momentum = saturate(use_momentum ? rho * momentum + u : u, limit);
+  error = saturate(error + momentum, limit);
 }
 
 }  // namespace robustagg

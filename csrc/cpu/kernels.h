@@ -11,12 +11,13 @@
 namespace robustagg {
 namespace cpu {
 
-// SPEC §4.5. ref may be null (then dot and ref_norm are not written). frac is [n, 3].
+// SPEC §4.5, every statistic in float64. ref may be null (then dot, ref_norm and ref_dist are
+// not written). frac is [n, 3].
 template <typename T>
 void client_stats(const T* G, int64_t n, int64_t d, int64_t window_start, int64_t window_length, const T* ref,
-                  acc_t<T>* norm, acc_t<T>* frac, acc_t<T>* dot, acc_t<T>* ref_norm, bool* nonfinite);
+                  double* norm, double* frac, double* dot, double* ref_norm, double* ref_dist, bool* nonfinite);
 
-// SPEC §4.5: out_i = G_i * min(1, max_norm_i / |G_i|).
+// SPEC §4.5: out_i = G_i * min(1, max_norm_i / |G_i|), computed in float64.
 template <typename T>
 void clip_rows(const T* G, int64_t n, int64_t d, const acc_t<T>* max_norm, T* out, bool* nonfinite);
 
@@ -36,9 +37,9 @@ template <typename T>
 void maxpool_amplify(const T* G, int64_t n, int64_t d, const int64_t* table, int64_t segments, int64_t kernel,
                      bool restore, int64_t out_width, T* out, bool* nonfinite);
 
-// SPEC §4.8; out is [n, n] in the arithmetic type.
+// SPEC §4.8; out is [n, n] in float64.
 template <typename T>
-void pairwise(const T* G, int64_t n, int64_t d, bool cosine, acc_t<T>* out, bool* nonfinite);
+void pairwise(const T* G, int64_t n, int64_t d, bool cosine, double* out, bool* nonfinite);
 
 }  // namespace cpu
 }  // namespace robustagg

@@ -8,6 +8,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -76,7 +78,7 @@ template <typename T> RA_ALWAYS_INLINE bool any_nonfinite(const T* x, int64_t le
 
 // One pooled row, any kernel k: best[c] / arg[c] over the k x k windows of input rows x[0..k).
 template <typename T, typename A = acc_t<T>>
-RA_ALWAYS_INLINE bool pool_row(const T* x, int64_t cols, int64_t k, int64_t pooled_cols, A* best, int32_t* arg,
+RA_ALWAYS_INLINE bool pool_row(const T* x, int64_t cols, int64_t k, int64_t pooled_cols, A* best, int64_t* arg,
                                bool want_arg) {
   bool bad = false;
   for (int64_t dr = 0; dr < k; ++dr) {
@@ -88,7 +90,7 @@ RA_ALWAYS_INLINE bool pool_row(const T* x, int64_t cols, int64_t k, int64_t pool
         const bool first = dr == 0 && dc == 0;
         if (first || window_takes(v, best[c])) {
           best[c] = v;
-          if (want_arg) arg[c] = static_cast<int32_t>(dr * k + dc);
+          if (want_arg) arg[c] = dr * k + dc;
         }
       }
     }
@@ -188,7 +190,7 @@ RA_ALWAYS_INLINE bool pool_row_2x2(const T* x0, const T* x1, int64_t cols, T* ou
 // vectorized row at compile time, K = 0 means the kernel is only known at run time.
 template <int K, typename T, typename A = acc_t<T>>
 RA_ALWAYS_INLINE bool pool_band_body(const T* g, const PoolSegment& s, int64_t kernel_rt, int64_t r0, int64_t r1,
-                                     bool restore, T* out, A* best, int32_t* arg) {
+                                     bool restore, T* out, A* best, int64_t* arg) {
   const int64_t k = K ? K : kernel_rt;
   const int64_t pooled_cols = s.cols / k, pooled_rows = s.rows / k;
   bool bad = false;
@@ -225,23 +227,23 @@ RA_ALWAYS_INLINE bool pool_band_body(const T* g, const PoolSegment& s, int64_t k
 
 template <int K, typename T, typename A = acc_t<T>>
 RA_TARGET_AVX512 bool pool_band_avx512(const T* g, const PoolSegment& s, int64_t k, int64_t r0, int64_t r1, bool restore,
-                                       T* out, A* best, int32_t* arg) {
+                                       T* out, A* best, int64_t* arg) {
   return pool_band_body<K, T>(g, s, k, r0, r1, restore, out, best, arg);
 }
 template <int K, typename T, typename A = acc_t<T>>
 RA_TARGET_AVX2 bool pool_band_avx2(const T* g, const PoolSegment& s, int64_t k, int64_t r0, int64_t r1, bool restore,
-                                   T* out, A* best, int32_t* arg) {
+                                   T* out, A* best, int64_t* arg) {
   return pool_band_body<K, T>(g, s, k, r0, r1, restore, out, best, arg);
 }
 template <int K, typename T, typename A = acc_t<T>>
 bool pool_band_base(const T* g, const PoolSegment& s, int64_t k, int64_t r0, int64_t r1, bool restore, T* out,
-                    A* best, int32_t* arg) {
+                    A* best, int64_t* arg) {
   return pool_band_body<K, T>(g, s, k, r0, r1, restore, out, best, arg);
 }
 
 template <int K, typename T, typename A = acc_t<T>>
 bool pool_band(Isa isa, const T* g, const PoolSegment& s, int64_t k, int64_t r0, int64_t r1, bool restore, T* out,
-               A* best, int32_t* arg) {
+               A* best, int64_t* arg) {
   if (isa == Isa::kAvx512) return pool_band_avx512<K, T>(g, s, k, r0, r1, restore, out, best, arg);
   if (isa == Isa::kAvx2) return pool_band_avx2<K, T>(g, s, k, r0, r1, restore, out, best, arg);
   return pool_band_base<K, T>(g, s, k, r0, r1, restore, out, best, arg);
@@ -254,19 +256,24 @@ void maxpool_amplify(const T* G, int64_t n, int64_t d, const int64_t* table, int
                      bool restore, int64_t out_width, T* out, bool* nonfinite) {
   using A = acc_t<T>;
   std::vector<PoolSegment> segs(segments);
-  int64_t widest = 1;
+  int64_t widest = 1;  // pooled columns of the widest segment that has a window
   for (int64_t s = 0; s < segments; ++s) {
     segs[s] = pool_segment(table + 5 * s);
-    widest = std::max(widest, segs[s].cols / kernel + 1);
+    if (segs[s].pooled && segs[s].rows >= kernel) widest = std::max(widest, segs[s].cols / kernel);
   }
   const std::vector<Task> tasks = make_tasks(segs, d, kernel);
   const int64_t per_row = tasks.size();
   std::vector<char> bad(n * per_row, 0);
   const Isa isa = cpu_isa();
-#pragma omp parallel
+  // Scratch for every thread, allocated here: an allocation failure inside the parallel region
+  // would terminate the process instead of raising.
+  const int threads = omp_get_max_threads();
+  std::vector<A> best_all(threads * widest);
+  std::vector<int64_t> arg_all(threads * widest);
+#pragma omp parallel num_threads(threads)
   {
-    std::vector<A> best(widest);
-    std::vector<int32_t> arg(widest);
+    A* best = best_all.data() + omp_get_thread_num() * widest;
+    int64_t* arg = arg_all.data() + omp_get_thread_num() * widest;
 #pragma omp for schedule(dynamic, 4)
     for (int64_t w = 0; w < n * per_row; ++w) {
       const int64_t i = w / per_row;
@@ -275,8 +282,8 @@ void maxpool_amplify(const T* G, int64_t n, int64_t d, const int64_t* table, int
       T* o = out + i * out_width;
       if (t.kind == TaskKind::kPool) {
         const PoolSegment& s = segs[t.seg];
-        bad[w] = kernel == 2 ? pool_band<2, T>(isa, g, s, kernel, t.begin, t.end, restore, o, best.data(), arg.data())
-                             : pool_band<0, T>(isa, g, s, kernel, t.begin, t.end, restore, o, best.data(), arg.data());
+        bad[w] = kernel == 2 ? pool_band<2, T>(isa, g, s, kernel, t.begin, t.end, restore, o, best, arg)
+                             : pool_band<0, T>(isa, g, s, kernel, t.begin, t.end, restore, o, best, arg);
       } else if (t.kind == TaskKind::kCopy) {
         const PoolSegment& s = segs[t.seg];
         bad[w] = any_nonfinite(g + t.begin, t.end - t.begin);

@@ -10,8 +10,9 @@
 //     with the wires in L1;
 //   * larger n: the tile is transposed and each coordinate goes through select_nth (two
 //     selections isolate the kept window, only the window is sorted).
-// Both end in the core's ascending sum of the kept values (core/order_stats.h). The loads also
-// count sign votes (invariant) and detect non-finite rows, so nothing reads G twice.
+// Both end in the core's ascending sum of the kept values (core/order_stats.h), redone scaled in
+// the rare lanes where it overflowed. The loads also count sign votes (invariant) and detect
+// non-finite rows, so nothing reads G twice.
 #include "cpu/lanes.h"  // first: it silences -Wpsabi for the vector types
 
 #include <omp.h>
@@ -52,11 +53,25 @@ struct OrderScratch {
   using A = acc_t<T>;
   AlignedBuffer<typename Lanes<A>::V> wires;
   std::vector<A> columns;      // selection path: W columns of n values
+  std::vector<A> lane;         // network paths: one lane's sorted values, for kept_mean_rescaled
   std::vector<uint8_t> bad;    // rows seen holding NaN/Inf
 
   explicit OrderScratch(const OrderJob<T>& job)
-      : wires(job.n), columns(job.net ? 0 : job.n * Lanes<A>::W), bad(job.n, 0) {}
+      : wires(job.n), columns(job.net ? 0 : job.n * Lanes<A>::W), lane(job.n), bad(job.n, 0) {}
 };
+
+// kept_mean overflowed (is ±Inf) in some lanes whose values were all finite (check == 0): redo
+// those lanes with core's kept_mean_rescaled. Rare: only huge finite values get here.
+template <typename T>
+inline void rescue_overflowed_lanes(const OrderJob<T>& job, const typename Lanes<acc_t<T>>::V* sorted,
+                                    const typename Lanes<acc_t<T>>::V& check, int64_t width,
+                                    typename Lanes<acc_t<T>>::V& mean, OrderScratch<T>& s) {
+  for (int64_t l = 0; l < width; ++l) {
+    if (check[l] != 0 || !is_infinite(mean[l])) continue;
+    for (int64_t r = job.lo; r < job.hi; ++r) s.lane[r] = sorted[r][l];
+    mean[l] = kept_mean_rescaled(s.lane.data(), job.lo, job.hi);
+  }
+}
 
 // A tile held a NaN/Inf somewhere (rare): find the rows.
 template <typename T>
@@ -118,9 +133,11 @@ inline void order_tile(const OrderJob<T>& job, int64_t j, typename Lanes<acc_t<T
     for (int64_t i = job.n; i < S; ++i) wires[i] = broadcast<V>(A(INFINITY));
     run_static_network<S>(wires);
     mean = kept_mean<A>(wires, job.lo, job.hi);
+    if (any_nonzero(mean - mean)) rescue_overflowed_lanes(job, wires, check, width, mean, s);
   } else if (job.net) {
     run_network(wires, job.net, job.steps);
     mean = kept_mean<A>(wires, job.lo, job.hi);
+    if (any_nonzero(mean - mean)) rescue_overflowed_lanes(job, wires, check, width, mean, s);
   } else {
     A* columns = s.columns.data();
     for (int64_t i = 0; i < job.n; ++i) {

@@ -6,11 +6,13 @@
 // same order, wherever it sits in a block, and tiles are added in column order, so the result is
 // deterministic, symmetric, and K_ii == K_jj == K_ij for equal rows. Pairs whose Gram distance
 // cancels (csrc/core/pairwise.h) are recomputed from direct differences in one batched pass: that
-// keeps full precision for close rows and gives exactly 0 / 1 only for equal rows.
+// keeps full precision for close rows and gives exactly 0 / 1 only for equal rows. The same pass
+// gives every pair with a float64 row that the Gram matrix cannot hold (core's unsafe rows).
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -116,35 +118,60 @@ template <typename T> std::vector<double> gram(const T* G, int64_t n, int64_t d,
   return K;
 }
 
-template <typename T> RA_ALWAYS_INLINE double sqdist_body(const T* a, const T* b, int64_t len) {
-  f64x8 s = {};
+// What the direct pass adds up for one pair of rows a, b (scaled by pa, pb for the products).
+struct DirectSums {
+  double sqdist;   // sum_c (a_c - b_c)^2
+  double dot;      // sum_c (a_c pa)(b_c pb)
+  int64_t differ;  // entries with a_c != b_c
+};
+
+template <typename T>
+RA_ALWAYS_INLINE DirectSums direct_body(const T* a, const T* b, int64_t len, double pa, double pb) {
+  f64x8 s = {}, t = {};
+  i64x8 ne = {};
   int64_t c = 0;
   for (; c + 8 <= len; c += 8) {
-    const f64x8 t = load_f64x8(a + c) - load_f64x8(b + c);
-    s += t * t;
+    const f64x8 x = load_f64x8(a + c), y = load_f64x8(b + c);
+    const f64x8 diff = x - y;
+    s += diff * diff;
+    t += (x * pa) * (y * pb);
+    ne -= x != y;  // a true comparison is -1
   }
-  for (int l = 0; c < len; ++c, ++l)
-    s[l] += sqdiff(static_cast<double>(static_cast<acc_t<T>>(a[c])), static_cast<double>(static_cast<acc_t<T>>(b[c])));
-  return fold_f64x8(s);
+  for (int l = 0; c < len; ++c, ++l) {
+    const double x = static_cast<double>(static_cast<acc_t<T>>(a[c]));
+    const double y = static_cast<double>(static_cast<acc_t<T>>(b[c]));
+    s[l] += sqdiff(x, y);
+    t[l] += (x * pa) * (y * pb);
+    ne[l] += x != y;
+  }
+  int64_t differ = 0;
+  for (int l = 0; l < 8; ++l) differ += ne[l];
+  return DirectSums{fold_f64x8(s), fold_f64x8(t), differ};
 }
-template <typename T> RA_TARGET_AVX512 double sqdist_avx512(const T* a, const T* b, int64_t len) {
-  return sqdist_body(a, b, len);
-}
-template <typename T> RA_TARGET_AVX2 double sqdist_avx2(const T* a, const T* b, int64_t len) {
-  return sqdist_body(a, b, len);
-}
-template <typename T> double sqdist_base(const T* a, const T* b, int64_t len) { return sqdist_body(a, b, len); }
-
-// Direct squared distances sum_c (G_ic - G_jc)^2 of the listed pairs, in one pass over the columns:
-// fixed column chunks in parallel, each walked in blocks small enough for the rows to stay cached.
 template <typename T>
-std::vector<double> direct_sqdist(const T* G, int64_t d, const std::vector<std::pair<int64_t, int64_t>>& pairs) {
+RA_TARGET_AVX512 DirectSums direct_avx512(const T* a, const T* b, int64_t len, double pa, double pb) {
+  return direct_body(a, b, len, pa, pb);
+}
+template <typename T>
+RA_TARGET_AVX2 DirectSums direct_avx2(const T* a, const T* b, int64_t len, double pa, double pb) {
+  return direct_body(a, b, len, pa, pb);
+}
+template <typename T> DirectSums direct_base(const T* a, const T* b, int64_t len, double pa, double pb) {
+  return direct_body(a, b, len, pa, pb);
+}
+
+// The direct sums of the listed pairs, rows scaled by `scale` for the products, in one pass over
+// the columns: fixed column chunks in parallel, each walked in blocks small enough for the rows
+// to stay cached, partial sums added in chunk order.
+template <typename T>
+std::vector<DirectSums> direct_pass(const T* G, int64_t d, const std::vector<std::pair<int64_t, int64_t>>& pairs,
+                                    const std::vector<double>& scale) {
   const int64_t P = pairs.size();
-  std::vector<double> out(P, 0.0);
+  std::vector<DirectSums> out(P, DirectSums{0.0, 0.0, 0});
   if (P == 0) return out;
   const int64_t chunks = std::max<int64_t>(1, std::min({kDirectChunks, (d + kDirectBlock - 1) / kDirectBlock,
                                                         kDirectBudget / P}));
-  std::vector<double> part(chunks * P, 0.0);
+  std::vector<DirectSums> part(chunks * P, DirectSums{0.0, 0.0, 0});
   const Isa isa = cpu_isa();
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t ch = 0; ch < chunks; ++ch) {
@@ -152,52 +179,79 @@ std::vector<double> direct_sqdist(const T* G, int64_t d, const std::vector<std::
     for (int64_t b0 = d * ch / chunks; b0 < c1; b0 += kDirectBlock) {
       const int64_t len = std::min(kDirectBlock, c1 - b0);
       for (int64_t p = 0; p < P; ++p) {
-        const T* a = G + pairs[p].first * d + b0;
-        const T* b = G + pairs[p].second * d + b0;
-        const double s = isa == Isa::kAvx512 ? sqdist_avx512(a, b, len)
-                         : isa == Isa::kAvx2 ? sqdist_avx2(a, b, len)
-                                             : sqdist_base(a, b, len);
-        part[ch * P + p] += s;
+        const auto [i, j] = pairs[p];
+        const T* a = G + i * d + b0;
+        const T* b = G + j * d + b0;
+        const DirectSums s = isa == Isa::kAvx512 ? direct_avx512(a, b, len, scale[i], scale[j])
+                             : isa == Isa::kAvx2 ? direct_avx2(a, b, len, scale[i], scale[j])
+                                                 : direct_base(a, b, len, scale[i], scale[j]);
+        DirectSums& acc = part[ch * P + p];
+        acc.sqdist += s.sqdist;
+        acc.dot += s.dot;
+        acc.differ += s.differ;
       }
     }
   }
   for (int64_t ch = 0; ch < chunks; ++ch)
-    for (int64_t p = 0; p < P; ++p) out[p] += part[ch * P + p];
+    for (int64_t p = 0; p < P; ++p) {
+      out[p].sqdist += part[ch * P + p].sqdist;
+      out[p].dot += part[ch * P + p].dot;
+      out[p].differ += part[ch * P + p].differ;
+    }
   return out;
 }
 
 }  // namespace
 
-template <typename T> void pairwise(const T* G, int64_t n, int64_t d, bool cosine, acc_t<T>* out, bool* nonfinite) {
-  using A = acc_t<T>;
+template <typename T> void pairwise(const T* G, int64_t n, int64_t d, bool cosine, double* out, bool* nonfinite) {
   int64_t ldk = 0;
   const std::vector<double> K = gram(G, n, d, nonfinite, ldk);
   auto k = [&](int64_t i, int64_t j) { return K[std::min(i, j) * ldk + std::max(i, j)]; };
 
-  std::vector<std::pair<int64_t, int64_t>> close;
-  std::vector<double> dist(n * n, 0.0);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = i + 1; j < n; ++j) {
-      dist[i * n + j] = sqdist_from_gram(k(i, i), k(j, j), k(i, j));
-      if (needs_direct(k(i, i), k(j, j), dist[i * n + j])) close.emplace_back(i, j);
+  // Unsafe rows (core/pairwise.h) occur for float64 input only: 16/32-bit squares cannot leave
+  // the float64 range.
+  std::vector<char> unsafe(n, 0);
+  std::vector<double> scale(n, 1.0);
+  if constexpr (std::is_same<T, double>::value) {
+    for (int64_t i = 0; i < n; ++i) {
+      unsafe[i] = gram_row_unsafe(k(i, i));
+      scale[i] = row_scale(k(i, i));
     }
-  const std::vector<double> direct = direct_sqdist(G, d, close);
-  std::vector<char> equal(n * n, 0);
-  for (size_t p = 0; p < close.size(); ++p) {
-    const auto [i, j] = close[p];
-    dist[i * n + j] = direct[p];
-    equal[i * n + j] = direct[p] == 0.0;
   }
+  // Pairs the Gram matrix cannot give: close rows, and every pair with an unsafe row (itself
+  // included, for its scaled self product).
+  std::vector<std::pair<int64_t, int64_t>> listed;
+  std::vector<int64_t> slot(n * n, -1);
+  auto list = [&](int64_t i, int64_t j) {
+    slot[i * n + j] = listed.size();
+    listed.emplace_back(i, j);
+  };
   for (int64_t i = 0; i < n; ++i) {
-    out[i * n + i] = cosine ? static_cast<A>(cosine_from_gram(k(i, i), k(i, i), k(i, i), true)) : A(0);
+    if (unsafe[i]) list(i, i);
+    for (int64_t j = i + 1; j < n; ++j)
+      if (unsafe[i] || unsafe[j] || needs_direct(k(i, i), k(j, j), sqdist_from_gram(k(i, i), k(j, j), k(i, j))))
+        list(i, j);
+  }
+  const std::vector<DirectSums> direct = direct_pass(G, d, listed, scale);
+  auto self = [&](int64_t i) { return unsafe[i] ? direct[slot[i * n + i]].dot : k(i, i); };
+  for (int64_t i = 0; i < n; ++i) {
+    out[i * n + i] = cosine ? cosine_from_gram(self(i), self(i), self(i), true) : 0.0;
     for (int64_t j = i + 1; j < n; ++j) {
-      const double v = cosine ? cosine_from_gram(k(i, i), k(j, j), k(i, j), equal[i * n + j] != 0) : dist[i * n + j];
-      out[i * n + j] = out[j * n + i] = static_cast<A>(v);
+      double v;
+      const int64_t p = slot[i * n + j];
+      if (p < 0) {
+        v = cosine ? cosine_from_gram(k(i, i), k(j, j), k(i, j), false) : sqdist_from_gram(k(i, i), k(j, j), k(i, j));
+      } else {
+        const DirectSums& s = direct[p];
+        const bool scaled = unsafe[i] || unsafe[j];
+        v = cosine ? cosine_from_gram(self(i), self(j), scaled ? s.dot : k(i, j), s.differ == 0) : s.sqdist;
+      }
+      out[i * n + j] = out[j * n + i] = v;
     }
   }
 }
 
-#define RA_INSTANTIATE(T) template void pairwise<T>(const T*, int64_t, int64_t, bool, acc_t<T>*, bool*);
+#define RA_INSTANTIATE(T) template void pairwise<T>(const T*, int64_t, int64_t, bool, double*, bool*);
 RA_FOR_EACH_DTYPE(RA_INSTANTIATE, c10::Half, c10::BFloat16)
 #undef RA_INSTANTIATE
 

@@ -2,7 +2,8 @@
 //
 // Both are one streaming read of G: each thread takes a chunk of kChunkVectors vectors of
 // coordinates, keeps the chunk's vote counts (and for rlr the weighted sums) in L1, and walks the
-// n rows over it, each row a long contiguous run. Non-finite rows are found in the same pass.
+// n rows over it, each row a long contiguous run. Non-finite rows are found in the same pass. A
+// coordinate whose weighted sum overflowed is redone from its column (core/sign_votes.h).
 #include "cpu/lanes.h"  // first: it silences -Wpsabi for the vector types
 
 #include <omp.h>
@@ -68,6 +69,21 @@ inline void add_rows(const VoteJob<T>& job, int64_t i, int64_t j0, int64_t width
   for (int r = 0; r < R; ++r) bad[i + r] |= any_nonzero(check[r]);
 }
 
+// rlr's mean of coordinate j where the weighted sum overflowed (core's RescuedMean); ±Inf stays
+// when the column itself holds NaN/Inf. Rare: only huge finite values get here.
+template <typename T>
+inline acc_t<T> rescued_rlr_mean(const VoteJob<T>& job, int64_t j, acc_t<T> overflowed) {
+  using A = acc_t<T>;
+  RescuedMean m{};
+  for (int64_t i = 0; i < job.n; ++i) {
+    const A x = static_cast<A>(job.G[i * job.d + j]);
+    if (is_nonfinite(x)) return overflowed;
+    const double w = job.weights ? static_cast<double>(job.weights[i]) : 1.0;
+    rescued_mean_add(m, i, w / static_cast<double>(job.weight_total), static_cast<double>(x));
+  }
+  return static_cast<A>(rescued_mean_value(m));
+}
+
 template <typename T, bool kRlr, bool kWeighted>
 inline void vote_chunks_body(const VoteJob<T>& job, int64_t begin, int64_t end, uint8_t* bad) {
   using A = acc_t<T>;
@@ -95,8 +111,12 @@ inline void vote_chunks_body(const VoteJob<T>& job, int64_t begin, int64_t end, 
       if constexpr (kRlr) {
         V out;
         for (int l = 0; l < L::W; ++l) {
-          out[l] = rlr_finish(static_cast<int>(votes[v][l]), static_cast<int>(job.theta), sums[v][l],
-                              job.weight_total, job.server_lr);
+          const int lane_votes = static_cast<int>(votes[v][l]), theta = static_cast<int>(job.theta);
+          out[l] = rlr_finish(lane_votes, theta, sums[v][l], job.weight_total, job.server_lr);
+          if (l < count && is_infinite(sums[v][l])) {
+            const A mean = rescued_rlr_mean(job, j + l, sums[v][l] / job.weight_total);
+            out[l] = rlr_apply(lane_votes, theta, mean, job.server_lr);
+          }
         }
         store_lanes(job.out + j, out, count);
       } else {
