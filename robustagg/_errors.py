@@ -2,6 +2,8 @@
 import math
 import numbers
 
+import torch
+
 
 class NonFiniteUpdateError(ValueError):
     """Raised under ``nonfinite="raise"`` when client rows hold NaN or Inf (SPEC §3).
@@ -53,3 +55,35 @@ def check_float(owner: str, name: str, value, lo: float | None = None, hi: float
             allowed = f"<= {hi}" if hi is not None else "finite"
         raise ValueError(f"{owner}: {name}={value} is out of range; allowed {allowed} (and finite)")
     return value
+
+
+def check_bool(owner: str, name: str, value) -> bool:
+    """A bool (not merely truthy), else an error naming the argument and the value."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a bool (True or False), got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_weights(owner: str, weights, n: int) -> torch.Tensor:
+    """Per-client weights (sample counts) as a float64 [n] tensor: real, finite, >= 0 and not all 0.
+
+    They are returned scaled by a power of two (exactly) to a largest value in [0.5, 1): only their
+    ratios matter, and such weights cannot overflow when they are added up in float32.
+    """
+    if isinstance(weights, torch.Tensor):
+        w = weights
+    else:
+        try:
+            w = torch.as_tensor(weights)
+        except (TypeError, ValueError, RuntimeError):
+            w = None
+    if w is None or w.dtype == torch.bool or w.is_complex() or not (w.is_floating_point() or w.dtype in (
+            torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise TypeError(f"{owner}: weights must be {n} real numbers (a 1-D tensor or sequence), got {weights!r}")
+    if w.shape != (n,):
+        raise ValueError(f"{owner}: weights has shape {tuple(w.shape)}; it must be ({n},), one per client")
+    w = w.detach().to(torch.float64)
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise ValueError(f"{owner}: weights must be finite, >= 0 and not all 0; got min={float(w.min())} "
+                         f"max={float(w.max())}")
+    return torch.ldexp(w, -torch.frexp(w.max()).exponent)

@@ -121,7 +121,9 @@ class Layout:
         """int64[S, 5] rows (in_offset, rows, cols, pooled, out_offset) for the kernels."""
         rows, out = [], 0
         for s in self.segments_for(d):
-            rows.append((s.offset, s.rows, s.cols, int(s.pooled), s.offset if restore else out))
+            # an empty parameter (shape (0, n)) is (0, 0): the kernels reject dimensions beyond d
+            shape = (s.rows, s.cols) if s.numel else (0, 0)
+            rows.append((s.offset, *shape, int(s.pooled), s.offset if restore else out))
             out += (s.rows // kernel) * (s.cols // kernel) if s.pooled else s.numel
         return torch.tensor(rows, dtype=torch.int64).reshape(-1, 5)
 

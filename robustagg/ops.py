@@ -14,8 +14,13 @@ Every op takes ``G`` of shape (n, d): row i is client i, column j coordinate j. 
 
 Supported dtypes are float16, bfloat16, float32 and float64; arithmetic is float32 (float64 for
 float64). Results have G's dtype, except counts (int32), indices (int64), masks (bool) and the
-per-client statistics and pairwise matrices, which have the arithmetic dtype so that a legitimate
-float16 row norm cannot overflow.
+per-client statistics and pairwise matrices, which are float64: they are n or n x n numbers whose
+exact values (the norm of a float32 row of 3e38, the squared distance of two 1e20 rows) need not
+fit float32.
+
+Finite input never gives Inf or NaN where the exact result is finite in the output dtype: sums that
+overflow are redone scaled, norms and distances of float64 rows are scaled as LAPACK's nrm2 does.
+The ops are not differentiable: tensors that require grad are read detached.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ import torch
 
 from . import _backend
 from . import _fake  # noqa: F401  (registers the fake implementations)
-from ._errors import NonFiniteUpdateError, check_float, check_int
+from . import reference
+from ._errors import NonFiniteUpdateError, check_bool, check_float, check_int, check_weights
 from .layout import Layout
 from .reference import acc_dtype
 
@@ -53,7 +59,7 @@ def _check_matrix(G, op: str, name: str = "G") -> torch.Tensor:
     if d == 0:
         raise ValueError(f"{op}: {name} has d=0 columns; at least 1 coordinate is required")
     _check_dtype(G, op, name)
-    return G.contiguous()
+    return G.detach().contiguous()
 
 
 def _check_vector(x, op: str, name: str) -> torch.Tensor:
@@ -62,7 +68,12 @@ def _check_vector(x, op: str, name: str) -> torch.Tensor:
     if x.dim() != 1 or x.shape[0] == 0:
         raise ValueError(f"{op}: {name} has shape {tuple(x.shape)}; it must be 1-D with at least 1 element")
     _check_dtype(x, op, name)
-    return x
+    return x.detach()
+
+
+def _dtype_max(dtype: torch.dtype) -> float:
+    """The largest finite value of dtype's arithmetic dtype: the range of a scalar the kernels use."""
+    return torch.finfo(acc_dtype(dtype)).max
 
 
 def _check_dtype(x, op, name):
@@ -90,10 +101,15 @@ class _Rows:
 
 # ---------------------------------------------------------------- the non-finite policy
 
-def _coordinatewise(op, G, nonfinite, backend, run):
-    """Run a coordinate-wise op under the policy; ``run(kernel, X, rows)`` returns (..., nonfinite)."""
+def _coordinatewise(op, G, nonfinite, backend, run, kernel_op=None):
+    """Run a coordinate-wise op under the policy; ``run(kernel, X, rows)`` returns (..., nonfinite).
+
+    ``kernel_op`` is the raw op that computes ``op`` (trimmed_mean and median run order_mean);
+    messages name ``op``, the function the caller called.
+    """
     _check_policy(nonfinite, op)
-    fn = _backend.kernel(op, _backend.select(op, G.device, backend))
+    kernel_op = kernel_op or op
+    fn = _backend.kernel(kernel_op, _backend.select(kernel_op, G.device, backend))
     n = G.shape[0]
     *result, bad = run(fn, G, _Rows(n, n))
     if nonfinite == "propagate" or not bool(bad.any()):
@@ -151,7 +167,7 @@ def sign_agreement(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
         n_used.append(X.shape[0])
         return fn(X)
 
-    (s,) = _coordinatewise("sign_sum", G, nonfinite, backend, run)
+    (s,) = _coordinatewise("sign_agreement", G, nonfinite, backend, run, kernel_op="sign_sum")
     return (s.abs().to(acc_dtype(G.dtype)) / n_used[-1]).to(G.dtype)
 
 
@@ -197,7 +213,7 @@ def trimmed_mean(G, trim: int, *, nonfinite="raise", backend=None) -> torch.Tens
     def run(fn, X, rows, kept=None):
         return fn(X, *_trim_bounds(op, trim, rows))
 
-    (out,) = _coordinatewise("order_mean", G, nonfinite, backend, run)
+    (out,) = _coordinatewise(op, G, nonfinite, backend, run, kernel_op="order_mean")
     return out
 
 
@@ -209,7 +225,7 @@ def median(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
     def run(fn, X, rows, kept=None):
         return fn(X, (rows.n - 1) // 2, rows.n // 2 + 1)
 
-    (out,) = _coordinatewise("order_mean", G, nonfinite, backend, run)
+    (out,) = _coordinatewise("median", G, nonfinite, backend, run, kernel_op="order_mean")
     return out
 
 
@@ -239,8 +255,7 @@ def invariant(G, tau: float, trim: int, strict: bool = True, *, return_mask: boo
     op = "invariant"
     G = _check_matrix(G, op)
     tau = check_float(op, "tau", tau, 0.0, 1.0)
-    if not isinstance(strict, bool):
-        raise TypeError(f"{op}: strict must be a bool, got {strict!r}")
+    strict = check_bool(op, "strict", strict)
 
     def run(fn, X, rows, kept=None):
         lo, hi = _trim_bounds(op, trim, rows)
@@ -256,33 +271,26 @@ def invariant_ranks(G, tau: float, lo: int, hi: int, strict: bool = True, *, ret
 
     The authors' released code keeps ranks int(0.45n)..int(0.55n)-1 (SPEC §4.3).
     """
-    op = "invariant"
+    op = "invariant_ranks"
     G = _check_matrix(G, op)
     tau = check_float(op, "tau", tau, 0.0, 1.0)
+    strict = check_bool(op, "strict", strict)
 
     def run(fn, X, rows, kept=None):
         a, b = _order_bounds(op, lo, hi, rows)
         return fn(X, a, b, _min_votes(tau, rows.n, strict))
 
-    out, mask = _coordinatewise(op, G, nonfinite, backend, run)
+    out, mask = _coordinatewise(op, G, nonfinite, backend, run, kernel_op="invariant")
     return (out, mask) if return_mask else out
 
 
 # ---------------------------------------------------------------- §4.4 robust learning rate
 
 def _check_weights(weights, op, n, G):
+    """check_weights (relative weights in (0, 1]) in G's arithmetic dtype on G's device."""
     if weights is None:
         return None
-    if not isinstance(weights, torch.Tensor):
-        weights = torch.as_tensor(weights)
-    if weights.shape != (n,):
-        raise ValueError(f"{op}: weights has shape {tuple(weights.shape)}; it must be ({n},), one per client")
-    w = weights.to(device=G.device, dtype=acc_dtype(G.dtype))
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-        raise ValueError(f"{op}: weights must be finite and >= 0, got min={w.min().item()} max={w.max().item()}")
-    if float(w.sum()) <= 0:
-        raise ValueError(f"{op}: weights sum to {float(w.sum())}; at least one weight must be > 0")
-    return w.contiguous()
+    return check_weights(op, weights, n).to(device=G.device, dtype=acc_dtype(G.dtype)).contiguous()
 
 
 def rlr(G, theta: int, weights=None, server_lr: float = 1.0, *, nonfinite="raise", backend=None):
@@ -293,7 +301,7 @@ def rlr(G, theta: int, weights=None, server_lr: float = 1.0, *, nonfinite="raise
     G = _check_matrix(G, op)
     n = G.shape[0]
     w = _check_weights(weights, op, n, G)
-    server_lr = check_float(op, "server_lr", server_lr)
+    server_lr = check_float(op, "server_lr", server_lr, -_dtype_max(G.dtype), _dtype_max(G.dtype))
 
     def run(fn, X, rows, kept=None):
         th = check_int(op, "theta", theta, 0, rows.n, f" (a vote count){rows.why()}")
@@ -310,26 +318,52 @@ def rlr(G, theta: int, weights=None, server_lr: float = 1.0, *, nonfinite="raise
 
 @dataclass
 class ClientStats:
-    """Per-client statistics from one read of G (SPEC §4.5)."""
-    norm: torch.Tensor            # [n] L2 norm of each row
-    sign_frac: torch.Tensor       # [n, 3] fractions > 0, == 0, < 0 inside the window
-    dot: torch.Tensor | None      # [n] G_i . ref, if ref was given
-    ref_norm: torch.Tensor | None  # scalar ||ref||, if ref was given
-    finite: torch.Tensor          # [n] bool, False for rows holding NaN/Inf
+    """Per-client statistics from one read of G (SPEC §4.5), all float64."""
+    norm: torch.Tensor                 # [n] L2 norm of each row
+    sign_frac: torch.Tensor            # [n, 3] fractions > 0, == 0, < 0 inside the window
+    dot: torch.Tensor | None           # [n] G_i . ref, if ref was given
+    ref_norm: torch.Tensor | None      # scalar ||ref||, if ref was given
+    ref_dist: torch.Tensor | None      # [n] ||G_i - ref||, if ref was given
+    cosine: torch.Tensor | None        # [n] cos(G_i, ref), 0 where either is zero, if ref was given
+    finite: torch.Tensor               # [n] bool, False for rows holding NaN/Inf
 
-    @property
-    def cosine(self) -> torch.Tensor:
-        """cos(G_i, ref); 0 where either norm is 0."""
-        if self.dot is None:
-            raise ValueError("client_stats was called without ref; there is no cosine to report")
-        denom = self.norm * self.ref_norm
-        return torch.where(denom > 0, self.dot / denom, torch.zeros_like(denom))
+    def select(self, rows: torch.Tensor) -> "ClientStats":
+        """The statistics of the given rows only (an index tensor)."""
+        pick = (lambda t: None if t is None else t[rows])
+        return ClientStats(pick(self.norm), pick(self.sign_frac), pick(self.dot), self.ref_norm, pick(self.ref_dist),
+                           pick(self.cosine), self.finite[rows])
+
+
+# A float64 norm within these bounds keeps the products of a dot with a norm within them in range.
+_SAFE_NORMS = (2.0 ** -450, 2.0 ** 450)
+
+
+def _cosines(G, ref, norm, dot, ref_norm, bad) -> torch.Tensor:
+    r"""$\cos(G_i, \mathrm{ref})$ in float64 from the kernel's statistics, 0 where a norm is 0.
+
+    For 16/32-bit input every term of the dot fits float64, so dot / norm / ref_norm is accurate.
+    For float64 input a finite row or ref whose norm lies outside 2^(+-450) can have lost the dot to
+    overflow or underflow; those rows (an attacker's 1e300 client) are recomputed here from scaled
+    values (reference.cosine_to).
+    """
+    nonzero = (norm > 0) & (ref_norm > 0)
+    cos = torch.where(nonzero, dot / norm / ref_norm, torch.zeros_like(dot)).clamp(-1.0, 1.0)
+    if G.dtype != torch.float64:
+        return cos
+    lo, hi = _SAFE_NORMS
+    ref_outside = bool((ref_norm < lo) | (ref_norm > hi))
+    redo = nonzero & ~bad & ((norm < lo) | (norm > hi) | ref_outside)
+    if bool(redo.any()):
+        rows = redo.nonzero().flatten()
+        cos[rows] = reference.cosine_to(G[rows].double(), ref.double())
+    return cos
 
 
 def client_stats(G, window: tuple[int, int] | None = None, ref=None, *, nonfinite="raise",
                  backend=None) -> ClientStats:
-    r"""Row norms $\|G_i\|$, sign fractions inside the column window ``[start, start+length)`` and
-    dot products $G_i\cdot\mathrm{ref}$, in one read of G. Under ``"drop"`` non-finite rows get NaN."""
+    r"""Row norms $\|G_i\|$, sign fractions inside the column window ``[start, start+length)``, and
+    with ``ref`` the dot products $G_i\cdot\mathrm{ref}$, distances $\|G_i - \mathrm{ref}\|$ and
+    cosines, in one read of G; all float64. Under ``"drop"`` non-finite rows get NaN."""
     op = "client_stats"
     G = _check_matrix(G, op)
     n, d = G.shape
@@ -347,10 +381,16 @@ def client_stats(G, window: tuple[int, int] | None = None, ref=None, *, nonfinit
         if not bool(torch.isfinite(torch.stack(torch.aminmax(ref))).all()):  # one pass; min/max propagate NaN
             raise ValueError(f"{op}: ref holds NaN or Inf; the reference update must be finite")
         ref = ref.to(device=G.device, dtype=G.dtype).contiguous()
-    (norm, frac, dot, ref_norm), bad = _per_client(
-        op, G, nonfinite, backend, lambda fn, X: fn(X, start, length, ref), row_outputs=(0, 1, 2) if ref is not None else (0, 1))
-    return ClientStats(norm, frac, dot if ref is not None else None,
-                       ref_norm.reshape(()) if ref is not None else None, ~bad)
+    row_outputs = (0, 1, 2, 4) if ref is not None else (0, 1)
+    (norm, frac, dot, ref_norm, ref_dist), bad = _per_client(
+        op, G, nonfinite, backend, lambda fn, X: fn(X, start, length, ref), row_outputs=row_outputs)
+    if ref is None:
+        return ClientStats(norm, frac, None, None, None, None, ~bad)
+    ref_norm = ref_norm.reshape(())
+    cosine = _cosines(G, ref, norm, dot, ref_norm, bad)
+    if nonfinite == "drop":
+        cosine = cosine.masked_fill(bad, float("nan"))
+    return ClientStats(norm, frac, dot, ref_norm, ref_dist, cosine, ~bad)
 
 
 def clip_rows(G, max_norm, *, nonfinite="raise", backend=None) -> torch.Tensor:
@@ -362,11 +402,13 @@ def clip_rows(G, max_norm, *, nonfinite="raise", backend=None) -> torch.Tensor:
     if isinstance(max_norm, torch.Tensor) and max_norm.dim() > 0:
         if max_norm.shape != (n,):
             raise ValueError(f"{op}: max_norm has shape {tuple(max_norm.shape)}; it must be a scalar or ({n},)")
-        bound = max_norm.to(device=G.device, dtype=acc).contiguous()
+        bound = max_norm.detach().to(device=G.device, dtype=acc).contiguous()
         if not bool(torch.isfinite(bound).all()) or bool((bound < 0).any()):
-            raise ValueError(f"{op}: max_norm must be finite and >= 0, got min={bound.min().item()}")
+            raise ValueError(f"{op}: max_norm must be finite and >= 0 in {acc}, got min={bound.min().item()} "
+                             f"max={bound.max().item()}")
     else:
-        value = check_float(op, "max_norm", float(max_norm) if isinstance(max_norm, torch.Tensor) else max_norm, 0.0)
+        value = check_float(op, "max_norm", float(max_norm) if isinstance(max_norm, torch.Tensor) else max_norm, 0.0,
+                            _dtype_max(G.dtype))
         bound = torch.full((n,), value, dtype=acc, device=G.device)
     (out,), _ = _per_client(op, G, nonfinite, backend, lambda fn, X: fn(X, bound), row_outputs=(0,))
     return out
@@ -391,8 +433,10 @@ def topk_ef_step(u, error, momentum, k: int, rho: float, *, nonfinite="raise", b
         values = error[S];  error[S] = 0;  momentum[S] = 0
 
     Updates ``error`` and ``momentum`` in place; returns ``(indices int64[k] ascending, values[k])``.
-    ``nonfinite="raise"`` (default) raises ``ValueError`` if u holds NaN/Inf, leaving the state
-    untouched; ``"propagate"`` skips the check.
+    Error feedback can legitimately outgrow the dtype (a client that keeps sending 3e38 in
+    float32): momentum and error then saturate at the largest finite value of their dtype instead
+    of becoming Inf. ``nonfinite="raise"`` (default) raises ``ValueError`` if u holds NaN/Inf,
+    leaving the state untouched; ``"propagate"`` skips the check.
     """
     op = "topk_ef_step"
     _check_policy(nonfinite, op, ("raise", "propagate"))
@@ -403,7 +447,7 @@ def topk_ef_step(u, error, momentum, k: int, rho: float, *, nonfinite="raise", b
             raise ValueError(f"{op}: {name} is {tuple(t.shape)} {t.dtype} on {t.device}; it must match u: "
                              f"{tuple(u.shape)} {u.dtype} on {u.device}")
     k = _check_k(k, op)
-    rho = check_float(op, "rho", rho, 0.0)
+    rho = check_float(op, "rho", rho, 0.0, _dtype_max(u.dtype))
     fn = _backend.kernel(op, _backend.select(op, u.device, backend))
     e = error if error.is_contiguous() else error.contiguous()
     m = momentum if momentum.is_contiguous() else momentum.contiguous()
@@ -444,10 +488,12 @@ def maxpool_amplify(G, layout: Layout, kernel: int = 2, restore: bool = False, *
     if not isinstance(layout, Layout):
         raise TypeError(f"{op}: layout must be a robustagg.layout.Layout (Layout.from_shapes or Layout.flat), "
                         f"got {type(layout).__name__}")
-    kernel = check_int(op, "kernel", kernel, 1)
-    if not isinstance(restore, bool):
-        raise TypeError(f"{op}: restore must be a bool, got {restore!r}")
+    restore = check_bool(op, "restore", restore)
     d = G.shape[1]
+    # A kernel beyond every pooled segment's dimensions pools nothing: it is a mistake, not a setting.
+    dims = [max(s.rows, s.cols, 1) for s in layout.segments_for(d) if s.pooled]
+    why = f" (the largest dimension of a pooled segment of {layout!r} over d={d})" if dims else ""
+    kernel = check_int(op, "kernel", kernel, 1, max(dims) if dims else None, why)
     table = layout.segment_table(d, kernel, restore).to(G.device)
     width = d if restore else layout.pooled_width(d, kernel)
     (out,), _ = _per_client(op, G, nonfinite, backend, lambda fn, X: fn(X, table, kernel, restore, width),

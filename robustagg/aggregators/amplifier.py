@@ -63,12 +63,16 @@ class _Density(Aggregator):
                              f"{self.kept_count(n)} of n={n} clients; it must keep at least 1")
 
     def similarities(self, rows: Clients, norm: torch.Tensor, layout) -> dict[str, torch.Tensor]:
-        P = ops.maxpool_amplify(rows.G, self.layout or layout, self.kernel, nonfinite="propagate", backend=self.backend)
+        lay = self.layout or layout
+        P = ops.maxpool_amplify(rows.G, lay, self.kernel, nonfinite="propagate", backend=self.backend)
+        if P.shape[1] == 0:
+            raise ValueError(f"{self.name}: layout={lay!r} with kernel={self.kernel} pools the d={rows.G.shape[1]} "
+                             "coordinates to none; give a layout with a segment of at least kernel x kernel")
         cos = ops.pairwise_cosine(P, nonfinite="propagate", backend=self.backend).double().cpu()
         out = {"cos": cos} if "cos" in self.measures else {}
         if "euclid" in self.measures:
             # ||P_i/N_i - P_j/N_j||^2 = (a_i - a_j)^2 + 2 a_i a_j (1 - cos_ij) with a_i = ||P_i|| / N_i
-            pooled = ops.client_stats(P, nonfinite="propagate", backend=self.backend).norm.double().cpu()
+            pooled = ops.client_stats(P, nonfinite="propagate", backend=self.backend).norm.cpu()
             a = torch.where(norm > 0, pooled / norm, torch.zeros_like(norm))
             sq = (a[:, None] - a[None, :]) ** 2 + 2 * a[:, None] * a[None, :] * (1 - cos)
             out["euclid"] = sq.clamp_min(0).sqrt()
@@ -87,7 +91,7 @@ class _Density(Aggregator):
         return scores, chosen
 
     def aggregate(self, rows: Clients, layout):
-        norm = rows.stats().norm.double().cpu()   # screens the rows
+        norm = rows.stats().norm.cpu()   # screens the rows
         self.check_n(rows.n)
         keep = self.kept_count(rows.n)
         chosen = torch.ones(rows.n, dtype=torch.bool)
@@ -152,20 +156,18 @@ class FLTrust(Aggregator):
             raise ValueError(f"{self.name}: root_update holds NaN or Inf; the server's update must be finite")
         self._root = root
 
-    def trust_cosine(self, rows: Clients, root: torch.Tensor, layout) -> tuple[torch.Tensor, ops.ClientStats]:
-        """cos(g_i, g_0) and the unpooled statistics (norms, ||g_0||)."""
+    def trust_cosine(self, rows: Clients, root: torch.Tensor, layout) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """cos(g_i, g_0), the unpooled norms ||g_i|| and ||g_0||, all float64 (on the CPU)."""
         stats = rows.stats(ref=root)
-        return stats.cosine.double().cpu(), stats
+        return stats.cosine.cpu(), stats.norm.cpu(), float(stats.ref_norm)
 
     def aggregate(self, rows: Clients, layout):
         d = rows.G.shape[1]
         if self._root.shape[0] != d:
             raise ValueError(f"{self.name}: root_update has d={self._root.shape[0]} but the client updates have d={d}")
         root = self._root.to(device=rows.G.device, dtype=rows.G.dtype)
-        cosine, stats = self.trust_cosine(rows, root, layout)
+        cosine, norm, root_norm = self.trust_cosine(rows, root, layout)
         trust = cosine.clamp_min(0)                                   # ReLU-clipped cosine
-        norm = stats.norm.double().cpu()
-        root_norm = float(stats.ref_norm) if stats.ref_norm is not None else float(root.double().norm())
         rescale = torch.where(norm > 0, root_norm / norm, torch.zeros_like(norm))   # to the root norm
         total = float(trust.sum())
         report = FLTrustReport(trust=dict(zip(rows.all_ids(), trust.tolist())), all_zero_trust=total <= 0)
@@ -188,9 +190,10 @@ class FLTrustAmp(FLTrust):
         self.layout = layout
 
     def trust_cosine(self, rows, root, layout):
-        stats = rows.stats()   # unpooled norms; screens the rows
+        norm = rows.stats().norm.cpu()   # unpooled norms; screens the rows
+        root_norm = float(ops.client_stats(root[None, :], backend=self.backend).norm[0])
         lay = self.layout or layout
         P = ops.maxpool_amplify(rows.G, lay, self.kernel, nonfinite="propagate", backend=self.backend)
         p0 = ops.maxpool_amplify(root[None, :], lay, self.kernel, backend=self.backend)[0]
         pooled = ops.client_stats(P, ref=p0, nonfinite="propagate", backend=self.backend)
-        return pooled.cosine.double().cpu(), stats
+        return pooled.cosine.cpu(), norm, root_norm

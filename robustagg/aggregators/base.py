@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import ops
-from .._errors import NonFiniteUpdateError, check_float, check_int  # noqa: F401  (re-exported to the aggregators)
+from .._errors import NonFiniteUpdateError, check_bool, check_float, check_int, check_weights  # noqa: F401  (re-exported to the aggregators)
 from ..layout import flatten
+from ..reference import acc_dtype
 
 POLICIES = ("drop", "raise", "propagate")
 
@@ -104,10 +105,7 @@ class Clients:
         stats = ops.client_stats(self.G, window, ref, nonfinite="propagate", backend=self.backend)
         if self.policy == "propagate" or bool(stats.finite.all()):
             return stats
-        kept = self.drop(~stats.finite)
-        pick = (lambda t: None if t is None else t[kept])
-        return ops.ClientStats(pick(stats.norm), pick(stats.sign_frac), pick(stats.dot), stats.ref_norm,
-                               stats.finite[kept])
+        return stats.select(self.drop(~stats.finite))
 
     def pairwise(self, op) -> torch.Tensor:
         """An [n, n] op (pairwise_sqdist / pairwise_cosine) over the rows.
@@ -157,6 +155,13 @@ def check_choice(owner: str, name: str, value, choices) -> str:
     return value
 
 
+def check_multiplier(owner: str, name: str, value: float, dtype: torch.dtype) -> float:
+    """A factor of the output (a server learning rate) that fits the updates' arithmetic dtype, so
+    that a 0 or +-1 it multiplies stays finite."""
+    limit = torch.finfo(acc_dtype(dtype)).max
+    return check_float(owner, name, value, -limit, limit)
+
+
 def make_generator(generator: torch.Generator | None, seed: int | None) -> torch.Generator:
     """The aggregator's only source of randomness: ``generator``, else a CPU generator seeded
     with ``seed`` (0 when neither is given, so that runs repeat)."""
@@ -172,18 +177,6 @@ def gaussian(d: int, std: float, like: torch.Tensor, generator: torch.Generator)
     z = torch.randn(d, generator=generator, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32,
                     device=generator.device)
     return (z * std).to(device=like.device, dtype=like.dtype)
-
-
-def _check_weights(weights, n: int, device) -> torch.Tensor | None:
-    if weights is None:
-        return None
-    w = torch.as_tensor(weights, dtype=torch.float64)
-    if w.shape != (n,):
-        raise ValueError(f"weights has shape {tuple(w.shape)}; it must be ({n},), one per client")
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
-        raise ValueError(f"weights must be finite, >= 0 and not all 0; got min={float(w.min())} "
-                         f"max={float(w.max())} sum={float(w.sum())}")
-    return w.to(device)
 
 
 # ---------------------------------------------------------------- the base class
@@ -212,7 +205,10 @@ class Aggregator:
 
     def __call__(self, updates, weights=None):
         G, layout = flatten(updates)
-        rows = Clients(G, _check_weights(weights, G.shape[0], G.device), self.nonfinite, self.backend)
+        if G.shape[1] == 0:
+            raise ValueError(f"{self.name}: the updates have d=0 coordinates; at least 1 is required")
+        w = None if weights is None else check_weights(self.name, weights, G.shape[0]).to(G.device)
+        rows = Clients(G, w, self.nonfinite, self.backend)
         self.check_n(G.shape[0])
         out, report = self.aggregate(rows, layout)
         report.rejected_nonfinite = sorted(rows.rejected)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from .base import Aggregator, Clients, Report, check_float, check_int, gaussian, make_generator
+from .base import Aggregator, Clients, Report, check_float, check_int, check_multiplier, gaussian, make_generator
 
 
 class FedAvg(Aggregator):
@@ -73,8 +73,9 @@ class SignSGD(Aggregator):
         self.server_lr = check_float(self.name, "server_lr", server_lr)
 
     def aggregate(self, rows: Clients, layout):
+        server_lr = check_multiplier(self.name, "server_lr", self.server_lr, rows.G.dtype)
         votes = rows.run(ops.sign_sum)
-        out = (torch.sign(votes) * self.server_lr).to(rows.G.dtype)
+        out = (torch.sign(votes) * server_lr).to(rows.G.dtype)
         return out, Report(selected=rows.all_ids())
 
 
@@ -112,17 +113,18 @@ def clip_factor(norm: torch.Tensor, max_norm) -> torch.Tensor:
     return torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))
 
 
-# ---------------------------------------------------------------- iterations in the span of the rows
+# ---------------------------------------------------------------- iterations on an explicit point
 #
-# The geometric median and centered clipping iterate z_{t+1} = sum_i a_i g_i with sum_i a_i = 1.
-# For such an affine combination, ||z - x_j||^2 = sum_i a_i D_ij - a^T D a / 2 where D holds the
-# squared distances between the points. So one pairwise_sqdist pass gives every distance of every
-# iteration, the iterations run on n-sized vectors, and one final weighted mean reads G again.
+# The geometric median and centered clipping move a point z through the span of the rows. Every
+# iteration forms z explicitly (one weighted-mean pass over G) and measures every client's distance
+# to it directly (one client_stats pass, ||g_i - z|| from the differences, scaled in float64). The
+# affine Gram identity ||sum_i a_i g_i - g_j||^2 = (Da)_j - a^T D a / 2 would need one pairwise pass
+# only, but it cancels catastrophically when one client is far away (SPEC §3).
 
-def affine_sqdist(D: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """||sum_i a_i x_i - x_j||^2 for every point j, given D_ij = ||x_i - x_j||^2 and sum(a) = 1."""
-    Da = D @ a
-    return (Da - 0.5 * (a @ Da)).clamp_min(0)
+def step_size(new: torch.Tensor, old: torch.Tensor, backend: str | None) -> tuple[float, float]:
+    """(||new - old||, ||old||) in float64, through client_stats (scaled, so never Inf for finite points)."""
+    stats = ops.client_stats(new[None, :], ref=old, nonfinite="propagate", backend=backend)
+    return float(stats.ref_dist[0]), float(stats.ref_norm)
 
 
 @dataclass
@@ -137,7 +139,8 @@ class GeometricMedian(Aggregator):
     from the weighted mean, until $\|z_{t+1} - z_t\| \le \mathrm{tol}\,\|z_t\|$ or ``max_iter``.
 
     ``weights`` are the $\alpha_i$. The authors' code stops on the relative change of the
-    objective instead; SPEC §5 fixes the step-size test used here.
+    objective instead; SPEC §5 fixes the step-size test used here. Each iteration reads G twice:
+    the distances to z, then the new z.
     """
 
     uses_weights = True
@@ -149,22 +152,16 @@ class GeometricMedian(Aggregator):
         self.tol = check_float(self.name, "tol", tol, 0.0)
 
     def aggregate(self, rows: Clients, layout):
-        # n-space arithmetic runs in float64 on the CPU: no device sync per iteration.
-        sqnorm = rows.stats().norm.double().cpu() ** 2
-        D = rows.pairwise(ops.pairwise_sqdist).double().cpu()
-        alpha = rows.weights_or_ones().cpu()
-        a = alpha / alpha.sum()
+        z = rows.weighted_mean(rows.weights_or_ones())
         iterations, converged = 0, False
         while iterations < self.max_iter and not converged:
-            beta = alpha / affine_sqdist(D, a).sqrt().clamp_min(self.nu)
-            new = beta / beta.sum()
-            step = a - new
-            moved = (-0.5 * step @ D @ step).clamp_min(0).sqrt()      # ||z_{t+1} - z_t||
-            size = (a @ sqnorm - 0.5 * a @ D @ a).clamp_min(0).sqrt()  # ||z_t||
-            a, iterations = new, iterations + 1
-            converged = bool(moved <= self.tol * size)
-        return rows.combine(a), GeometricMedianReport(selected=rows.all_ids(), iterations=iterations,
-                                                      converged=converged)
+            dist = rows.stats(ref=z).ref_dist                               # ||z - g_i||, one pass
+            beta = rows.weights_or_ones() / dist.clamp_min(self.nu)
+            new = rows.weighted_mean(beta)                                  # one pass
+            moved, size = step_size(new, z, rows.backend)
+            z, iterations = new, iterations + 1
+            converged = moved <= self.tol * size
+        return z, GeometricMedianReport(selected=rows.all_ids(), iterations=iterations, converged=converged)
 
 
 @dataclass
@@ -178,7 +175,7 @@ class CenteredClipping(Aggregator):
 
     Stateful: the center is the previous round's output (zeros at first), saved by
     ``state_dict()``. The authors apply it to worker momenta; what the caller passes is their
-    choice. Ignores weights.
+    choice. Ignores weights. Each iteration reads G twice: the distances to v, then the new v.
     """
 
     def __init__(self, tau: float = 10.0, iters: int = 1, **kw):
@@ -200,22 +197,13 @@ class CenteredClipping(Aggregator):
         d = rows.G.shape[1]
         if self.center is not None and self.center.shape[0] != d:
             raise ValueError(f"{self.name}: the saved center has d={self.center.shape[0]} but the updates have d={d}")
-        center = self.center if self.center is not None else torch.zeros(d, dtype=rows.G.dtype, device=rows.G.device)
-        stats = rows.stats(ref=center)
-        D = rows.pairwise(ops.pairwise_sqdist).double().cpu()
-        n = rows.n
-        # point n is the center: ||g_i - v||^2 = ||g_i||^2 - 2 g_i.v + ||v||^2
-        norm, dot, ref_norm = (t.double().cpu() for t in (stats.norm, stats.dot, stats.ref_norm))
-        to_center = (norm ** 2 - 2 * dot + ref_norm ** 2).clamp_min(0)
-        ext = torch.zeros(n + 1, n + 1, dtype=torch.float64, device=D.device)
-        ext[:n, :n], ext[:n, n], ext[n, :n] = D, to_center, to_center
-        b = torch.zeros(n + 1, dtype=torch.float64, device=D.device)
-        b[n] = 1.0
+        v = self.center if self.center is not None else torch.zeros(d, dtype=rows.G.dtype, device=rows.G.device)
+        v = v.to(device=rows.G.device, dtype=rows.G.dtype)
         for _ in range(self.iters):
-            dist = affine_sqdist(ext, b)[:n].sqrt()
-            s = torch.where(dist > self.tau, self.tau / dist, torch.ones_like(dist))
-            b = b * (1 - s.sum() / n)
-            b[:n] += s / n
-        out = rows.combine(b[:n]) + (b[n] * center.double()).to(rows.G.dtype)
-        self.center = out.clone()
-        return out, CenteredClippingReport(selected=rows.all_ids(), clipped_fraction=float((s < 1).double().mean()))
+            dist = rows.stats(ref=v).ref_dist                               # ||g_i - v||, one pass
+            s = clip_factor(dist, self.tau)
+            # v + (1/n) sum_i s_i (g_i - v) = sum_i (s_i / n) g_i + (1 - sum_i s_i / n) v
+            kept = float(1 - s.sum() / rows.n)
+            v = (rows.combine(s / rows.n).double() + kept * v.double()).to(rows.G.dtype)
+        self.center = v.clone()
+        return v, CenteredClippingReport(selected=rows.all_ids(), clipped_fraction=float((s < 1).double().mean()))

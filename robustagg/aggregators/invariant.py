@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 
 from .. import ops
-from .base import Aggregator, Clients, Report, check_float, check_int
+from .base import Aggregator, Clients, Report, check_bool, check_choice, check_float, check_int
 
 
 @dataclass
@@ -36,10 +36,8 @@ class InvariantAggregator(Aggregator):
             raise ValueError(f"{self.name}: give alpha (trim = ceil(alpha*n)) or trim (a count)")
         self.alpha = None if alpha is None else check_float(self.name, "alpha", alpha, 0.0, 0.5)
         self.trim = None if trim is None else check_int(self.name, "trim", trim, 0)
-        if not isinstance(strict, bool):
-            raise TypeError(f"{self.name}: strict must be a bool, got {strict!r}")
-        self.strict = strict
-        self.ranks = ranks
+        self.strict = check_bool(self.name, "strict", strict)
+        self.ranks = check_choice(self.name, "ranks", ranks, ("trim", "official"))
 
     @classmethod
     def official(cls, **kw) -> "InvariantAggregator":

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from .base import Aggregator, Clients, Report, check_choice, check_float, check_int, gaussian, make_generator
+from .base import (Aggregator, Clients, Report, check_choice, check_float, check_int, check_multiplier, gaussian,
+                   make_generator)
 from .classic import clip_factor
 
 
@@ -53,9 +54,10 @@ class RobustLR(Aggregator):
             raise ValueError(f"{self.name}: theta={self.theta} votes exceeds n={n} clients; allowed theta in [0, {n}]")
 
     def aggregate(self, rows: Clients, layout):
+        check_multiplier(self.name, "server_lr", self.server_lr, rows.G.dtype)
         scale, clipped = None, None
         if self.clip is not None:
-            scale = clip_factor(rows.stats().norm.double(), self.clip)
+            scale = clip_factor(rows.stats().norm, self.clip)
             clipped = rows.ids(scale < 1)
         self.check_n(rows.n)
         if self.base == "mean" and self.noise == 0:

@@ -7,7 +7,7 @@ import torch
 
 from .. import ops
 from ..reference import acc_dtype
-from .base import Aggregator, Clients, Report, check_float, check_int
+from .base import Aggregator, Clients, Report, check_float, check_int, check_multiplier
 from .classic import clip_factor
 
 
@@ -31,7 +31,8 @@ class SparseFed(Aggregator):
     send count sketches; this is the exact (unsketched) variant. ``clip=None`` skips clipping.
 
     Stateful: the error and momentum vectors persist across rounds (``state_dict()``); they are
-    kept in float32 (float64 for float64 updates).
+    kept in float32 (float64 for float64 updates) and saturate at the largest finite value of that
+    dtype (a client that keeps sending huge values cannot drive them to Inf).
     """
 
     uses_weights = True
@@ -53,15 +54,20 @@ class SparseFed(Aggregator):
         error, momentum = state["error"], state["momentum"]
         if (error is None) != (momentum is None) or (error is not None and error.shape != momentum.shape):
             raise ValueError(f"{self.name}: error and momentum must both be None or both [d] tensors of one shape")
+        for name, t in (("error", error), ("momentum", momentum)):
+            if t is not None and (t.dim() != 1 or not bool(torch.isfinite(t).all())):
+                raise ValueError(f"{self.name}: the saved {name} must be a finite 1-D tensor, got shape "
+                                 f"{tuple(t.shape)} with {int((~torch.isfinite(t)).sum())} NaN/Inf entries")
         self.error = None if error is None else error.clone()
         self.momentum = None if momentum is None else momentum.clone()
 
     def aggregate(self, rows: Clients, layout):
         d = rows.G.shape[1]
+        check_multiplier(self.name, "lr", self.lr, rows.G.dtype)
         if self.clip is None:
             u, clipped = rows.run(ops.rlr, 0, weights=lambda r: r.weights), None
         else:
-            scale = clip_factor(rows.stats().norm.double(), self.clip)   # screens the rows
+            scale = clip_factor(rows.stats().norm, self.clip)   # screens the rows
             w = rows.weights_or_ones()
             u, clipped = rows.combine(w * scale / w.sum()), rows.ids(scale < 1)
         state_dtype = acc_dtype(u.dtype)
