@@ -22,12 +22,16 @@ def _check_stats(stats, G, window, ref):
     # counts over the window divided in float64: exact up to the final rounding
     torch.testing.assert_close(stats.sign_frac.double().cpu(), expected.sign_frac, atol=1e-7, rtol=0)
     if ref is None:
-        assert stats.dot is None and stats.ref_norm is None
+        assert stats.dot is None and stats.ref_norm is None and stats.ref_dist is None and stats.cosine is None
     else:
         scale = float(to_reference(G).abs().sum(1).max() * to_reference(ref).abs().max())
         assert_close(stats.dot, expected.dot, G.dtype, scale=max(scale, 1.0))
         assert_close(stats.ref_norm, expected.ref_norm, G.dtype)
-    assert stats.norm.dtype == reference.acc_dtype(G.dtype)
+        assert_close(stats.ref_dist, expected.ref_dist, G.dtype)
+        assert_close(stats.cosine, reference.cosine_to(to_reference(G), to_reference(ref)), G.dtype)
+    # float64 for every dtype: the norm of a float32 row of 3e38 fits only there
+    assert all(t.dtype == torch.float64 for t in (stats.norm, stats.sign_frac) + (
+        () if ref is None else (stats.dot, stats.ref_norm, stats.ref_dist, stats.cosine)))
 
 
 # ---------------------------------------------------------------- client_stats
