@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import ops
+from ..reference import kept_mean
 from .base import Aggregator, Clients, Report, check_int
 
 # Bulyan's last step sorts column blocks of the picked rows; this bounds its extra memory.
@@ -156,5 +157,7 @@ def closest_to_median_mean(P: torch.Tensor, med: torch.Tensor, beta: int) -> tor
         block = P[:, start:start + _BULYAN_COLUMNS].to(acc)
         gap = (block - med[start:start + _BULYAN_COLUMNS].to(acc)).abs()
         nearest = torch.sort(gap, dim=0, stable=True).indices[:beta]
-        out[start:start + _BULYAN_COLUMNS] = block.gather(0, nearest).mean(dim=0).to(P.dtype)
+        # kept_mean adds the values in ascending order and redoes a sum that overflows (3e38 rows)
+        kept = torch.sort(block.gather(0, nearest), dim=0).values
+        out[start:start + _BULYAN_COLUMNS] = kept_mean(kept).to(P.dtype)
     return out
