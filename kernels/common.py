@@ -2,6 +2,15 @@
 import triton
 import triton.language as tl
 
+# Power-of-two scales of core/common.h (kScaleDown, kScaleUp) for float64 values whose squares or
+# products would overflow or underflow (SPEC §3): |x| * 2^-600 <= 2^424 for every float64, and a
+# value below 2^-450 times 2^600 is a normal number whose square is one too. Scaling by them is
+# exact. Kernels read them as constexprs, the host code as their ``.value``.
+SCALE_DOWN = tl.constexpr(2.0 ** -600)
+SCALE_UP = tl.constexpr(2.0 ** 600)
+# core's kTinySquares: a float64 sum of squares below this may have lost squares to underflow.
+TINY_SQUARES = 2.0 ** -900
+
 
 @triton.jit
 def to_acc(x, IS_FP64: tl.constexpr):

@@ -12,14 +12,19 @@ r"""Order statistics (SPEC §4.2) and the fused invariant aggregation (SPEC §4.
   it costs (key bits + 1) reads of the column.
 
 Only the kept values are added (never "total minus trimmed"), so a +-3e38 outlier that is trimmed
-cannot destroy the honest values (SPEC §3). The invariant variant also counts sign votes from
-the same tile and zeroes coordinates whose |votes| < min_votes.
+cannot destroy the honest values (SPEC §3). The mean of finite values is finite, but their sum can
+overflow (two kept 3e38 values in float32): both paths also add the kept values scaled by 2^-m,
+2^m >= 2 (hi - lo), which cannot overflow, and take that mean (clamped to the kept range, as core
+``kept_mean_rescaled``) where the plain one overflowed and the column is finite. On a GPU the
+second sum costs one multiply-add per kept value, less than a branch and a second read. The
+invariant variant also counts sign votes from the same tile and zeroes coordinates whose
+|votes| < min_votes.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .common import flag_rows, sign_of, to_acc, to_storage
+from .common import flag_rows, nonfinite, sign_of, to_acc, to_storage
 from .settings import MAX_SORT_N, is_fp64, select_settings, sort_settings
 
 
@@ -55,8 +60,22 @@ def _sort_rows(x, LOG_N: tl.constexpr):
 
 
 @triton.jit
-def _order_mean_kernel(G, out, mask_out, flags, n, d, lo, hi, min_votes, N_PAD: tl.constexpr, LOG_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr, INVARIANT: tl.constexpr):
+def _kept_mean_finite(mean, rescaled_sum, lowest, highest, count, rescale_up, column_finite):
+    """core kept_mean_finite: the plain mean, or where it overflowed although the column is finite,
+    the rescaled sum / count * 2^m clamped to [lowest, highest] (kept_mean_rescaled).
+
+    core adds in ascending order, where an overflow can only give +-Inf; tl.sum adds in a tree,
+    where -Inf + Inf can also give NaN, so any non-finite mean of a finite column is redone.
+    """
+    rescued = rescaled_sum / count * rescale_up
+    rescued = tl.where(rescued < lowest, lowest, tl.where(highest < rescued, highest, rescued))
+    return tl.where(nonfinite(mean) & column_finite, rescued, mean)
+
+
+@triton.jit
+def _order_mean_kernel(G, out, mask_out, flags, n, d, lo, hi, min_votes, rescale_down, rescale_up,
+                       N_PAD: tl.constexpr, LOG_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr,
+                       INVARIANT: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     rows = tl.arange(0, N_PAD)
     col_ok = cols < d
@@ -68,6 +87,11 @@ def _order_mean_kernel(G, out, mask_out, flags, n, d, lo, hi, min_votes, N_PAD: 
     ranked = _sort_rows(x, LOG_N)
     keep = (rows >= lo) & (rows < hi)
     mean = tl.sum(tl.where(keep[None, :], ranked, 0.0), axis=1) / (hi - lo)
+    rescaled_sum = tl.sum(tl.where(keep[None, :], ranked * rescale_down, 0.0), axis=1)
+    lowest = tl.max(tl.where((rows == lo)[None, :], ranked, -float("inf")), axis=1)
+    highest = tl.max(tl.where((rows == hi - 1)[None, :], ranked, -float("inf")), axis=1)
+    column_finite = tl.max((nonfinite(x) & valid).to(tl.int32), axis=1) == 0
+    mean = _kept_mean_finite(mean, rescaled_sum, lowest, highest, hi - lo, rescale_up, column_finite)
     if INVARIANT:
         votes = tl.sum(tl.where(valid, sign_of(x), 0), axis=1)
         agree = tl.abs(votes) >= min_votes
@@ -126,9 +150,9 @@ def _count_below(G, cols, col_ok, n, d, bound_a, bound_b, IS_FP64: tl.constexpr,
 
 
 @triton.jit
-def _order_mean_select_kernel(G, out, mask_out, flags, n, d, lo, hi, min_votes, KEY_BITS: tl.constexpr,
-                              IS_FP64: tl.constexpr, INVARIANT: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_D: tl.constexpr):
+def _order_mean_select_kernel(G, out, mask_out, flags, n, d, lo, hi, min_votes, rescale_down, rescale_up,
+                              KEY_BITS: tl.constexpr, IS_FP64: tl.constexpr, INVARIANT: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < d
     key_lo = _zero_keys(BLOCK_D, IS_FP64)
@@ -141,8 +165,11 @@ def _order_mean_select_kernel(G, out, mask_out, flags, n, d, lo, hi, min_votes, 
         below_lo, below_hi = _count_below(G, cols, col_ok, n, d, try_lo, try_hi, IS_FP64, BLOCK_N, BLOCK_D)
         key_lo = tl.where(below_lo <= lo, try_lo, key_lo)
         key_hi = tl.where(below_hi <= hi - 1, try_hi, key_hi)
-    # One more pass: values strictly between the two boundary keys, boundary counts, votes, flags.
+    # One more pass: values strictly between the two boundary keys (plain and rescaled), boundary
+    # counts, votes, flags.
     inner = to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), IS_FP64)
+    inner_rescaled = inner
+    column_bad = tl.zeros([BLOCK_D], dtype=tl.int32)
     upto_lo = tl.zeros([BLOCK_D], dtype=tl.int32)
     below_hi = tl.zeros([BLOCK_D], dtype=tl.int32)
     votes = tl.zeros([BLOCK_D], dtype=tl.int32)
@@ -154,15 +181,23 @@ def _order_mean_select_kernel(G, out, mask_out, flags, n, d, lo, hi, min_votes, 
         key = _sortable_key(x, IS_FP64)
         between = valid & (key > key_lo[None, :]) & (key < key_hi[None, :])
         inner += tl.sum(tl.where(between, x, 0.0), axis=0)
+        inner_rescaled += tl.sum(tl.where(between, x * rescale_down, 0.0), axis=0)
+        column_bad |= tl.max((nonfinite(x) & valid).to(tl.int32), axis=0)
         upto_lo += tl.sum((valid & (key <= key_lo[None, :])).to(tl.int32), axis=0)
         below_hi += tl.sum((valid & (key < key_hi[None, :])).to(tl.int32), axis=0)
         votes += tl.sum(tl.where(valid, sign_of(x), 0), axis=0)
     value_lo = _value_of_key(key_lo, IS_FP64)
     value_hi = _value_of_key(key_hi, IS_FP64)
     # Ranks [lo, upto_lo) hold value_lo and ranks [below_hi, hi) hold value_hi.
-    split = inner + (upto_lo - lo).to(inner.dtype) * value_lo + (hi - below_hi).to(inner.dtype) * value_hi
+    copies_lo = (upto_lo - lo).to(inner.dtype)
+    copies_hi = (hi - below_hi).to(inner.dtype)
+    split = inner + copies_lo * value_lo + copies_hi * value_hi
     same = (hi - lo) * value_lo
     mean = tl.where(key_lo == key_hi, same, split) / (hi - lo)
+    split_rescaled = inner_rescaled + copies_lo * (value_lo * rescale_down) + copies_hi * (value_hi * rescale_down)
+    same_rescaled = (hi - lo) * (value_lo * rescale_down)
+    rescaled_sum = tl.where(key_lo == key_hi, same_rescaled, split_rescaled)
+    mean = _kept_mean_finite(mean, rescaled_sum, value_lo, value_hi, hi - lo, rescale_up, column_bad == 0)
     if INVARIANT:
         agree = tl.abs(votes) >= min_votes
         mean = tl.where(agree, mean, 0.0)
@@ -176,16 +211,20 @@ def _order_mean_launch(G, lo, hi, min_votes, invariant, launch):
     out = torch.empty(d, dtype=G.dtype, device=G.device)
     mask = torch.empty(d if invariant else 0, dtype=torch.int8, device=G.device)
     flags = torch.zeros(n, dtype=torch.int32, device=G.device)
+    # core kept_mean_rescaled's 2^m: the smallest power of two >= 2 (hi - lo)
+    m = max(0, 2 * (hi - lo) - 1).bit_length()
+    rescale_down, rescale_up = 2.0 ** -m, 2.0 ** m
     if n <= MAX_SORT_N:
         n_pad, block_d, warps = sort_settings(n)
         launch(_order_mean_kernel)[(triton.cdiv(d, block_d),)](
-            G, out, mask, flags, n, d, lo, hi, min_votes, N_PAD=n_pad, LOG_N=n_pad.bit_length() - 1, BLOCK_D=block_d,
-            IS_FP64=is_fp64(G), INVARIANT=invariant, num_warps=warps)
+            G, out, mask, flags, n, d, lo, hi, min_votes, rescale_down, rescale_up, N_PAD=n_pad,
+            LOG_N=n_pad.bit_length() - 1, BLOCK_D=block_d, IS_FP64=is_fp64(G), INVARIANT=invariant, num_warps=warps)
     else:
         block_n, block_d, warps = select_settings()
         launch(_order_mean_select_kernel)[(triton.cdiv(d, block_d),)](
-            G, out, mask, flags, n, d, lo, hi, min_votes, KEY_BITS=64 if is_fp64(G) else 32,
-            IS_FP64=is_fp64(G), INVARIANT=invariant, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+            G, out, mask, flags, n, d, lo, hi, min_votes, rescale_down, rescale_up,
+            KEY_BITS=64 if is_fp64(G) else 32, IS_FP64=is_fp64(G), INVARIANT=invariant, BLOCK_N=block_n,
+            BLOCK_D=block_d, num_warps=warps)
     return out, mask.bool(), flags.bool()
 
 

@@ -8,14 +8,23 @@ exact in float64). Partial sums go to a [chunks, n, n] buffer that torch reduces
 so the result is deterministic; D[i, j] and D[j, i] are the same sums in the same order, so both
 matrices are exactly symmetric. Diagonal tiles also flag non-finite rows in the same pass.
 
-Cosines are 1 where the rows are identical (no differing entry) and 0 where a row is zero.
+Cosines are 1 where the rows are identical (no differing entry) and 0 where a row is zero. Both
+matrices are float64 for every input dtype: a squared distance between finite float32 rows need
+not fit float32.
+
+Squared distances of finite rows overflow or underflow only where the exact value does, but dots
+of float64 rows can do so where the cosine is an ordinary number (rows of 1e300 or 1e-300). Such
+rows are "unsafe" (core ``gram_row_unsafe``: a self product that is not finite or below 2^-900),
+and are rare: only when the first launch finds one, a second launch recomputes the sums with
+every row scaled by core's ``row_scale`` for the products (exact, and cosines do not change; safe
+rows keep the scale 1 and so their bits).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .common import nonfinite, to_acc
-from .settings import acc_dtype, is_fp64, pairwise_settings
+from .common import SCALE_DOWN, SCALE_UP, TINY_SQUARES, nonfinite, to_acc
+from .settings import is_fp64, pairwise_settings
 
 # Aim for a few programs per SM on a 132-SM GPU; chunks shorter than this are not worth a program.
 TARGET_PROGRAMS = 1024
@@ -23,8 +32,8 @@ MIN_CHUNK = 4096
 
 
 @triton.jit
-def _pairwise_kernel(G, pairs, squares, dots, differ, bad, n, d, chunk_len, WANT_DOT: tl.constexpr,
-                     IS_FP64: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+def _pairwise_kernel(G, pairs, scales, squares, dots, differ, bad, n, d, chunk_len, WANT_DOT: tl.constexpr,
+                     SCALED: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
     pair = tl.program_id(0)
     chunk = tl.program_id(1)
     tile_i = tl.load(pairs + pair * 2)
@@ -35,6 +44,9 @@ def _pairwise_kernel(G, pairs, squares, dots, differ, bad, n, d, chunk_len, WANT
     dot = tl.zeros([BLOCK_I, BLOCK_I], dtype=tl.float64)
     ne = tl.zeros([BLOCK_I, BLOCK_I], dtype=tl.int32)
     bad_i = tl.zeros([BLOCK_I], dtype=tl.int32)
+    if SCALED:
+        scale_i = tl.load(scales + rows_i, mask=rows_i < n, other=1.0)[:, None, None]
+        scale_j = tl.load(scales + rows_j, mask=rows_j < n, other=1.0)[None, :, None]
     start = chunk.to(tl.int64) * chunk_len
     for offset in range(0, chunk_len, BLOCK_D):
         cols = start + offset + tl.arange(0, BLOCK_D)
@@ -48,7 +60,10 @@ def _pairwise_kernel(G, pairs, squares, dots, differ, bad, n, d, chunk_len, WANT
         diff = a - b
         sq += tl.sum(diff * diff, axis=2)
         if WANT_DOT:
-            dot += tl.sum(a * b, axis=2)
+            if SCALED:
+                dot += tl.sum((a * scale_i) * (b * scale_j), axis=2)
+            else:
+                dot += tl.sum(a * b, axis=2)
             ne += tl.sum((xi[:, None, :] != xj[None, :, :]).to(tl.int32), axis=2)
         bad_i |= tl.max((nonfinite(xi) & ok_i).to(tl.int32), axis=1)
     out = chunk.to(tl.int64) * n * n + rows_i.to(tl.int64)[:, None] * n + rows_j[None, :]
@@ -61,9 +76,9 @@ def _pairwise_kernel(G, pairs, squares, dots, differ, bad, n, d, chunk_len, WANT
         tl.store(bad + chunk.to(tl.int64) * n + rows_i, bad_i.to(tl.int8), mask=rows_i < n)
 
 
-def _pair_sums(G, want_dot: bool, launch):
-    """Float64 [n, n] sums of squared differences (and dots, differing-entry counts), row flags."""
-    G = G.contiguous()
+def _pair_sums(G, want_dot: bool, launch, scales=None):
+    """Float64 [n, n] sums of squared differences (and dots, of the rows times ``scales`` if given,
+    and differing-entry counts), row flags."""
     n, d = G.shape
     block_i, block_d, warps = pairwise_settings()
     tiles = triton.cdiv(n, block_i)
@@ -77,8 +92,9 @@ def _pair_sums(G, want_dot: bool, launch):
     differ = torch.zeros(chunks, n, n, dtype=torch.int32, device=G.device) if want_dot else squares
     bad = torch.zeros(chunks, n, dtype=torch.int8, device=G.device)
     launch(_pairwise_kernel)[(pairs.shape[0], chunks)](
-        G, pairs.to(G.device), squares, dots, differ, bad, n, d, chunk_len, WANT_DOT=want_dot,
-        IS_FP64=is_fp64(G), BLOCK_I=block_i, BLOCK_D=block_d, num_warps=warps)
+        G, pairs.to(G.device), squares if scales is None else scales, squares, dots, differ, bad, n, d, chunk_len,
+        WANT_DOT=want_dot, SCALED=scales is not None, IS_FP64=is_fp64(G), BLOCK_I=block_i, BLOCK_D=block_d,
+        num_warps=warps)
     tile_of = torch.arange(n, device=G.device) // block_i
     upper = tile_of[:, None] <= tile_of[None, :]
 
@@ -92,18 +108,39 @@ def _pair_sums(G, want_dot: bool, launch):
     return full(squares), full(dots), full(differ), flags
 
 
+def _unsafe_row_scales(self_products):
+    """core row_scale per row from its self product K_ii, or None when every row is safe: 2^-600
+    where K_ii overflowed, 2^600 where it is below 2^-900 (or NaN), 1 for safe rows."""
+    safe = (self_products >= TINY_SQUARES) & torch.isfinite(self_products)
+    if bool(safe.all()):
+        return None
+    scale_up = torch.full_like(self_products, SCALE_UP.value)
+    scale = torch.where(self_products >= TINY_SQUARES, SCALE_DOWN.value, scale_up)
+    return torch.where(safe, 1.0, scale).contiguous()
+
+
+def _cosine_from_gram(kii, kjj, kij, equal_rows):
+    """core cosine_from_gram, elementwise: 0 if either row is zero (NaN propagates), exactly 1 for
+    equal rows, otherwise K_ij / (|i| |j|) clamped to [-1, 1]."""
+    cos = torch.where(equal_rows, 1.0, (kij / (kii.sqrt() * kjj.sqrt())).clamp(-1.0, 1.0))
+    nan_seen = kii.isnan() | kjj.isnan() | kij.isnan()
+    zero_row = ~(kii > 0) | ~(kjj > 0)
+    return torch.where(zero_row, torch.where(nan_seen, kij, 0.0), cos)
+
+
 def pairwise_sqdist_forward(G, launch=lambda k: k):
-    """([n, n] squared distances in the arithmetic dtype, bool[n] non-finite rows)."""
-    squares, _, _, flags = _pair_sums(G, False, launch)
-    return squares.to(acc_dtype(G.dtype)), flags
+    """(float64 [n, n] squared distances, bool[n] non-finite rows)."""
+    squares, _, _, flags = _pair_sums(G.contiguous(), False, launch)
+    return squares, flags
 
 
 def pairwise_cosine_forward(G, launch=lambda k: k):
-    """([n, n] cosines in the arithmetic dtype, bool[n] non-finite rows)."""
+    """(float64 [n, n] cosines, bool[n] non-finite rows)."""
+    G = G.contiguous()
     _, dots, differ, flags = _pair_sums(G, True, launch)
-    norm = dots.diagonal().sqrt()
-    cos = (dots / (norm[:, None] * norm[None, :])).clamp(-1.0, 1.0)
-    cos = torch.where(differ == 0, torch.ones_like(cos), cos)
-    nonzero = norm > 0
-    cos = torch.where(nonzero[:, None] & nonzero[None, :], cos, torch.zeros_like(cos))
-    return cos.to(acc_dtype(G.dtype)), flags
+    # 16/32-bit squares cannot leave the float64 range, so only float64 rows can be unsafe.
+    scales = _unsafe_row_scales(dots.diagonal()) if is_fp64(G) else None
+    if scales is not None:
+        _, dots, differ, flags = _pair_sums(G, True, launch, scales)
+    self_products = dots.diagonal()
+    return _cosine_from_gram(self_products[:, None], self_products[None, :], dots, differ == 0), flags

@@ -96,7 +96,7 @@ def rlr(G: torch.Tensor, weights: Optional[torch.Tensor], theta: int, server_lr:
 
 
 def client_stats(G: torch.Tensor, window_start: int, window_length: int, ref: Optional[torch.Tensor]
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _stats.client_stats_forward(G, window_start, window_length, ref, _launcher())
 
 

@@ -39,16 +39,18 @@ def sign_agreement(G: torch.Tensor) -> torch.Tensor:
 def kept_mean(kept: torch.Tensor) -> torch.Tensor:
     r"""Per column, the mean of the sorted kept values ``kept`` [count, d].
 
-    The mean of finite values is finite, but their sum can overflow (two 3e38 values in float32).
-    Where it does, the values are summed scaled by $2^{-m}$ with $2^m \ge 2\,\mathrm{count}$ (exact,
-    and no partial sum can overflow), and the mean is clamped to the kept range, which rounding
-    could otherwise leave by an ulp (SPEC §3).
+    The mean of finite values is finite, but their sum can overflow (two 3e38 values in float32;
+    torch adds in a tree, so -Inf + Inf can even make it NaN). Where it does, the values are summed
+    scaled by $2^{-m}$ with $2^m \ge 2\,\mathrm{count}$ (exact, and no partial sum can overflow),
+    and the mean is clamped to the kept range, which rounding could otherwise leave by an ulp
+    (SPEC §3).
     """
     count = kept.shape[0]
     total = kept.sum(dim=0)
     scale = 2.0 ** -(2 * count - 1).bit_length()
     rescued = ((kept * scale).sum(dim=0) / count / scale).clamp(kept[0], kept[-1])
-    return torch.where(torch.isinf(total) & torch.isfinite(rescued), rescued, total / count)
+    overflow = ~torch.isfinite(total) & torch.isfinite(kept).all(dim=0)
+    return torch.where(overflow, rescued, total / count)
 
 
 def order_mean(G: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -105,7 +107,7 @@ def weighted_mean(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     avg = (w[:, None] * X).sum(dim=0) / w.sum()
     X64, w64 = X.double(), w.double()
     rescued = ((w64 / w64.sum())[:, None] * X64).sum(dim=0).clamp(X64.amin(dim=0), X64.amax(dim=0))
-    overflow = torch.isinf(avg) & torch.isfinite(X).all(dim=0)
+    overflow = ~torch.isfinite(avg) & torch.isfinite(X).all(dim=0)   # a tree sum can turn Inf - Inf into NaN
     return torch.where(overflow, rescued.to(X.dtype), avg)
 
 

@@ -1,10 +1,15 @@
 """Triton-specific tests: every Triton op against robustagg.reference, the kernels' own edge cases
 (tile and block boundaries, the radix-select path for n > 256, ties in the top-k radix select,
-segment tables), the registration as torch.ops.robustagg_triton.*, and determinism.
+segment tables), huge and tiny finite values (SPEC §3: no finite input may give Inf/NaN where the
+exact result is finite), the registration as torch.ops.robustagg_triton.*, and determinism.
 
 Without a GPU these run under TRITON_INTERPRET=1 on CPU tensors (conftest sets it), which is slow:
 shapes stay small, and each case targets one kernel path.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -23,6 +28,8 @@ pytestmark = [
 ]
 
 T = "triton"
+RAW = torch.ops.robustagg_triton  # the raw ops, whose outputs do not depend on robustagg.ops
+FLT_MAX = torch.finfo(torch.float32).max
 
 try:  # block sizes of the active mode (interpreter or GPU), for the boundary cases below
     from robustagg import _triton_ops  # noqa: F401  (makes robustagg.triton_kernels importable)
@@ -140,6 +147,49 @@ def test_rlr_theta_n_flips_every_split_coordinate():
     assert_close(robustagg.rlr(G, 20, server_lr=2.0, backend=T), -2.0 * to_reference(G).mean(0), torch.float32)
 
 
+def _two_huge_rows(n_zero_rows, dtype=torch.float32, huge=3e38):
+    """Two rows of `huge` over `n_zero_rows` zero rows: the sum of a column overflows, its mean does not."""
+    return torch.cat([torch.full((2, 3), huge, dtype=dtype), torch.zeros(n_zero_rows, 3, dtype=dtype)]).to(DEVICE)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_rlr_mean_of_rows_whose_sum_overflows_is_finite(weighted):
+    X = _two_huge_rows(16)
+    w = torch.linspace(1.0, 2.0, 18).to(DEVICE) if weighted else None
+    out, flags = RAW.rlr(X, w, 0, 1.0)
+    expected = reference.rlr(X.cpu(), 0, None if w is None else w.cpu(), 1.0)
+    assert torch.isfinite(out).all() and not flags.any()
+    assert_close(out, expected, torch.float32)
+    if not weighted:
+        assert_close(out, torch.full((3,), 6e38 / 18, dtype=torch.float64), torch.float32)
+
+
+def _opposite_huge_rows(n):
+    """n/2 rows of -3e38 over n/2 rows of 3e38: partial sums reach -Inf and +Inf, and a tree sum
+    adds them to NaN (it does for these n, in the interpreter as well); the exact mean is 0."""
+    return torch.tensor([-3e38] * (n // 2) + [3e38] * (n // 2))[:, None].repeat(1, 3).to(DEVICE)
+
+
+def test_rlr_sum_that_overflows_to_nan_in_a_tree_is_rescued():
+    out, _ = RAW.rlr(_opposite_huge_rows(300), None, 0, 1.0)
+    assert torch.isfinite(out).all() and out.abs().max() <= 3e38 * 1e-12
+
+
+def test_rlr_float64_rows_near_the_largest_double():
+    X = _two_huge_rows(1, torch.float64, 1.7e308)
+    out, _ = RAW.rlr(X, None, 0, 0.5)
+    mean = 1.7e308 / 3 * 2  # (1.7e308 + 1.7e308 + 0) / 3, whose sum is beyond float64
+    torch.testing.assert_close(out.cpu(), torch.full((3,), 0.5 * mean, dtype=torch.float64), rtol=1e-12, atol=0.0)
+
+
+def test_rlr_column_with_inf_keeps_the_overflow():
+    X = _two_huge_rows(4)
+    X[5, 1] = float("inf")
+    out, flags = RAW.rlr(X, None, 0, 1.0)
+    assert flags.cpu().tolist() == [False] * 5 + [True]
+    assert torch.isfinite(out[[0, 2]]).all() and out[1] == float("inf")
+
+
 # ---------------------------------------------------------------- order statistics
 
 @pytest.mark.parametrize("n", N_VALUES)
@@ -200,6 +250,49 @@ def test_order_mean_subnormals():
     G = (torch.arange(1, 6, dtype=torch.float32)[:, None] * 1e-44).repeat(1, 3).to(DEVICE)
     assert_close(robustagg.median(G, backend=T), reference.median(to_reference(G)), torch.float32)
     assert robustagg.median(G, backend=T).cpu()[0] > 0
+
+
+@pytest.mark.parametrize("n", [2, 300])
+def test_median_of_huge_equal_values_is_that_value(n):
+    # the two middle values of an even n add up to 6e38, beyond float32; both paths redo the sum
+    X = torch.full((n, 3), 3e38).to(DEVICE)
+    out, flags = RAW.order_mean(X, n // 2 - 1, n // 2 + 1)
+    assert torch.equal(out.cpu(), torch.full((3,), 3e38)) and not flags.any()
+
+
+@pytest.mark.parametrize("zero_rows", [16, 298])
+def test_trimmed_mean_of_rows_whose_sum_overflows_is_finite(zero_rows):
+    X = _two_huge_rows(zero_rows)
+    n = zero_rows + 2
+    out, _ = RAW.order_mean(X, 0, n)
+    assert_close(out, reference.trimmed_mean(to_reference(X), 0), torch.float32)
+    assert_close(out, torch.full((3,), 6e38 / n, dtype=torch.float64), torch.float32)
+    assert_close(robustagg.trimmed_mean(X, 0, backend=T), torch.full((3,), 6e38 / n, dtype=torch.float64),
+                 torch.float32)
+    masked, mask, _ = RAW.invariant(X, 0, n, 2)
+    assert mask.all() and torch.equal(masked, out)
+
+
+@pytest.mark.parametrize("n", [8, 300])
+def test_order_mean_sum_that_overflows_to_nan_in_a_tree_is_rescued(n):
+    out, _ = RAW.order_mean(_opposite_huge_rows(n), 0, n)
+    assert torch.equal(out.cpu(), torch.zeros(3))  # the rescaled values are multiples of 3e38 / 2^m: exact
+
+
+@pytest.mark.parametrize("n", [3, 300])
+def test_order_mean_float64_near_the_largest_double(n):
+    X = torch.full((n, 2), 1.7e308, dtype=torch.float64).to(DEVICE)
+    X[:, 1] = -1.7e308
+    out, _ = RAW.order_mean(X, 0, n)
+    assert torch.equal(out.cpu(), torch.tensor([1.7e308, -1.7e308], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n", [5, 300])
+def test_order_mean_column_with_inf_is_not_rescued(n):
+    X = torch.full((n, 2), 3e38).to(DEVICE)
+    X[1, 1] = float("inf")
+    out, flags = RAW.order_mean(X, 0, n)
+    assert out[0] == 3e38 and out[1] == float("inf") and flags.cpu().tolist() == [False, True] + [False] * (n - 2)
 
 
 @pytest.mark.parametrize("n", [20, 300])
@@ -278,18 +371,90 @@ def test_per_client_ops_drop_gives_nan_rows():
 
 # ---------------------------------------------------------------- client statistics, clipping
 
+def _raw_client_stats(G, window=None, ref=None):
+    start, length = (0, G.shape[1]) if window is None else window
+    return RAW.client_stats(G, start, length, ref)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [None, (0, 1), (3, 100), (ROW_BLOCK, 1)])
 def test_client_stats_matches_reference(dtype, window):
     G = _randn(5, ROW_BLOCK + 1, dtype)
     G[:, 10:20] = 0
     ref_vec = _randn(1, ROW_BLOCK + 1, dtype, seed=5)[0]
-    stats = robustagg.client_stats(G, window, ref_vec, backend=T)
+    norm, sign_frac, dot, ref_norm, ref_dist, flags = _raw_client_stats(G, window, ref_vec)
     expected = reference.client_stats(to_reference(G), window, to_reference(ref_vec))
-    assert_close(stats.norm, expected.norm, dtype)
-    assert_close(stats.sign_frac, expected.sign_frac, torch.float32)
-    assert_close(stats.dot, expected.dot, dtype)
-    assert_close(stats.ref_norm, expected.ref_norm, dtype)
+    assert_close(norm, expected.norm, dtype)
+    assert_close(sign_frac, expected.sign_frac, torch.float64)
+    assert_close(dot, expected.dot, dtype)
+    assert_close(ref_norm, expected.ref_norm.reshape(1), dtype)
+    assert_close(ref_dist, expected.ref_dist, dtype)
+    assert not flags.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_client_stats_outputs_are_float64_for_every_dtype(dtype):
+    G = _randn(3, 50, dtype)
+    with_ref = _raw_client_stats(G, (0, 50), G[0].clone())
+    assert [t.dtype for t in with_ref] == [torch.float64] * 5 + [torch.bool]
+    assert [tuple(t.shape) for t in with_ref[:5]] == [(3,), (3, 3), (3,), (1,), (3,)]
+    without_ref = _raw_client_stats(G)
+    assert [t.dtype for t in without_ref[:5]] == [torch.float64] * 5
+    assert [t.numel() for t in without_ref[2:5]] == [0, 0, 0]
+
+
+def test_client_stats_ref_dist_comes_from_differences():
+    # ||G_i||^2 + ||ref||^2 - 2 G_i . ref would cancel to 0 (or below) for these nearly equal rows
+    ref_vec = torch.full((64,), 1e8, dtype=torch.float64)
+    G = ref_vec.repeat(2, 1)
+    G[0, 3] += 1.0
+    G = G.to(DEVICE)
+    ref_dist = _raw_client_stats(G, None, ref_vec.to(DEVICE))[4]
+    assert ref_dist.cpu().tolist() == [1.0, 0.0]
+
+
+# float64 rows whose squares or products overflow (1e200) or underflow (1e-200, the smallest
+# subnormal 5e-324), each with a reference vector of its kind (SPEC §3, "kScaled" sums).
+EXTREME_FLOAT64_ROWS = {
+    "huge": ([[1e200, 1e200, -1e200], [1e200] * 3, [-3e200, 0.0, 1e-300]], [1e108] * 3),
+    "tiny": ([[1e-200] * 3, [5e-324] * 3, [0.0] * 3, [1e-200, -1e-200, 5e-324]], [2e-200, 1e-200, 0.0]),
+    "cancelling": ([[1e200, 1e200], [1e200, -1e200]], [1e200, -1e200]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXTREME_FLOAT64_ROWS))
+def test_client_stats_float64_huge_and_tiny_rows_match_reference(case):
+    rows, ref_values = EXTREME_FLOAT64_ROWS[case]
+    G = torch.tensor(rows, dtype=torch.float64)
+    ref_vec = torch.tensor(ref_values, dtype=torch.float64)
+    norm, _, dot, ref_norm, ref_dist, flags = _raw_client_stats(G.to(DEVICE), None, ref_vec.to(DEVICE))
+    expected = reference.client_stats(G, None, ref_vec)
+    exact = dict(rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(norm.cpu(), expected.norm, **exact)
+    torch.testing.assert_close(ref_dist.cpu(), expected.ref_dist, **exact)
+    torch.testing.assert_close(ref_norm.cpu(), expected.ref_norm.reshape(1), **exact)
+    torch.testing.assert_close(dot.cpu(), expected.dot, **exact)  # 1e308, and +-Inf where G_i . ref overflows
+    assert torch.isfinite(norm).all() and torch.isfinite(ref_dist).all() and not flags.any()
+    assert (norm[expected.norm > 0] > 0).all()
+
+
+def test_client_stats_float64_cancelling_dot_is_exact_where_the_plain_sum_is_nan():
+    # 1e200 * 1e200 - 1e200 * 1e200 is Inf - Inf in float64; scaled by 2^-600 it is exactly 0
+    G = torch.tensor([[1e200, 1e200]], dtype=torch.float64).to(DEVICE)
+    dot = _raw_client_stats(G, None, torch.tensor([1e200, -1e200], dtype=torch.float64).to(DEVICE))[2]
+    assert dot.cpu().tolist() == [0.0]
+
+
+def test_client_stats_float64_extreme_rows_across_blocks():
+    d = ROW_BLOCK + 3
+    G = torch.empty(3, d, dtype=torch.float64)
+    G[0], G[1], G[2] = 1e200, 1e-200, 5e-324
+    G[:, -1] = 0
+    ref_vec = torch.full((d,), 3e-200, dtype=torch.float64)
+    norm, _, _, _, ref_dist, _ = _raw_client_stats(G.to(DEVICE), None, ref_vec.to(DEVICE))
+    expected = reference.client_stats(G, None, ref_vec)
+    torch.testing.assert_close(norm.cpu(), expected.norm, rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(ref_dist.cpu(), expected.ref_dist, rtol=1e-12, atol=0.0)
 
 
 def test_client_stats_norm_does_not_overflow_float32():
@@ -306,6 +471,28 @@ def test_clip_rows_matches_reference_and_keeps_zero_rows(dtype):
     out = robustagg.clip_rows(G, bound, backend=T)
     assert torch.equal(out[4].cpu(), torch.zeros(777, dtype=dtype))
     assert_close(out, reference.clip_rows(to_reference(G), bound.double()), dtype)
+
+
+def test_clip_rows_float64_huge_and_tiny_rows():
+    G = torch.tensor([[1e200] * 4, [1e-200] * 4, [5e-324] * 4, [0.0] * 4, [3.0, 4.0, 0.0, 0.0], [1e-200] * 4],
+                     dtype=torch.float64)
+    bound = torch.tensor([1.0, 1e-201, 5e-324, 1.0, 2.5, 1.0], dtype=torch.float64)
+    out, flags = RAW.clip_rows(G.to(DEVICE), bound.to(DEVICE))
+    torch.testing.assert_close(out.cpu(), reference.clip_rows(G, bound), rtol=1e-12, atol=0.0)
+    assert out[0].cpu().tolist() == [0.5] * 4 and out[1].cpu().tolist() == [5e-202] * 4
+    assert torch.equal(out[5].cpu(), G[5]) and not flags.any()  # ||G_5|| = 2e-200 <= 1: kept exactly
+
+
+def test_clip_rows_factor_below_the_float32_range_keeps_its_precision():
+    # max_norm / ||G_0|| = 1e-3 / 6e38 is a float32 subnormal: rounded to float32 it would lose
+    # ~3e-4 relative; in float64 the result is the correctly rounded float32
+    G = torch.full((2, 4), 3e38).to(DEVICE)
+    bound = torch.tensor([1e-3, 1e39])
+    out, _ = RAW.clip_rows(G, bound.to(DEVICE))
+    expected = reference.clip_rows(G.cpu(), bound)
+    assert torch.equal(out.cpu(), expected)
+    assert_close(out[0], torch.full((4,), 5e-4, dtype=torch.float64), torch.float32)
+    assert torch.equal(out[1].cpu(), G[1].cpu())
 
 
 # ---------------------------------------------------------------- top-k
@@ -411,6 +598,40 @@ def test_topk_ef_step_nonfinite_u_leaves_state_untouched(bad):
         robustagg.topk_ef_step(u, error, momentum, 5, 0.9, backend=T)
 
 
+def test_topk_ef_step_float32_error_of_twice_3e38_saturates_at_flt_max():
+    u = torch.tensor([3e38, 3e38, 1.0]).to(DEVICE)
+    error, momentum = torch.zeros(3, device=DEVICE), torch.zeros(3, device=DEVICE)
+    first, _, _ = RAW.topk_ef_step(u, error, momentum, 1, 0.0)  # the tie's lower index: 0
+    second, sent, _ = RAW.topk_ef_step(u, error, momentum, 1, 0.0)  # index 1: 3e38 + 3e38
+    assert first.cpu().tolist() == [0] and second.cpu().tolist() == [1]
+    assert sent.cpu().tolist() == [FLT_MAX]
+    assert torch.equal(error.cpu(), torch.tensor([3e38, 0.0, 2.0]))
+
+
+@pytest.mark.parametrize("dtype,huge", [(torch.float32, 3e38), (torch.float16, 6e4), (torch.bfloat16, 3e38),
+                                        (torch.float64, 1.7e308)])
+@pytest.mark.parametrize("rho", [0.0, 0.9])
+def test_topk_ef_step_state_saturates_at_the_largest_finite_value(dtype, huge, rho):
+    # step 1 sends index 0; in step 2 indices 1 and 5 hold +-(error + u), beyond the dtype
+    d = 8
+    u = torch.zeros(d, dtype=dtype)
+    u[:2] = huge
+    u[5] = -huge
+    u = u.to(DEVICE)
+    error, momentum = torch.zeros(d, dtype=dtype, device=DEVICE), torch.zeros(d, dtype=dtype, device=DEVICE)
+    ref_error, ref_momentum = error.cpu().clone(), momentum.cpu().clone()
+    for _ in range(2):
+        idx, values, _ = RAW.topk_ef_step(u, error, momentum, 1, rho)
+        ref_idx, ref_values = reference.topk_ef_step(u.cpu(), ref_error, ref_momentum, 1, rho)
+        assert torch.equal(idx.cpu(), ref_idx) and torch.equal(values.cpu(), ref_values)
+        assert torch.equal(error.cpu(), ref_error) and torch.equal(momentum.cpu(), ref_momentum)
+    limit = torch.finfo(dtype).max  # 65504 for float16
+    assert idx.cpu().tolist() == [1] and values.cpu().tolist() == [limit]
+    assert error[5] == -limit and torch.isfinite(error).all() and torch.isfinite(momentum).all()
+    if rho > 0:
+        assert momentum[5] == -limit  # 0.9 * momentum + u is beyond the dtype too
+
+
 # ---------------------------------------------------------------- max-pool
 
 SHAPES = [(4, 3, 3, 3), (4,), (5, 7), (), (3, 2), (2, 2), (2, 5, 2), (6, 9)]
@@ -418,7 +639,7 @@ SHAPES = [(4, 3, 3, 3), (4,), (5, 7), (), (3, 2), (2, 2), (2, 5, 2), (6, 9)]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("restore", [False, True])
-@pytest.mark.parametrize("kernel", [1, 2])
+@pytest.mark.parametrize("kernel", [1, 2, 3])
 def test_maxpool_matches_reference_per_parameter_layout(dtype, restore, kernel):
     layout = Layout.from_shapes(SHAPES)
     G = torch.randint(-3, 4, (3, layout.d)).to(dtype).to(DEVICE)  # small integers: many tied windows
@@ -461,14 +682,113 @@ def test_maxpool_flags_nan_in_dropped_remainder_and_uncovered_tail(restore):
     assert list(info.value.clients) == [0, 2]
 
 
+@pytest.mark.parametrize("restore", [False, True])
+def test_maxpool_flags_minus_inf_that_is_not_the_window_max(restore):
+    layout = Layout.from_shapes([(4, 6)])
+    G = _randn(3, 24, torch.float32)
+    G[1, 7] = float("-inf")  # inside the window at (0, 0); its max is finite
+    out, flags = RAW.maxpool_amplify(G, layout.segment_table(24, 2, restore).to(DEVICE), 2, restore,
+                                     24 if restore else layout.pooled_width(24, 2))
+    assert flags.cpu().tolist() == [False, True, False]
+    assert torch.isfinite(out).all()
+
+
+_HUGE_KERNEL_SCRIPT = """
+import os, sys, time
+os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+from robustagg import _triton_ops  # registers torch.ops.robustagg_triton
+from robustagg.layout import Layout
+device = torch.device(sys.argv[1])
+G = torch.randn(7, 37, device=device)
+start = time.perf_counter()
+for kernel in (2 ** 40, 9):
+    table = Layout.flat(4).segment_table(37, kernel, True).to(device)
+    out, flags = torch.ops.robustagg_triton.maxpool_amplify(G, table, kernel, True, 37)
+    assert torch.equal(out.cpu(), torch.zeros(7, 37)) and not flags.any(), kernel
+print("seconds", time.perf_counter() - start)
+"""
+
+
+def test_maxpool_restore_with_a_kernel_larger_than_every_segment_returns_promptly():
+    # 9 rows of 4 values hold no 2^40 x 2^40 (nor 9 x 9) window: all zero-fill, no loop over the
+    # kernel (the per-element window loop never returned). A subprocess, so that a hang fails.
+    result = subprocess.run([sys.executable, "-c", _HUGE_KERNEL_SCRIPT, str(DEVICE)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.split("seconds")[1]) < 30
+
+
+@pytest.mark.parametrize("segment, kernel, restore, out_width, match", [
+    ((0, 2, 3, 1, 0), 0, False, 7, r"maxpool_amplify: kernel=0 is out of range; allowed >= 1"),
+    ((4, 2, 2, 1, 0), 2, False, 7, r"maxpool_amplify: segment 0 \(offset 4, rows 2, cols 2\) does not fit in d=7"),
+    ((0, 2, 2 ** 62, 0, 0), 2, False, 7,
+     r"segment 0 \(offset 0, rows 2, cols 4611686018427387904\) does not fit in d=7"),
+    ((0, 2, 2, 7, 0), 1, False, 4, r"segment 0 has pooled=7"),
+    ((0, 2, 3, 0, 2), 2, False, 7,
+     r"maxpool_amplify: segment 0 writes 6 values at output offset 2, outside the output row of width 7"),
+    ((0, 2, 3, 1, 1), 2, True, 7, r"with restore=True segment 0 must write where it reads"),
+    ((0, 2, 2, 1, 0), 2, False, 2 ** 62, r"out_width=4611686018427387904 is out of range"),
+])
+def test_maxpool_raw_op_rejects_hostile_segment_tables(segment, kernel, restore, out_width, match):
+    # the work table's addresses and sizes come from the segment table: the same checks (and
+    # messages) as csrc/checks.h, before anything is allocated or launched
+    table = torch.tensor([segment], dtype=torch.int64, device=DEVICE)
+    with pytest.raises(RuntimeError, match=match):
+        RAW.maxpool_amplify(_randn(5, 7, torch.float32), table, kernel, restore, out_width)
+
+
+def test_maxpool_raw_op_rejects_a_segment_table_that_is_not_int64():
+    table = torch.tensor([[0, 2, 2, 1, 0]], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"segments must be int64\[S, 5\]"):
+        RAW.maxpool_amplify(_randn(5, 7, torch.float32), table, 2, False, 1)
+
+
 # ---------------------------------------------------------------- pairwise
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", sorted({1, 2, 17, 33, PAIR_BLOCK + 1}))
 def test_pairwise_matches_reference(dtype, n):
     G = _randn(n, 97, dtype, seed=n)
-    assert_close(robustagg.pairwise_sqdist(G, backend=T), reference.pairwise_sqdist(to_reference(G)), dtype)
+    D, D_flags = RAW.pairwise_sqdist(G)
+    C, C_flags = RAW.pairwise_cosine(G)
+    assert D.dtype == C.dtype == torch.float64  # for every input dtype
+    assert_close(D, reference.pairwise_sqdist(to_reference(G)), dtype)
+    assert_close(C, reference.pairwise_cosine(to_reference(G)), dtype)
+    assert not D_flags.any() and not C_flags.any()
     assert_close(robustagg.pairwise_cosine(G, backend=T), reference.pairwise_cosine(to_reference(G)), dtype)
+
+
+def _extreme_float64_rows():
+    """Rows of 1e300 (squares overflow), 1e-300 (squares underflow), zeros, and ordinary rows."""
+    G = _randn(7, 40, torch.float64, seed=11).cpu()
+    G[0] *= 1e300
+    G[1] *= 1e-300
+    G[2] = 0
+    G[3] = G[1]           # identical tiny rows: their distance underflows to 0 anyway
+    G[4] = -G[0]
+    G[5, :20] = 1e-300    # a row of mixed scale
+    return G
+
+
+def test_pairwise_float64_huge_tiny_and_zero_rows_match_reference():
+    G = _extreme_float64_rows()
+    D, _ = RAW.pairwise_sqdist(G.to(DEVICE))
+    C, flags = RAW.pairwise_cosine(G.to(DEVICE))
+    torch.testing.assert_close(D.cpu(), reference.pairwise_sqdist(G), rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(C.cpu(), reference.pairwise_cosine(G), rtol=1e-12, atol=1e-15)
+    assert torch.isfinite(C).all() and not flags.any()
+    assert C[0, 4] == -1 and C[1, 3] == 1 and C.diagonal().cpu().tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    assert C[2].abs().sum() == 0 and torch.equal(C, C.T)
+
+
+def test_pairwise_float64_rows_that_are_all_safe_keep_one_launch_bits():
+    # safe rows keep the scale 1 in the rescaled launch, so adding an unsafe row does not change them
+    G = _randn(6, 40, torch.float64, seed=2)
+    C_safe, _ = RAW.pairwise_cosine(G)
+    G_with_unsafe = torch.cat([G, torch.full((1, 40), 1e-300, dtype=torch.float64, device=DEVICE)])
+    C, _ = RAW.pairwise_cosine(G_with_unsafe)
+    assert torch.equal(C[:6, :6], C_safe)
 
 
 def test_pairwise_identical_rows_exact_and_symmetric():
@@ -583,7 +903,7 @@ def _signature(kernel, args, kwargs):
     return signature, constants
 
 
-def compile_every_kernel(capability: int, dtypes=(torch.float32, torch.bfloat16)):
+def compile_every_kernel(capability: int, dtypes=(torch.float32, torch.bfloat16, torch.float64)):
     """Compile every launch of every op to a cubin for sm_<capability> (needs TRITON_INTERPRET=0)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -607,10 +927,8 @@ def compile_every_kernel(capability: int, dtypes=(torch.float32, torch.bfloat16)
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU the kernels are compiled and run by the other tests")
 @pytest.mark.parametrize("capability", [80, 90])
 def test_every_kernel_compiles_for_the_gpu(capability):
-    # The interpreter accepts code the GPU compiler rejects; compile every kernel variant to a cubin.
-    import os
-    import subprocess
-    import sys
+    # The interpreter accepts code the GPU compiler rejects; compile every kernel variant to a cubin
+    # (float64 too: its scaled sums and the rescaled pairwise launch are float64-only code).
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     code = ("import sys; sys.path.insert(0, 'tests'); import test_triton; "
             f"test_triton.compile_every_kernel({capability})")
