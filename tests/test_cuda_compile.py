@@ -6,7 +6,9 @@
 * the compile-time Batcher network of ``csrc/cuda/batcher_network.cuh`` equals core's
   ``batcher_network`` step for step, and sorting plus ``kept_mean_wires`` give core's bits (run on
   the host: the functions are host+device);
-* the kernel files include no torch header, so they build on any machine.
+* the kernel files include no torch header, so they build on any machine;
+* ``csrc/cuda/bindings.cpp``, the one file that sees torch, passes ``g++ -fsyntax-only`` against
+  this torch's headers and the toolkit's (it needs a CUDA build of torch to compile for real).
 
 Skipped, with the reason, where nvcc is absent.
 """
@@ -16,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -126,6 +129,34 @@ def test_hot_kernels_do_not_spill(compiled):
     bad = {key: info for key, info in hot.items()
            if info["spill_stores"] or info["spill_loads"] or info["stack"] or info["lmem"]}
     assert not bad, f"hot kernels use local memory: {bad}"
+
+
+def _toolkit_include_dirs() -> list[str]:
+    """The CUDA toolkit's include directories as nvcc reports them (nvcc may be a wrapper script
+    outside the toolkit, so its own path says nothing)."""
+    probe = subprocess.run([NVCC, "--dryrun", "-c", "probe.cu"], capture_output=True, text=True)
+    text = probe.stdout + probe.stderr
+    return re.findall(r'"-I([^"]+)"', text) + re.findall(r'"-isystem" "([^"]+)"', text)
+
+
+def test_bindings_pass_a_syntax_check_against_the_torch_headers(tmp_path):
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ not found: bindings.cpp cannot be syntax-checked")
+    # torch's CMake build generates this header; its CPU wheels ship c10/cuda without it. It only
+    # says whether c10_cuda is a shared library. A real one in torch's include path comes first.
+    macros = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    macros.parent.mkdir(parents=True)
+    macros.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    includes = [ROOT / "csrc", *cpp_extension.include_paths(), tmp_path, *_toolkit_include_dirs(),
+                sysconfig.get_paths()["include"]]
+    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", *(f"-I{d}" for d in includes), str(CUDA_DIR / "bindings.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"g++ -fsyntax-only failed on bindings.cpp:\n{proc.stderr[-6000:]}"
+    ours = [line for line in proc.stderr.splitlines() if str(ROOT / "csrc") in line and "warning" in line]
+    assert not ours, "\n".join(ours)
 
 
 def test_kernel_sources_include_no_torch_header():

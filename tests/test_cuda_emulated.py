@@ -16,9 +16,11 @@ collectives; a few cases also under seeded shuffles) and must give the same bits
 missing __syncthreads/__syncwarp shows up as a difference. Expectations, as in
 tests/test_cuda_parity.py (the GPU version of these tests):
 
-* sign_sum, order_mean, invariant, rlr in float32: bitwise equal to the CPU backend;
-* top-k and max-pool: the same selection and bits as the CPU backend;
-* everything else: within conftest.RESOLUTION of robustagg.reference on float64 inputs;
+* sign_sum, order_mean, invariant, rlr in float32: bitwise equal to the CPU backend, also where
+  a sum of huge finite values overflows and is redone (issue 10, SPEC §3);
+* top-k and max-pool: the same selection and bits as the CPU backend (saturated top-k state too);
+* everything else: within conftest.RESOLUTION of robustagg.reference on float64 inputs; float64
+  statistics of 1e200 and 1e-200 rows relatively (atol 0), as they sit far below every atol;
 * non-finite row flags equal to the CPU backend's.
 
 Shared memory (static and dynamic) and workspaces start every block as garbage bytes, as on a
@@ -118,6 +120,13 @@ def assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str = "")
 def assert_close(actual, expected, dtype, what=""):
     atol, rtol = RESOLUTION[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def assert_relative(actual, expected, rtol=RESOLUTION[torch.float64][1], what=""):
+    """Relative agreement only: float64 statistics of 1e-200 rows (or 5e-324) sit far below every atol
+    of RESOLUTION, which would pass anything. Infinities must match; an exact 0 must be 0."""
+    torch.testing.assert_close(actual.double(), expected.double(), atol=0.0, rtol=rtol, equal_nan=True,
                                msg=lambda m: f"{what}: {m}")
 
 
@@ -366,6 +375,55 @@ def test_rlr_flags_nonfinite_rows(emu):
     assert_bitwise(out[ok], cpu_out[ok], "rlr on finite columns")
 
 
+# Finite values whose sums overflow the arithmetic type (SPEC §3): powers of two, so that the sums
+# of scaled values are exact and the cancelling column cancels exactly on every path.
+HUGE = {torch.float32: 2.0 ** 127, torch.bfloat16: 2.0 ** 127, torch.float64: 2.0 ** 1023}
+FINITE_OVERFLOWING = [0, 1, 2, 3]  # the finite columns of overflowing_columns
+# Those a float64 reference sums in its own order without an Inf - Inf: torch.sum's pairwise order
+# can add +Inf and -Inf partial sums of column 2, which reference.kept_mean does not redo.
+WELL_CONDITIONED = [0, 1, 3]
+
+
+def overflowing_columns(n: int, dtype) -> torch.Tensor:
+    """(n, 6), n >= 3: finite columns whose ascending sums overflow, then two that are not finite.
+    0: two huge rows, n - 2 zeros; 1: every row huge; 2: half +huge, half -huge; 3: ordinary values;
+    4: column 0 with a +Inf in row 2 (a window without the top row leaves it out, and the
+    overflowed mean is kept: the column is not finite); 5: column 0 with a NaN in row 2."""
+    huge = HUGE[dtype]
+    G = torch.zeros(n, 6, dtype=torch.float64)
+    G[:2, 0] = huge
+    G[:, 1] = huge
+    G[: n // 2, 2], G[n // 2:, 2] = huge, -huge
+    G[:, 3] = torch.randn(n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    G[:, 4], G[:, 5] = G[:, 0], G[:, 0]
+    G[2, 4], G[2, 5] = float("inf"), float("nan")
+    return G.to(dtype)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rlr_overflowing_weighted_sum_of_finite_rows_is_redone(emu, dtype, weighted):
+    # SPEC §3: where the weighted sum is +-Inf and the column finite, the mean is redone in float64
+    # (core's RescuedMean); a column holding Inf keeps the overflowed result. Weights up to 100 make
+    # w_i * x_i itself overflow.
+    n = 18
+    G = overflowing_columns(n, dtype)
+    w = torch.linspace(1.0, 100.0, n) if weighted else None
+    # Weighted, column 2's products w_i x_i overflow to +Inf and to -Inf, so its sum is NaN, which
+    # the CPU kernel (like core's RescuedMean comment and the reference) redoes only when +-Inf:
+    # there the bits are the CPU's, but no finiteness is claimed.
+    finite = WELL_CONDITIONED if weighted else FINITE_OVERFLOWING
+    for theta, lr in ((0, 1.0), (n, 0.5)):  # theta = n: the lr flips on every column
+        out, bad = emulate(emu, "rlr", G, w, theta, lr)
+        cpu_out, cpu_bad = CPU.rlr(G, w, theta, lr)
+        assert_bitwise(out, cpu_out, f"rlr theta={theta}")
+        assert torch.equal(bad, cpu_bad)
+        assert torch.isfinite(out[finite]).all(), out
+        expected = reference.rlr(G[:, WELL_CONDITIONED].double(), theta, None if w is None else w.double(), lr)
+        assert_close(out[WELL_CONDITIONED], expected, dtype, f"rlr {dtype} theta={theta}")
+    assert torch.isinf(out[4])
+
+
 # ---------------------------------------------------------------- order statistics
 
 # n <= 64: register networks (every dtype); n <= 128: registers for 16/32-bit data; up to 2048 the
@@ -430,6 +488,53 @@ def test_order_mean_huge_values_do_not_cost_precision(emu, n):
     assert_close(out, reference.order_mean(G.double(), 1, n - 1), torch.float32, "trimmed outliers")
 
 
+def test_order_mean_of_two_3e38_rows_and_zeros_is_finite(emu):
+    # Issue 10's example: the float32 sum 3e38 + 3e38 of the kept values is Inf; the mean of the
+    # 18 rows is 3.33e37, and the median of two 3e38 rows is 3e38.
+    X = torch.zeros(18, 3)
+    X[:2] = 3e38
+    out, _ = emulate(emu, "order_mean", X, 0, 18)
+    assert_bitwise(out, CPU.order_mean(X, 0, 18)[0])
+    assert_close(out, torch.full((3,), 2 * X[0, 0].item() / 18), torch.float32, "mean")
+    M = torch.full((2, 3), 3e38)
+    median, _ = emulate(emu, "order_mean", M, 0, 2)
+    assert_bitwise(median, M[0], "median")
+
+
+@pytest.mark.parametrize("dtype, n", [(torch.float32, 18), (torch.float32, 100), (torch.float32, 130),
+                                      (torch.float32, 2100), (torch.bfloat16, 18), (torch.bfloat16, 100),
+                                      (torch.float64, 18), (torch.float64, 100), (torch.float64, 2049)],
+                         ids=["float32-registers-18", "float32-registers-100", "float32-network-130",
+                              "float32-select-2100", "bfloat16-registers-18", "bfloat16-registers-100",
+                              "float64-registers-18", "float64-network-100", "float64-select-2049"])
+def test_order_mean_overflowing_kept_sum_is_redone(emu, dtype, n):
+    # SPEC §3: where the kept sum of finite values overflowed, every path (register kernels and their
+    # redo kernel, the pruned network, selection) redoes it with core's kept_mean_rescaled, like the
+    # CPU kernel, which keeps the overflowed mean where the column holds Inf (column 4).
+    G = overflowing_columns(n, dtype)
+    for lo, hi in ((0, n), (0, n - 1), ((n - 1) // 2, n // 2 + 1), (1, n - 1)):
+        out, bad = emulate(emu, "order_mean", G, lo, hi)
+        cpu_out, cpu_bad = CPU.order_mean(G, lo, hi)
+        what = f"order_mean n={n} lo={lo} hi={hi}"
+        assert_bitwise(out[:5], cpu_out[:5], what)
+        assert torch.equal(bad, cpu_bad)
+        assert torch.isfinite(out[FINITE_OVERFLOWING]).all(), what
+        expected = reference.order_mean(G[:, WELL_CONDITIONED].double(), lo, hi)
+        assert_close(out[WELL_CONDITIONED], expected, dtype, what)
+
+
+def test_invariant_overflowing_kept_sum_is_redone(emu):
+    # The fused invariant shares the register kernels and their redo; masked coordinates stay 0.
+    n = 18
+    G = overflowing_columns(n, torch.float32)
+    for min_votes in (0, 2, n):
+        out, mask, bad = emulate(emu, "invariant", G, 1, n - 1, min_votes)
+        cpu_out, cpu_mask, _ = CPU.invariant(G, 1, n - 1, min_votes)
+        assert torch.equal(mask, cpu_mask)
+        assert_bitwise(out[:5], cpu_out[:5], f"invariant min_votes={min_votes}")
+        assert torch.isfinite(out[FINITE_OVERFLOWING]).all()
+
+
 @pytest.mark.parametrize("n", [8, 100, 300])
 def test_order_mean_flags_nonfinite_rows(emu, n):
     G = with_bad_rows(awkward(n, 130, 13))
@@ -478,15 +583,17 @@ def test_client_stats_close_to_reference(emu, n, d, window, dtype):
     G[0, : min(d, 5)] = 0
     ref = torch.randn(d, generator=torch.Generator().manual_seed(22)).to(dtype)
     start, length = window or (0, d)
-    norm, frac, dot, ref_norm, bad = emulate(emu, "client_stats", G, start, length, ref)
+    norm, frac, dot, ref_norm, ref_dist, bad = emulate(emu, "client_stats", G, start, length, ref)
+    assert {t.dtype for t in (norm, frac, dot, ref_norm, ref_dist)} == {torch.float64}  # SPEC §4.5, every dtype
     expected = reference.client_stats(G.double(), (start, length), ref.double())
     assert_close(norm, expected.norm, dtype, "norm")
     assert_close(frac, expected.sign_frac, dtype, "sign_frac")
     assert_close(dot, expected.dot, dtype, "dot")
     assert_close(ref_norm.reshape(()), expected.ref_norm, dtype, "ref_norm")
-    assert torch.equal(bad, CPU.client_stats(G, start, length, ref)[4]) and not bad.any()
-    norm2, frac2, dot2, ref_norm2, _ = emulate(emu, "client_stats", G, start, length, None)
-    assert dot2.numel() == 0 and ref_norm2.numel() == 0
+    assert_close(ref_dist, expected.ref_dist, dtype, "ref_dist")
+    assert torch.equal(bad, CPU.client_stats(G, start, length, ref)[5]) and not bad.any()
+    norm2, frac2, dot2, ref_norm2, ref_dist2, _ = emulate(emu, "client_stats", G, start, length, None)
+    assert dot2.numel() == 0 and ref_norm2.numel() == 0 and ref_dist2.numel() == 0
     assert_bitwise(norm2, norm, "norm without ref")
     assert_bitwise(frac2, frac, "sign_frac without ref")
 
@@ -495,11 +602,100 @@ def test_client_stats_huge_finite_rows_do_not_overflow_and_flags_match(emu):
     G = torch.randn(8, 5000, generator=torch.Generator().manual_seed(5))
     G[2, 0], G[3, :2] = 3e38, 2e38  # squares overflow float32, the norms (3e38, 2.8e38) do not
     G = with_bad_rows(G)
-    norm, _, _, _, bad = emulate(emu, "client_stats", G, 0, 5000, None)
-    assert torch.equal(bad, CPU.client_stats(G, 0, 5000, None)[4]) and bad.sum() == len(BAD)
+    norm, _, _, _, _, bad = emulate(emu, "client_stats", G, 0, 5000, None)
+    assert torch.equal(bad, CPU.client_stats(G, 0, 5000, None)[5]) and bad.sum() == len(BAD)
     expected = reference.client_stats(G.double()).norm
     assert torch.isfinite(norm[~bad]).all()
     assert_close(norm[~bad], expected[~bad], torch.float32, "norms")
+
+
+def huge_and_tiny_rows(d: int, seed: int) -> torch.Tensor:
+    """float64 rows whose squares overflow (1e200, 1e210) or underflow (1e-200, 5e-324), a zero row
+    and an ordinary one. Row 5 has +-1e210 in columns 0 and 256, where huge_row_ref holds 1e100:
+    those two products are +-Inf, and their plain sum NaN, though they cancel exactly. Columns 1 to
+    255 of row 5 are 0, so that the pair cancels exactly in every summation order of the backends
+    (the CPU's lane 0 and the CUDA kernel's thread 0 add column 0, then 256)."""
+    base = torch.randn(5, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    cancelling = base[4].clone()
+    cancelling[0], cancelling[1:256], cancelling[256] = 1e210, 0.0, -1e210
+    return torch.stack([base[0] * 1e200, base[1] * 1e-200, torch.full((d,), 5e-324, dtype=torch.float64),
+                        torch.zeros(d, dtype=torch.float64), base[2], cancelling])
+
+
+def huge_row_ref(d: int, seed: int) -> torch.Tensor:
+    ref = torch.randn(d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 1e100
+    ref[0] = ref[256] = 1e100
+    return ref
+
+
+def test_client_stats_float64_huge_and_tiny_rows(emu):
+    # SPEC §3, §4.5: float64 squares of 1e200 overflow and those of 1e-200 underflow; core's scaled
+    # sums still give every norm, distance and dot product that fits float64, and such rows are
+    # finite rows. d = 5000: two column chunks.
+    d = 5000
+    G = huge_and_tiny_rows(d, 51)
+    tiny_ref = torch.randn(d, generator=torch.Generator().manual_seed(53), dtype=torch.float64) * 1e-200
+    for ref, pair_cancels in ((huge_row_ref(d, 52), True), (tiny_ref, False)):
+        norm, _, dot, ref_norm, ref_dist, bad = emulate(emu, "client_stats", G, 0, d, ref)
+        cpu = CPU.client_stats(G, 0, d, ref)
+        expected = reference.client_stats(G, None, ref)
+        assert not bad.any() and not cpu[5].any()
+        for name, actual, cpu_value, ref_value in (("norm", norm, cpu[0], expected.norm),
+                                                   ("ref_dist", ref_dist, cpu[4], expected.ref_dist),
+                                                   ("ref_norm", ref_norm, cpu[3], expected.ref_norm.reshape(1))):
+            assert torch.isfinite(actual).all(), name
+            assert_relative(actual, ref_value, what=name)
+            assert_relative(actual, cpu_value, what=f"{name} vs cpu")
+        # With huge_row_ref, row 5's pair adds exactly 0 to its dot product (the kernels take the
+        # scaled-down sum there, core's dot_value); the reference's scaled product loses the rest
+        # of the row next to the pair, so row 5 is checked against the product without the pair.
+        # reference.client_stats divides row 2's scaled product by 2^1000 before multiplying back
+        # the scale of ref, through a subnormal that loses 18%; its plain product is exact enough.
+        expected_dot = expected.dot.clone()
+        expected_dot[2] = G[2] @ ref
+        if pair_cancels:
+            without_pair = G[5].clone()
+            without_pair[[0, 256]] = 0
+            expected_dot[5] = without_pair @ ref
+        assert torch.isfinite(dot).all()
+        assert_relative(dot, expected_dot, what="dot")
+        assert_relative(dot, cpu[2], what="dot vs cpu")
+        assert norm[2] > 0 and norm[3] == 0 and dot[3] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clip_rows_huge_row_factor_is_applied_in_float64(emu, dtype):
+    # SPEC §3 (scales in float64): the factor of a 3e38 row, about 1e-40, is below float32's normal
+    # range; formed and applied in float64, the result is rounded once (a float32 factor lost 5e-5
+    # relative). Equal squares make every summation order exact, so the bits must be the CPU's.
+    G = torch.full((2, 32), 3e38)
+    G[1, ::2] = -1e38
+    G[1, 1::2] = 1e38
+    G = G.to(dtype)
+    max_norm = torch.tensor([0.25, 1e30])
+    out, _ = emulate(emu, "clip_rows", G, max_norm)
+    assert_bitwise(out, CPU.clip_rows(G, max_norm)[0], "clip_rows vs cpu")
+    expected = reference.clip_rows(G.double(), max_norm.double())
+    assert_relative(out, expected, rtol=1e-6 if dtype == torch.float32 else 8e-3, what="clip_rows")
+
+
+def test_clip_rows_float64_huge_and_tiny_rows(emu):
+    # SPEC §3, §4.5: a clipped row becomes (x * 2^-+600) * factor in float64, so 1e200 and 1e-200
+    # rows are clipped to max_norm; a row within max_norm (even where max_norm * 2^600 overflows) is
+    # kept as it is, bit for bit.
+    d = 3000
+    base = torch.randn(6, d, generator=torch.Generator().manual_seed(54), dtype=torch.float64)
+    G = torch.stack([base[0] * 1e200, base[1] * 1e-200, base[2] * 1e-200, base[3] * 1e200,
+                     torch.zeros(d, dtype=torch.float64), base[4]])
+    max_norm = torch.tensor([1.0, 1e-250, 1e300, 1e300, 0.0, 2.0], dtype=torch.float64)
+    out, bad = emulate(emu, "clip_rows", G, max_norm)
+    assert not bad.any()
+    assert_relative(out, reference.clip_rows(G, max_norm), what="clip_rows")
+    assert_relative(out, CPU.clip_rows(G, max_norm)[0], what="clip_rows vs cpu")
+    for kept in (2, 3, 4):
+        assert_bitwise(out[kept], G[kept], f"row {kept}")
+    clipped = [0, 1, 5]
+    assert_relative(reference.client_stats(out[clipped]).norm, max_norm[clipped], rtol=1e-13, what="norms")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -642,6 +838,33 @@ def test_topk_ef_step_nonfinite_u_leaves_state_untouched(emu):
         ops.topk_ef_step(u, err.clone(), mom.clone(), k=10, rho=0.9, backend="cpu")
 
 
+@pytest.mark.parametrize("rho", [0.0, 0.9])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_ef_step_state_saturates_at_the_storage_limit(emu, dtype, rho):
+    # SPEC §3: a client that keeps sending +-big: error (and momentum) saturate at the largest
+    # finite value of the storage dtype (65504 for float16, FLT_MAX for float32), never Inf; a
+    # later selection returns that value.
+    limit = torch.finfo(dtype).max
+    big = 6e4 if dtype == torch.float16 else limit * 0.75
+    d = 3 * 4096 + 11
+    u = torch.full((d,), big, dtype=dtype)
+    u[::3] = -big
+    err, mom = torch.zeros(d, dtype=dtype), torch.zeros(d, dtype=dtype)
+    cpu_err, cpu_mom = err.clone(), mom.clone()
+    for step, k in enumerate((0, 0, 5)):
+        (idx, values, bad), state = emulated(emu, "topk_ef_step", u, err, mom, k, rho)
+        err, mom = state[1], state[2]
+        cpu_idx, cpu_values, _ = CPU.topk_ef_step(u, cpu_err, cpu_mom, k, rho)
+        assert torch.equal(idx, cpu_idx) and not bad.item()
+        assert_bitwise(values, cpu_values, f"values step {step}")
+        assert_bitwise(err, cpu_err, f"error step {step}")
+        assert_bitwise(mom, cpu_mom, f"momentum step {step}")
+        assert torch.isfinite(err).all() and torch.isfinite(mom).all()
+        if step == 1:
+            assert torch.equal(err.abs(), torch.full_like(err, limit)), f"error after two steps of {big}"
+    assert idx.tolist() == list(range(5)) and torch.equal(values.abs(), torch.full_like(values, limit))
+
+
 # ---------------------------------------------------------------- max-pool
 
 SHAPES = [(16, 3, 3, 3), (16,), (32, 16, 3, 3), (32,), (10, 32), (10,), (5, 7), (1, 1)]
@@ -745,10 +968,61 @@ def test_pairwise_more_direct_pairs_than_direct_blocks(emu, dtype):
     assert_bitwise(sq, sq.T, "symmetric")
 
 
-def test_pairwise_flags_nonfinite_rows(emu):
-    G = with_bad_rows(torch.randn(9, 300, generator=torch.Generator().manual_seed(3)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pairwise_flags_nonfinite_rows(emu, dtype):
+    # float64 NaN/Inf rows are also unsafe rows (core's gram_row_unsafe): their pairs take the direct pass.
+    G = with_bad_rows(torch.randn(9, 300, generator=torch.Generator().manual_seed(3)).to(dtype))
     _, bad = emulate(emu, "pairwise_cosine", G)
     assert torch.equal(bad, CPU.pairwise_cosine(G)[1]) and bad.sum() == len(BAD)
+
+
+def unsafe_rows(d: int = 64) -> torch.Tensor:
+    """float64 rows whose Gram diagonal overflows or is below 2^-900 (core's unsafe rows), around
+    one ordinary row: 0, 1: the same 1e300 row; 2: another 1e300 row; 3: a 1e-300 row; 4, 5: two
+    different tiny rows whose squared distance (2e-600) underflows to 0, cosine 0.8; 6: zeros;
+    7: ordinary; 8: every value 5e-324; 9: a 1e-140 row (normal squares, K_ii < 2^-900); 10: row 3
+    with column 5 negated (one differing entry, in a lane other than a warp's first)."""
+    base = torch.randn(5, d, generator=torch.Generator().manual_seed(55), dtype=torch.float64)
+    tiny_a, tiny_b = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+    tiny_a[:2] = torch.tensor([1e-300, 2e-300], dtype=torch.float64)
+    tiny_b[:2] = torch.tensor([2e-300, 1e-300], dtype=torch.float64)
+    one_sign_flipped = base[2] * 1e-300
+    one_sign_flipped[5] = -one_sign_flipped[5]
+    return torch.stack([base[0] * 1e300, base[0] * 1e300, base[1] * 1e300, base[2] * 1e-300, tiny_a, tiny_b,
+                        torch.zeros(d, dtype=torch.float64), base[3], torch.full((d,), 5e-324, dtype=torch.float64),
+                        base[4] * 1e-140, one_sign_flipped])
+
+
+def test_pairwise_float64_huge_tiny_and_zero_rows(emu):
+    # SPEC §3, §4.8: every pair with an unsafe row comes from the direct pass, products scaled by the
+    # rows' powers of two, equality from the count of differing entries (not a zero distance).
+    G = unsafe_rows()
+    sq, bad = emulate(emu, "pairwise_sqdist", G)
+    cos, _ = emulate(emu, "pairwise_cosine", G)
+    assert sq.dtype == cos.dtype == torch.float64 and not bad.any()
+    assert_close(cos, reference.pairwise_cosine(G), torch.float64, "cosine")
+    assert_close(cos, CPU.pairwise_cosine(G)[0], torch.float64, "cosine vs cpu")
+    assert_relative(sq, reference.pairwise_sqdist(G), what="sqdist")
+    assert_relative(sq, CPU.pairwise_sqdist(G)[0], what="sqdist vs cpu")
+    assert torch.isfinite(cos).all()
+    assert_bitwise(sq, sq.T, "symmetric sqdist")
+    assert_bitwise(cos, cos.T, "symmetric cosine")
+    assert sq[0, 1] == 0 and cos[0, 1] == 1, "identical huge rows"
+    assert sq[4, 5] == 0 and cos[4, 5] == pytest.approx(0.8, rel=1e-14), "different tiny rows"
+    assert sq[3, 10] == 0 and cos[3, 10] < 1, "tiny rows differing in one entry"
+    n = G.shape[0]
+    assert torch.equal(cos[6], torch.zeros(n, dtype=torch.float64)), "zero row"
+    expected_diagonal = torch.ones(n, dtype=torch.float64)
+    expected_diagonal[6] = 0
+    assert torch.equal(torch.diagonal(cos), expected_diagonal)
+
+
+@pytest.mark.parametrize("value, cosine", [(1e300, 1.0), (1e-300, 1.0), (0.0, 0.0)])
+def test_pairwise_single_float64_row_uses_its_scaled_self_product(emu, value, cosine):
+    # n = 1: the only listed pair is the row's own one.
+    G = torch.full((1, 9), value, dtype=torch.float64)
+    assert emulate(emu, "pairwise_cosine", G)[0].item() == cosine
+    assert emulate(emu, "pairwise_sqdist", G)[0].item() == 0.0
 
 
 # ---------------------------------------------------------------- grid-stride loops
@@ -941,11 +1215,12 @@ def test_tsan_catches_a_missing_barrier(tsan, entry, barrier, schedule):
 @SANITIZER_SKIP
 def test_tsan_racecheck_of_every_op(tsan):
     # Every op once (the schedule-fuzz cases, non-finite rows included), plus the multi-block
-    # top-k tie split, the global-scratch order statistics and a tail-only max-pool.
+    # top-k tie split, the global-scratch order statistics, a tail-only max-pool and the overflow
+    # redo of the register order statistics (flag and redo kernel).
     _, env = tsan
     env = dict(env, ROBUSTAGG_EMU_SCHEDULES="ascending")
     selection = ("every_schedule or ties_across_block_boundaries and 4097 or large_n and 1100 "
-                 "or degenerate and all-tail")
+                 "or degenerate and all-tail or overflowing_kept_sum and float32-registers-18")
     proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x",
                            "-k", selection], env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).parent.parent)

@@ -2,9 +2,11 @@
 
 The coordinate-wise ops share their per-coordinate math (csrc/core) and accumulation order, and
 both builds disable floating-point contraction, so float32 results must be identical bit for bit,
-not merely close. Top-k selections are deterministic by construction (ties to the lower index)
-and must pick the same coordinates. Needs a CUDA device and both compiled backends; skipped with
-the reason otherwise.
+not merely close, including the redo of sums of huge finite values that overflow (SPEC §3). Top-k
+selections are deterministic by construction (ties to the lower index) and must pick the same
+coordinates. client_stats and the pairwise matrices are float64 for every input dtype and agree
+within float64 rounding (their summation orders differ). Needs a CUDA device and both compiled
+backends; skipped with the reason otherwise.
 """
 from __future__ import annotations
 
@@ -128,6 +130,113 @@ def test_rlr_bitwise(n):
     assert_bitwise(cuda_out, cpu_out)
 
 
+def overflowing(n: int, huge: float = 3e38) -> torch.Tensor:
+    """float32 (n, 5), n >= 3: finite columns whose sums overflow float32, then one holding +Inf."""
+    G = torch.zeros(n, 5)
+    G[:2, 0] = huge                                  # two huge rows: mean 2 huge / n
+    G[:, 1] = huge                                   # every row huge
+    G[: n // 2, 2], G[n // 2:, 2] = huge, -huge      # cancelling halves
+    G[:, 3] = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    G[:, 4] = G[:, 0]
+    G[2, 4] = float("inf")                           # not finite: the overflowed mean is kept
+    return G
+
+
+@pytest.mark.parametrize("n", [18, 100, 130, 2100])
+def test_order_statistics_of_overflowing_finite_values_bitwise(n):
+    # Register kernels (and their redo kernel), the pruned network, selection: every path redoes an
+    # overflowed kept sum of finite values with core's kept_mean_rescaled.
+    G = overflowing(n)
+    for fn, kwargs in ((ops.order_mean, dict(lo=0, hi=n)), (ops.order_mean, dict(lo=0, hi=n - 1)),
+                       (ops.median, {}), (ops.trimmed_mean, dict(trim=1))):
+        cuda_out, cpu_out = both(fn, G, **kwargs)
+        assert_bitwise(cuda_out, cpu_out)
+        assert torch.isfinite(cuda_out[:4]).all()
+
+
+def test_rlr_of_overflowing_finite_rows_bitwise():
+    G = overflowing(18)
+    weights = torch.linspace(1.0, 100.0, 18)
+    assert_bitwise(*both(ops.rlr, G, theta=0))
+    cuda_out = ops.rlr(G.cuda(), theta=18, weights=weights.cuda(), server_lr=0.5, backend="cuda",
+                       nonfinite="propagate")
+    cpu_out = ops.rlr(G, theta=18, weights=weights, server_lr=0.5, backend="cpu", nonfinite="propagate")
+    assert_bitwise(cuda_out, cpu_out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_topk_ef_step_saturating_state_bitwise(dtype):
+    # Momentum and error saturate at the largest finite value of the storage dtype on both.
+    limit = torch.finfo(dtype).max
+    big = 6e4 if dtype == torch.float16 else limit * 0.75
+    u = torch.full((50_021,), big, dtype=dtype)
+    u[::3] = -big
+    state = {"cuda": (torch.zeros_like(u).cuda(), torch.zeros_like(u).cuda()),
+             "cpu": (torch.zeros_like(u), torch.zeros_like(u))}
+    for k in (0, 0, 5):
+        i_c, v_c = ops.topk_ef_step(u.cuda(), *state["cuda"], k=k, rho=0.9, backend="cuda")
+        i_p, v_p = ops.topk_ef_step(u, *state["cpu"], k=k, rho=0.9, backend="cpu")
+        assert torch.equal(i_c.cpu(), i_p)
+        assert_bitwise(v_c, v_p)
+        assert_bitwise(state["cuda"][0], state["cpu"][0])
+        assert_bitwise(state["cuda"][1], state["cpu"][1])
+    assert torch.isfinite(state["cuda"][0]).all() and torch.equal(v_c.abs().cpu(), torch.full((5,), limit, dtype=dtype))
+
+
+def huge_and_tiny_float64_rows(d: int = 5000) -> torch.Tensor:
+    g = torch.Generator().manual_seed(21)
+    base = torch.randn(4, d, generator=g, dtype=torch.float64)
+    return torch.stack([base[0] * 1e200, base[1] * 1e-200, torch.full((d,), 5e-324, dtype=torch.float64),
+                        torch.zeros(d, dtype=torch.float64), base[2], base[3] * 1e-140])
+
+
+def close_float64(cuda_out, cpu_out):
+    """Relative float64 agreement (atol 0: the statistics of tiny rows are far below any atol)."""
+    assert cuda_out.dtype == cpu_out.dtype == torch.float64
+    torch.testing.assert_close(cuda_out.cpu(), cpu_out, rtol=1e-12, atol=0.0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_client_stats_float64_statistics(dtype):
+    G = awkward(9, 5000, 13).clamp(-6e4, 6e4).to(dtype)
+    ref = torch.randn(5000, generator=torch.Generator().manual_seed(14)).to(dtype)
+    cuda_stats = ops.client_stats(G.cuda(), (100, 3000), ref.cuda(), backend="cuda", nonfinite="propagate")
+    cpu_stats = ops.client_stats(G, (100, 3000), ref, backend="cpu", nonfinite="propagate")
+    for name in ("norm", "sign_frac", "dot", "ref_norm", "ref_dist"):
+        close_float64(getattr(cuda_stats, name), getattr(cpu_stats, name))
+
+
+def test_client_stats_and_clip_rows_of_huge_and_tiny_float64_rows():
+    # Scaled sums (SPEC §3): every norm, distance and dot product that fits float64 is returned.
+    G = huge_and_tiny_float64_rows()
+    ref = torch.randn(5000, generator=torch.Generator().manual_seed(22), dtype=torch.float64) * 1e-200
+    cuda_stats = ops.client_stats(G.cuda(), ref=ref.cuda(), backend="cuda")
+    cpu_stats = ops.client_stats(G, ref=ref, backend="cpu")
+    for name in ("norm", "dot", "ref_norm", "ref_dist"):
+        close_float64(getattr(cuda_stats, name), getattr(cpu_stats, name))
+    assert torch.isfinite(cuda_stats.norm).all() and bool(cuda_stats.finite.all())
+    max_norm = torch.tensor([1.0, 1e-250, 1e-320, 0.0, 2.0, 1e300], dtype=torch.float64)
+    close_float64(ops.clip_rows(G.cuda(), max_norm.cuda(), backend="cuda"), ops.clip_rows(G, max_norm, backend="cpu"))
+
+
+def test_pairwise_float64_outputs_and_unsafe_rows():
+    # [n, n] float64 for every dtype; float64 rows whose Gram diagonal overflows or underflows take the
+    # direct pass with scaled products on both backends.
+    G = awkward(20, 1000, 15).clamp(-6e4, 6e4)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        X = G.to(dtype)
+        for fn in (ops.pairwise_sqdist, ops.pairwise_cosine):
+            cuda_out, cpu_out = both(fn, X)
+            assert cuda_out.dtype == torch.float64
+            torch.testing.assert_close(cuda_out.cpu(), cpu_out, rtol=1e-9, atol=1e-9)
+    H = huge_and_tiny_float64_rows()
+    cos_cuda, cos_cpu = both(ops.pairwise_cosine, H)
+    torch.testing.assert_close(cos_cuda.cpu(), cos_cpu, rtol=1e-12, atol=1e-12)
+    sq_cuda, sq_cpu = both(ops.pairwise_sqdist, H)
+    close_float64(sq_cuda, sq_cpu)
+    assert torch.isfinite(cos_cuda).all()
+
+
 @pytest.mark.parametrize("restore", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_maxpool_amplify_identical(dtype, restore):
@@ -209,5 +318,5 @@ def test_cuda_results_are_deterministic():
         first = fn(G, backend="cuda", nonfinite="propagate")
         assert_bitwise(fn(G, backend="cuda", nonfinite="propagate"), first)
     stats = [ops.client_stats(G, ref=G[0], backend="cuda", nonfinite="propagate") for _ in range(2)]
-    assert_bitwise(stats[0].norm, stats[1].norm)
-    assert_bitwise(stats[0].dot, stats[1].dot)
+    for name in ("norm", "sign_frac", "dot", "ref_norm", "ref_dist"):
+        assert_bitwise(getattr(stats[0], name), getattr(stats[1], name))

@@ -89,9 +89,10 @@ std::tuple<at::Tensor, at::Tensor> rlr(const at::Tensor& G_in, const std::option
   const int64_t n = G.size(0), d = G.size(1);
   check_rows_fit_int(n, "rlr");
   checks::check_count(theta, 0, n, "rlr", "theta");
+  checks::check_real(server_lr, -checks::arithmetic_max(G), checks::arithmetic_max(G), "rlr", "server_lr");
   const c10::cuda::CUDAGuard guard(G.device());
   at::Tensor weights;
-  if (weights_in.has_value()) weights = row_vector_arg(*weights_in, G, "rlr", "weights");
+  if (weights_in.has_value()) weights = checks::weights_arg(*weights_in, G, "rlr");
   at::Tensor out = at::empty({d}, G.options()), bad = row_flags(G);
   RA_CUDA_DISPATCH(G.scalar_type(), "rlr", [&] {
     using A = acc_t<scalar_t>;
@@ -141,9 +142,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> invariant(const at::Tensor& G_in,
   return {out, mask, bad};
 }
 
-// ---- §4.5 client statistics
+// ---- §4.5 client statistics: float64 statistics for every input dtype, as on the CPU
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> client_stats(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> client_stats(
     const at::Tensor& G_in, int64_t window_start, int64_t window_length, const std::optional<at::Tensor>& ref_in) {
   const at::Tensor G = matrix_arg(G_in, "client_stats");
   const int64_t n = G.size(0), d = G.size(1);
@@ -153,21 +154,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> client_st
   at::Tensor ref;
   if (ref_in.has_value()) ref = checks::reference_arg(*ref_in, G);
   const bool with_ref = ref.defined();
-  const auto acc = G.options().dtype(arithmetic_dtype(G));
-  at::Tensor norm = at::empty({n}, acc), frac = at::empty({n, 3}, acc);
-  at::Tensor dot = at::empty({with_ref ? n : 0}, acc), ref_norm = at::empty({with_ref ? 1 : 0}, acc);
+  const auto f64 = G.options().dtype(at::kDouble);
+  at::Tensor norm = at::empty({n}, f64), frac = at::empty({n, 3}, f64);
+  at::Tensor dot = at::empty({with_ref ? n : 0}, f64), ref_norm = at::empty({with_ref ? 1 : 0}, f64);
+  at::Tensor ref_dist = at::empty({with_ref ? n : 0}, f64);
   at::Tensor bad = row_flags(G);
   const at::Tensor ws = workspace(cuda::client_stats_workspace_bytes(n, d), G);
   RA_CUDA_DISPATCH(G.scalar_type(), "client_stats", [&] {
-    using A = acc_t<scalar_t>;
     check_launch(cuda::client_stats(ptr<scalar_t>(G), n, d, window_start, window_length,
-                                    with_ref ? ptr<scalar_t>(ref) : nullptr, norm.data_ptr<A>(), frac.data_ptr<A>(),
-                                    with_ref ? dot.data_ptr<A>() : nullptr,
-                                    with_ref ? ref_norm.data_ptr<A>() : nullptr, bad.data_ptr<bool>(), ws.data_ptr(),
-                                    current_stream()),
+                                    with_ref ? ptr<scalar_t>(ref) : nullptr, norm.data_ptr<double>(),
+                                    frac.data_ptr<double>(), with_ref ? dot.data_ptr<double>() : nullptr,
+                                    with_ref ? ref_norm.data_ptr<double>() : nullptr,
+                                    with_ref ? ref_dist.data_ptr<double>() : nullptr, bad.data_ptr<bool>(),
+                                    ws.data_ptr(), current_stream()),
                  "client_stats");
   });
-  return {norm, frac, dot, ref_norm, bad};
+  return {norm, frac, dot, ref_norm, ref_dist, bad};
 }
 
 std::tuple<at::Tensor, at::Tensor> clip_rows(const at::Tensor& G_in, const at::Tensor& max_norm_in) {
@@ -176,6 +178,7 @@ std::tuple<at::Tensor, at::Tensor> clip_rows(const at::Tensor& G_in, const at::T
   check_rows_fit_int(n, "clip_rows");
   const c10::cuda::CUDAGuard guard(G.device());
   const at::Tensor max_norm = row_vector_arg(max_norm_in, G, "clip_rows", "max_norm");
+  checks::check_nonnegative(max_norm, "clip_rows", "max_norm");
   at::Tensor out = at::empty_like(G), bad = row_flags(G);
   const at::Tensor ws = workspace(cuda::client_stats_workspace_bytes(n, d), G);
   RA_CUDA_DISPATCH(G.scalar_type(), "clip_rows", [&] {
@@ -194,6 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_ef_step(const at::Tensor& u_
   const at::Tensor u = vector_arg(u_in, "topk_ef_step", "u");
   const int64_t d = u.size(0);
   checks::check_k(k, "topk_ef_step");
+  checks::check_real(rho, 0.0, checks::arithmetic_max(u), "topk_ef_step", "rho");
   checks::check_topk_state(u, error, momentum);
   const c10::cuda::CUDAGuard guard(u.device());
   const int64_t kk = std::min(k, d);
@@ -249,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> maxpool_amplify(const at::Tensor& G_in, const
   return {out, bad};
 }
 
-// ---- §4.8 pairwise geometry
+// ---- §4.8 pairwise geometry: float64 [n, n] for every input dtype, as on the CPU
 
 template <bool kCosine>
 std::tuple<at::Tensor, at::Tensor> pairwise(const at::Tensor& G_in) {
@@ -258,16 +262,14 @@ std::tuple<at::Tensor, at::Tensor> pairwise(const at::Tensor& G_in) {
   const int64_t n = G.size(0), d = G.size(1);
   TORCH_CHECK(n <= (int64_t(1) << 20), op, ": n=", n, " rows is too many for an [n, n] result; allowed <= 2^20");
   const c10::cuda::CUDAGuard guard(G.device());
-  at::Tensor out = at::empty({n, n}, G.options().dtype(arithmetic_dtype(G))), bad = row_flags(G);
+  at::Tensor out = at::empty({n, n}, G.options().dtype(at::kDouble)), bad = row_flags(G);
   const at::Tensor ws = workspace(cuda::pairwise_workspace_bytes(n, d), G);
   RA_CUDA_DISPATCH(G.scalar_type(), "pairwise", [&] {
-    using A = acc_t<scalar_t>;
     const auto stream = current_stream();
+    double* result = out.data_ptr<double>();
     const cudaError_t err =
-        kCosine ? cuda::pairwise_cosine(ptr<scalar_t>(G), n, d, out.data_ptr<A>(), bad.data_ptr<bool>(), ws.data_ptr(),
-                                        stream)
-                : cuda::pairwise_sqdist(ptr<scalar_t>(G), n, d, out.data_ptr<A>(), bad.data_ptr<bool>(), ws.data_ptr(),
-                                        stream);
+        kCosine ? cuda::pairwise_cosine(ptr<scalar_t>(G), n, d, result, bad.data_ptr<bool>(), ws.data_ptr(), stream)
+                : cuda::pairwise_sqdist(ptr<scalar_t>(G), n, d, result, bad.data_ptr<bool>(), ws.data_ptr(), stream);
     check_launch(err, op);
   });
   return {out, bad};

@@ -37,6 +37,14 @@ template <> __device__ __forceinline__ double from_acc<double>(double x) { retur
 // Read-only load through the non-coherent cache; G is never written while a kernel reads it.
 template <typename T> __device__ __forceinline__ acc_t<T> load_acc(const T* p) { return to_acc(__ldg(p)); }
 
+// The largest finite value of the storage type T, in its arithmetic type (std::numeric_limits<T>::max()
+// on the CPU): where topk_ef_step's state saturates (core's ef_update, SPEC §3).
+template <typename T> __device__ __forceinline__ acc_t<T> storage_max();
+template <> __device__ __forceinline__ float storage_max<__half>() { return 65504.0f; }
+template <> __device__ __forceinline__ float storage_max<__nv_bfloat16>() { return 0x1.fep127f; }  // bits 0x7F7F
+template <> __device__ __forceinline__ float storage_max<float>() { return 0x1.fffffep127f; }     // FLT_MAX
+template <> __device__ __forceinline__ double storage_max<double>() { return 0x1.fffffffffffffp1023; }  // DBL_MAX
+
 template <typename A> __device__ __forceinline__ A positive_infinity();
 template <> __device__ __forceinline__ float positive_infinity<float>() { return __int_as_float(0x7f800000); }
 template <> __device__ __forceinline__ double positive_infinity<double>() {

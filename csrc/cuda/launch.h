@@ -29,14 +29,16 @@ namespace cuda {
 template <typename T>
 cudaError_t sign_sum(const T* G, int64_t n, int64_t d, int32_t* sums, bool* nonfinite, cudaStream_t stream);
 
-// weights: A[n], or nullptr for all-ones.
+// weights: A[n], or nullptr for all-ones. A coordinate whose weighted sum overflowed although its
+// rows were finite gets core's RescuedMean instead.
 template <typename T>
 cudaError_t rlr(const T* G, const acc_t<T>* weights, int64_t n, int64_t d, int theta, acc_t<T> server_lr,
                 T* out, bool* nonfinite, cudaStream_t stream);
 
 // ---- order_stats.cu (SPEC §4.2, §4.3)
 
-// Workspace of order_mean / invariant for this (n, d, element size of A); 0 when none is needed.
+// Workspace of order_mean / invariant for this (n, d, element size of A): for n <= 64 (128 for
+// 16/32-bit data) only the flag that starts the overflow redo.
 size_t order_stats_workspace_bytes(int64_t n, int64_t d, size_t acc_size);
 
 template <typename T>
@@ -52,13 +54,15 @@ cudaError_t invariant(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, 
 
 size_t client_stats_workspace_bytes(int64_t n, int64_t d);
 
-// ref, dot, ref_norm: nullptr when there is no reference vector. sign_frac is A[n, 3].
+// Every statistic is float64 for every T: norm[n], sign_frac[n, 3], dot[n], ref_norm[1] and
+// ref_dist[n] (= ||G_i - ref||). ref, dot, ref_norm, ref_dist: nullptr when there is no reference
+// vector.
 template <typename T>
 cudaError_t client_stats(const T* G, int64_t n, int64_t d, int64_t window_start, int64_t window_length,
-                         const T* ref, acc_t<T>* norm, acc_t<T>* sign_frac, acc_t<T>* dot, acc_t<T>* ref_norm,
-                         bool* nonfinite, void* workspace, cudaStream_t stream);
+                         const T* ref, double* norm, double* sign_frac, double* dot, double* ref_norm,
+                         double* ref_dist, bool* nonfinite, void* workspace, cudaStream_t stream);
 
-// max_norm: A[n].
+// max_norm: A[n], finite and >= 0. The clipped values are formed in float64 and rounded once.
 template <typename T>
 cudaError_t clip_rows(const T* G, int64_t n, int64_t d, const acc_t<T>* max_norm, T* out, bool* nonfinite,
                       void* workspace, cudaStream_t stream);
@@ -70,8 +74,8 @@ size_t topk_workspace_bytes(int64_t d, size_t acc_size);
 // Top-k with error feedback, k_sel = min(k, d) selected. Updates error and momentum in place
 // unless u holds NaN/Inf; then it sets *host_nonfinite, leaves the state untouched and writes no
 // outputs. indices: int64[k_sel] ascending; values: T[k_sel]. rho is rounded to A once; rho == 0
-// (tested on the double, like the CPU kernel) means momentum = u. Synchronizes the stream once, to
-// learn whether u was finite.
+// (tested on the double, like the CPU kernel) means momentum = u. Momentum and error saturate at the
+// largest finite value of T. Synchronizes the stream once, to learn whether u was finite.
 template <typename T>
 cudaError_t topk_ef_step(const T* u, T* error, T* momentum, int64_t d, int64_t k, double rho,
                          int64_t* indices, T* values, bool* nonfinite, bool* host_nonfinite, void* workspace,
@@ -97,13 +101,13 @@ cudaError_t maxpool_amplify(const T* G, int64_t n, int64_t d, const int64_t* seg
 
 size_t pairwise_workspace_bytes(int64_t n, int64_t d);
 
-// out: A[n, n].
+// out: float64[n, n] for every T.
 template <typename T>
-cudaError_t pairwise_sqdist(const T* G, int64_t n, int64_t d, acc_t<T>* out, bool* nonfinite, void* workspace,
+cudaError_t pairwise_sqdist(const T* G, int64_t n, int64_t d, double* out, bool* nonfinite, void* workspace,
                             cudaStream_t stream);
 
 template <typename T>
-cudaError_t pairwise_cosine(const T* G, int64_t n, int64_t d, acc_t<T>* out, bool* nonfinite, void* workspace,
+cudaError_t pairwise_cosine(const T* G, int64_t n, int64_t d, double* out, bool* nonfinite, void* workspace,
                             cudaStream_t stream);
 
 }  // namespace cuda

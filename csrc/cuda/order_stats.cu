@@ -9,7 +9,7 @@
 //   unrolled at compile time, so every wire index is a constant and nothing goes to local memory
 //   (tests/test_cuda_compile.py checks ptxas for spills). A step touching a padding wire only
 //   keeps +Inf on the higher wire, so the first n wires end up exactly as core's batcher_network(n)
-//   leaves them.
+//   leaves them. A kept mean that overflowed is redone by a second, gated kernel (below).
 // * larger n: each thread copies its column into its own slice of shared memory (or, when even 32
 //   slices do not fit, of a global workspace) and runs, like the CPU kernel, core's Batcher network
 //   pruned to the kept positions (n <= 2048, built on the host once per call) or core's
@@ -17,7 +17,10 @@
 //
 // Every path adds the kept values like core's kept_mean (sorted[lo] + ... + sorted[hi-1], then one
 // division by hi - lo) and places equal values (-0 and +0) like the CPU path for the same n, so
-// float32 results equal the CPU backend's bit for bit.
+// float32 results equal the CPU backend's bit for bit. Where that mean is ±Inf although the
+// coordinate's values were all finite (two 3e38 values in float32), every path redoes it like the
+// CPU kernel with core's kept_mean_rescaled (SPEC §3): the slice kernel in place, the selection
+// path inside core's order_mean_select, the register kernels through order_mean_redo_kernel.
 #include <vector>
 
 #include "core/order_stats.h"
@@ -33,6 +36,8 @@ namespace {
 constexpr int kRegisterMaxN = 64;
 constexpr int kRegisterMaxFloatN = 128;  // float wires; 128 doubles would spill
 constexpr int kRegisterThreads = 128;
+constexpr int kRedoThreads = 128;
+constexpr int64_t kRedoMaxBlocks = 1024;
 
 // Coordinate j's result. mask == nullptr: order_mean's kept mean; otherwise the fused invariant's
 // mask bit and the kept mean where the votes pass, 0 elsewhere.
@@ -49,10 +54,12 @@ __device__ __forceinline__ void store_coordinate(T* __restrict__ out, bool* __re
 }
 
 // mask == nullptr: order_mean; otherwise the fused invariant (votes and values from one read).
+// A ±Inf kept mean sets *overflowed (an integer atomic, rare), which starts order_mean_redo_kernel.
 template <typename T, int N>
 __global__ void __launch_bounds__(kRegisterThreads)
     order_mean_registers_kernel(const T* __restrict__ G, int n, int64_t d, int lo, int hi, int min_votes,
-                                T* __restrict__ out, bool* __restrict__ mask, bool* __restrict__ nonfinite) {
+                                T* __restrict__ out, bool* __restrict__ mask, bool* __restrict__ nonfinite,
+                                unsigned int* __restrict__ overflowed) {
   using A = acc_t<T>;
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < d;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -71,7 +78,36 @@ __global__ void __launch_bounds__(kRegisterThreads)
     }
     sort_wires(v);
     const A mean = kept_mean_wires(v, lo, hi);
+    if (is_infinite(mean)) atomicOr(overflowed, 1u);
     store_coordinate(out, mask, j, mean, votes, min_votes);
+  }
+}
+
+// The overflow redo of the register kernels, which cannot do it themselves: keeping all N wires
+// live past the mean for it costs them registers and spills (ptxas). Rare, so it does nothing
+// unless *overflowed is set; then every output that is ±Inf (a superset of the overflowed means:
+// a 16-bit output may round to Inf from a finite mean) whose column is finite is recomputed from
+// a copy of the column with core's order_mean_select, whose kept_mean_finite redoes it with
+// kept_mean_rescaled. Selection keeps the network's kept values (core/order_stats.h) up to the
+// places of -0 and +0, which cannot change a mean of huge values, so the bits are the CPU's.
+// A column with NaN/Inf keeps its value, as on the CPU. Invariant coordinates that are ±Inf
+// passed their vote, so only `out` changes.
+template <typename T>
+__global__ void __launch_bounds__(kRedoThreads)
+    order_mean_redo_kernel(const T* __restrict__ G, int n, int64_t d, int lo, int hi,
+                           const unsigned int* __restrict__ overflowed, T* __restrict__ out) {
+  using A = acc_t<T>;
+  if (*overflowed == 0) return;
+  A column[sizeof(A) == sizeof(float) ? kRegisterMaxFloatN : kRegisterMaxN];
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < d;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (!is_infinite(to_acc(out[j]))) continue;
+    bool finite = true;
+    for (int i = 0; i < n; ++i) {
+      column[i] = load_acc(G + i * d + j);
+      finite = finite && !is_nonfinite(column[i]);
+    }
+    if (finite) out[j] = from_acc<T>(order_mean_select(column, n, lo, hi));
   }
 }
 
@@ -138,9 +174,12 @@ __global__ void __launch_bounds__(kSliceMaxThreads)
                             : reinterpret_cast<A*>(shared_raw) + static_cast<int64_t>(threadIdx.x) * stride;
   for (int64_t j = thread; j < d; j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     int votes = 0;
+    bool finite = true;
     for (int64_t i = 0; i < n; ++i) {
       const A x = load_acc(G + i * d + j);
-      if (is_nonfinite(x)) flag_row(nonfinite, i);
+      const bool bad = is_nonfinite(x);
+      if (bad) flag_row(nonfinite, i);
+      finite = finite && !bad;
       votes += sign_vote(x);
       v[i] = x;
     }
@@ -148,6 +187,7 @@ __global__ void __launch_bounds__(kSliceMaxThreads)
     if (net != nullptr) {
       run_network(v, net, steps);
       mean = kept_mean<A>(v, lo, hi);
+      if (finite && is_infinite(mean)) mean = kept_mean_rescaled(v, lo, hi);
     } else {
       mean = order_mean_select(v, n, lo, hi);
     }
@@ -193,11 +233,19 @@ cudaError_t launch_slices(const T* G, int64_t n, int64_t d, int64_t lo, int64_t 
   return cudaGetLastError();
 }
 
+// workspace: the overflow flag of the register kernels.
 template <typename T, int N>
 cudaError_t launch_registers(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, int min_votes, T* out,
-                             bool* mask, bool* nonfinite, cudaStream_t stream) {
+                             bool* mask, bool* nonfinite, void* workspace, cudaStream_t stream) {
+  if (workspace == nullptr) return cudaErrorInvalidValue;
+  unsigned int* overflowed = static_cast<unsigned int*>(workspace);
+  RA_CUDA_TRY(cudaMemsetAsync(overflowed, 0, sizeof(unsigned int), stream));
   order_mean_registers_kernel<T, N><<<grid_for(d, kRegisterThreads), kRegisterThreads, 0, stream>>>(
-      G, static_cast<int>(n), d, static_cast<int>(lo), static_cast<int>(hi), min_votes, out, mask, nonfinite);
+      G, static_cast<int>(n), d, static_cast<int>(lo), static_cast<int>(hi), min_votes, out, mask, nonfinite,
+      overflowed);
+  RA_CUDA_TRY(cudaGetLastError());
+  order_mean_redo_kernel<T><<<grid_for(d, kRedoThreads, kRedoMaxBlocks), kRedoThreads, 0, stream>>>(
+      G, static_cast<int>(n), d, static_cast<int>(lo), static_cast<int>(hi), overflowed, out);
   return cudaGetLastError();
 }
 
@@ -206,16 +254,19 @@ cudaError_t order_statistic(const T* G, int64_t n, int64_t d, int64_t lo, int64_
                             bool* mask, bool* nonfinite, void* workspace, cudaStream_t stream) {
   if (n < 1 || d < 1 || lo < 0 || hi <= lo || hi > n) return cudaErrorInvalidValue;
   RA_CUDA_TRY(cudaMemsetAsync(nonfinite, 0, n * sizeof(bool), stream));
-  if (n <= 1) return launch_registers<T, 1>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, stream);
-  if (n <= 2) return launch_registers<T, 2>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, stream);
-  if (n <= 4) return launch_registers<T, 4>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, stream);
-  if (n <= 8) return launch_registers<T, 8>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, stream);
-  if (n <= 16) return launch_registers<T, 16>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, stream);
-  if (n <= 32) return launch_registers<T, 32>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, stream);
-  if (n <= kRegisterMaxN) return launch_registers<T, 64>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, stream);
+  if (n <= 1) return launch_registers<T, 1>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
+  if (n <= 2) return launch_registers<T, 2>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
+  if (n <= 4) return launch_registers<T, 4>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
+  if (n <= 8) return launch_registers<T, 8>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
+  if (n <= 16) return launch_registers<T, 16>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
+  if (n <= 32) return launch_registers<T, 32>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
+  if (n <= kRegisterMaxN) {
+    return launch_registers<T, 64>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
+  }
   if constexpr (sizeof(acc_t<T>) == sizeof(float)) {
     if (n <= kRegisterMaxFloatN) {
-      return launch_registers<T, kRegisterMaxFloatN>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, stream);
+      return launch_registers<T, kRegisterMaxFloatN>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace,
+                                                     stream);
     }
   }
   return launch_slices(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
@@ -224,8 +275,8 @@ cudaError_t order_statistic(const T* G, int64_t n, int64_t d, int64_t lo, int64_
 }  // namespace
 
 size_t order_stats_workspace_bytes(int64_t n, int64_t d, size_t acc_size) {
-  if (n <= kRegisterMaxN || (acc_size == sizeof(float) && n <= kRegisterMaxFloatN) || d < 1) return 0;
-  return slice_plan(n, d, acc_size).workspace_bytes;
+  if (n <= kRegisterMaxN || (acc_size == sizeof(float) && n <= kRegisterMaxFloatN)) return sizeof(unsigned int);
+  return d < 1 ? 0 : slice_plan(n, d, acc_size).workspace_bytes;
 }
 
 template <typename T>

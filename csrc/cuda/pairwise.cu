@@ -7,10 +7,16 @@
 //    same columns, so bitwise identical rows give K_ii == K_jj == K_ij exactly.
 // 2. gram_reduce: the chunks of each entry added in chunk order (no float atomics); entry (i, j)
 //    and (j, i) read the same partials in the same order, so K is exactly symmetric.
-// 3. Pairs whose Gram distance cancels (core's needs_direct) are listed, and one block per listed
-//    pair adds the direct squared differences in a fixed tree order.
-// 4. finish: distances and cosines from K and the direct sums, symmetric by construction.
+// 3. The pairs K cannot give are listed: those whose Gram distance cancels (core's needs_direct)
+//    and, for float64 input, every pair with an unsafe row (core's gram_row_unsafe: K_ii overflowed
+//    or is below 2^-900), the row's own pair included. One block per listed pair adds, in a fixed
+//    tree order, the squared differences, the products of the two rows scaled by their row_scale
+//    and the count of differing entries (SPEC §3, §4.8), like the CPU kernel's direct pass.
+// 4. finish: distances and cosines from K and the direct sums, symmetric by construction, float64
+//    for every input dtype (a squared distance between finite float32 rows need not fit float32).
 // Non-finite rows are flagged while the tiles are loaded.
+#include <type_traits>
+
 #include "core/pairwise.h"
 #include "core/sign_votes.h"
 #include "cuda/common.cuh"
@@ -52,11 +58,22 @@ Plan plan_for(int64_t n, int64_t d) {
   return p;
 }
 
+// The direct sums of one listed pair of rows a, b (the CPU kernel's DirectSums). Equal rows are
+// those with differ == 0: the distance of two different tiny rows can underflow to 0.
+struct PairSums {
+  double sqdist;   // sum_c (a_c - b_c)^2
+  double dot;      // sum_c (a_c p_a)(b_c p_b), p the rows' row_scale
+  int64_t differ;  // entries with a_c != b_c
+};
+
+// The number of pairs (i, j) with i <= j: the most that can be listed.
+int64_t pair_capacity(int64_t n) { return n * (n + 1) / 2; }
+
 struct Workspace {
-  double* partial;  // [chunks][tile_pairs][kTile * kTile]
-  double* gram;     // [n][n]
-  double* direct;   // [n][n], entries (i < j) of listed pairs
-  int64_t* pairs;   // [n (n - 1) / 2] listed pairs i * n + j
+  double* partial;   // [chunks][tile_pairs][kTile * kTile]
+  double* gram;      // [n][n]
+  PairSums* direct;  // [n][n], entries (i <= j) of listed pairs
+  int64_t* pairs;    // [pair_capacity(n)] listed pairs i * n + j
   unsigned long long* listed;
 };
 
@@ -64,9 +81,9 @@ Workspace carve(void* base, const Plan& p, int64_t n) {
   Workspace w;
   w.partial = static_cast<double*>(base);
   w.gram = w.partial + p.chunks * p.tile_pairs * kEntries;
-  w.direct = w.gram + n * n;
+  w.direct = reinterpret_cast<PairSums*>(w.gram + n * n);
   w.pairs = reinterpret_cast<int64_t*>(w.direct + n * n);
-  w.listed = reinterpret_cast<unsigned long long*>(w.pairs + n * (n - 1) / 2 + 1);
+  w.listed = reinterpret_cast<unsigned long long*>(w.pairs + pair_capacity(n));
   return w;
 }
 
@@ -153,71 +170,122 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__device__ __forceinline__ bool pair_needs_direct(const double* gram, int64_t n, int64_t i, int64_t j) {
+// Unsafe rows (core/pairwise.h) occur for float64 input only: 16/32-bit squares cannot leave the
+// float64 range.
+template <typename T>
+__device__ __forceinline__ bool row_unsafe(const double* gram, int64_t n, int64_t i) {
+  return std::is_same<T, double>::value && gram_row_unsafe(gram[i * n + i]);
+}
+
+template <typename T>
+__device__ __forceinline__ double scale_of_row(const double* gram, int64_t n, int64_t i) {
+  return std::is_same<T, double>::value ? row_scale(gram[i * n + i]) : 1.0;
+}
+
+// True when pair (i, j), i <= j, comes from the direct pass: a pair with an unsafe row (its own
+// pair included, for its scaled self product), or one whose Gram distance cancels.
+template <typename T>
+__device__ __forceinline__ bool pair_listed(const double* gram, int64_t n, int64_t i, int64_t j) {
+  const bool unsafe = row_unsafe<T>(gram, n, i) || row_unsafe<T>(gram, n, j);
+  if (i == j || unsafe) return unsafe;
   const double kii = gram[i * n + i], kjj = gram[j * n + j];
   return needs_direct(kii, kjj, sqdist_from_gram(kii, kjj, gram[i * n + j]));
 }
 
-// Lists the pairs i < j whose distance must come from direct differences. The list order is not
-// fixed, but each listed pair's sum is computed on its own in a fixed order.
+// Lists the pairs i <= j that come from the direct pass. The list order is not fixed, but each
+// listed pair's sums are computed on their own in a fixed order.
+template <typename T>
 __global__ void __launch_bounds__(kThreads)
     list_direct_pairs_kernel(const double* __restrict__ gram, int64_t n, int64_t* __restrict__ pairs,
                              unsigned long long* __restrict__ listed) {
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n * n;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = e / n, j = e % n;
-    if (i < j && pair_needs_direct(gram, n, i, j)) pairs[atomicAdd(listed, 1ull)] = e;
+    if (i <= j && pair_listed<T>(gram, n, i, j)) pairs[atomicAdd(listed, 1ull)] = e;
+  }
+}
+
+__device__ __forceinline__ void warp_sum(PairSums& s) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    s.sqdist += __shfl_down_sync(0xffffffffu, s.sqdist, offset);
+    s.dot += __shfl_down_sync(0xffffffffu, s.dot, offset);
+    s.differ += __shfl_down_sync(0xffffffffu, s.differ, offset);
   }
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kDirectThreads)
-    direct_sqdist_kernel(const T* __restrict__ G, int64_t n, int64_t d, const int64_t* __restrict__ pairs,
-                         const unsigned long long* __restrict__ listed, double* __restrict__ direct) {
-  __shared__ double warp_sums[kDirectThreads / 32];
+    direct_pairs_kernel(const T* __restrict__ G, int64_t n, int64_t d, const double* __restrict__ gram,
+                        const int64_t* __restrict__ pairs, const unsigned long long* __restrict__ listed,
+                        PairSums* __restrict__ direct) {
+  __shared__ PairSums warp_sums[kDirectThreads / 32];
   const int64_t count = static_cast<int64_t>(*listed);
   for (int64_t p = blockIdx.x; p < count; p += gridDim.x) {
     const int64_t e = pairs[p], i = e / n, j = e % n;
     const T* gi = G + i * d;
     const T* gj = G + j * d;
-    double sum = 0.0;
+    const double pi = scale_of_row<T>(gram, n, i), pj = scale_of_row<T>(gram, n, j);
+    PairSums s{0.0, 0.0, 0};
     for (int64_t c = threadIdx.x; c < d; c += kDirectThreads) {
-      sum += sqdiff(static_cast<double>(load_acc(gi + c)), static_cast<double>(load_acc(gj + c)));
+      const double x = static_cast<double>(load_acc(gi + c)), y = static_cast<double>(load_acc(gj + c));
+      s.sqdist += sqdiff(x, y);
+      s.dot += (x * pi) * (y * pj);
+      s.differ += x != y;
     }
-    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, offset);
-    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
+    warp_sum(s);
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = s;
     __syncthreads();
     if (threadIdx.x == 0) {
-      double total = 0.0;
-      for (int w = 0; w < kDirectThreads / 32; ++w) total += warp_sums[w];
+      PairSums total{0.0, 0.0, 0};
+      for (int w = 0; w < kDirectThreads / 32; ++w) {
+        total.sqdist += warp_sums[w].sqdist;
+        total.dot += warp_sums[w].dot;
+        total.differ += warp_sums[w].differ;
+      }
       direct[e] = total;
     }
     __syncthreads();
   }
 }
 
-template <typename A, bool kCosine>
+// Row i's (scaled) self product: K_ii, or for an unsafe row the direct pass's sum of (x_i p_i)^2.
+template <typename T>
+__device__ __forceinline__ double self_product(const double* gram, const PairSums* direct, int64_t n, int64_t i) {
+  return row_unsafe<T>(gram, n, i) ? direct[i * n + i].dot : gram[i * n + i];
+}
+
+// Entry (lo, hi), lo <= hi, as the CPU kernel's pairwise() finishes it.
+template <typename T, bool kCosine>
+__device__ __forceinline__ double pair_value(const double* gram, const PairSums* direct, int64_t n, int64_t lo,
+                                             int64_t hi) {
+  if (lo == hi) {
+    const double self = self_product<T>(gram, direct, n, lo);
+    return kCosine ? cosine_from_gram(self, self, self, true) : 0.0;
+  }
+  const double kii = gram[lo * n + lo], kjj = gram[hi * n + hi], kij = gram[lo * n + hi];
+  if (!pair_listed<T>(gram, n, lo, hi)) {
+    return kCosine ? cosine_from_gram(kii, kjj, kij, false) : sqdist_from_gram(kii, kjj, kij);
+  }
+  const PairSums& s = direct[lo * n + hi];
+  if (!kCosine) return s.sqdist;
+  const bool scaled = row_unsafe<T>(gram, n, lo) || row_unsafe<T>(gram, n, hi);
+  return cosine_from_gram(self_product<T>(gram, direct, n, lo), self_product<T>(gram, direct, n, hi),
+                          scaled ? s.dot : kij, s.differ == 0);
+}
+
+template <typename T, bool kCosine>
 __global__ void __launch_bounds__(kThreads)
-    pairwise_finish_kernel(const double* __restrict__ gram, const double* __restrict__ direct, int64_t n,
-                           A* __restrict__ out) {
+    pairwise_finish_kernel(const double* __restrict__ gram, const PairSums* __restrict__ direct, int64_t n,
+                           double* __restrict__ out) {
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n * n;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = e / n, j = e % n;
-    const int64_t lo = i < j ? i : j, hi = i < j ? j : i;
-    const double kii = gram[lo * n + lo], kjj = gram[hi * n + hi], kij = gram[lo * n + hi];
-    double d2 = sqdist_from_gram(kii, kjj, kij);
-    bool equal_rows = i == j;
-    if (i != j && needs_direct(kii, kjj, d2)) {
-      d2 = direct[lo * n + hi];
-      equal_rows = d2 == 0.0;
-    }
-    if (i == j) d2 = 0.0;
-    out[e] = static_cast<A>(kCosine ? cosine_from_gram(kii, kjj, kij, equal_rows) : d2);
+    out[e] = pair_value<T, kCosine>(gram, direct, n, i < j ? i : j, i < j ? j : i);
   }
 }
 
 template <typename T, bool kCosine>
-cudaError_t pairwise(const T* G, int64_t n, int64_t d, acc_t<T>* out, bool* nonfinite, void* workspace,
+cudaError_t pairwise(const T* G, int64_t n, int64_t d, double* out, bool* nonfinite, void* workspace,
                      cudaStream_t stream) {
   if (n < 1 || d < 1 || workspace == nullptr) return cudaErrorInvalidValue;
   const Plan plan = plan_for(n, d);
@@ -230,15 +298,13 @@ cudaError_t pairwise(const T* G, int64_t n, int64_t d, acc_t<T>* out, bool* nonf
   const unsigned int grid = grid_for(n * n, kThreads);
   gram_reduce_kernel<<<grid, kThreads, 0, stream>>>(w.partial, n, plan.tiles, plan.tile_pairs, plan.chunks, w.gram);
   RA_CUDA_TRY(cudaGetLastError());
-  if (n > 1) {
-    list_direct_pairs_kernel<<<grid, kThreads, 0, stream>>>(w.gram, n, w.pairs, w.listed);
-    RA_CUDA_TRY(cudaGetLastError());
-    const int64_t max_pairs = n * (n - 1) / 2;
-    direct_sqdist_kernel<T><<<static_cast<unsigned int>(max_pairs < kDirectBlocks ? max_pairs : kDirectBlocks),
-                              kDirectThreads, 0, stream>>>(G, n, d, w.pairs, w.listed, w.direct);
-    RA_CUDA_TRY(cudaGetLastError());
-  }
-  pairwise_finish_kernel<acc_t<T>, kCosine><<<grid, kThreads, 0, stream>>>(w.gram, w.direct, n, out);
+  list_direct_pairs_kernel<T><<<grid, kThreads, 0, stream>>>(w.gram, n, w.pairs, w.listed);
+  RA_CUDA_TRY(cudaGetLastError());
+  const int64_t max_pairs = pair_capacity(n);
+  direct_pairs_kernel<T><<<static_cast<unsigned int>(max_pairs < kDirectBlocks ? max_pairs : kDirectBlocks),
+                           kDirectThreads, 0, stream>>>(G, n, d, w.gram, w.pairs, w.listed, w.direct);
+  RA_CUDA_TRY(cudaGetLastError());
+  pairwise_finish_kernel<T, kCosine><<<grid, kThreads, 0, stream>>>(w.gram, w.direct, n, out);
   return cudaGetLastError();
 }
 
@@ -247,25 +313,26 @@ cudaError_t pairwise(const T* G, int64_t n, int64_t d, acc_t<T>* out, bool* nonf
 size_t pairwise_workspace_bytes(int64_t n, int64_t d) {
   if (n < 1 || d < 1) return 0;
   const Plan p = plan_for(n, d);
-  return static_cast<size_t>(p.chunks * p.tile_pairs * kEntries + 2 * n * n) * sizeof(double) +
-         static_cast<size_t>(n * (n - 1) / 2 + 1) * sizeof(int64_t) + sizeof(unsigned long long);
+  return static_cast<size_t>(p.chunks * p.tile_pairs * kEntries + n * n) * sizeof(double) +
+         static_cast<size_t>(n * n) * sizeof(PairSums) + static_cast<size_t>(pair_capacity(n)) * sizeof(int64_t) +
+         sizeof(unsigned long long);
 }
 
 template <typename T>
-cudaError_t pairwise_sqdist(const T* G, int64_t n, int64_t d, acc_t<T>* out, bool* nonfinite, void* workspace,
+cudaError_t pairwise_sqdist(const T* G, int64_t n, int64_t d, double* out, bool* nonfinite, void* workspace,
                             cudaStream_t stream) {
   return pairwise<T, false>(G, n, d, out, nonfinite, workspace, stream);
 }
 
 template <typename T>
-cudaError_t pairwise_cosine(const T* G, int64_t n, int64_t d, acc_t<T>* out, bool* nonfinite, void* workspace,
+cudaError_t pairwise_cosine(const T* G, int64_t n, int64_t d, double* out, bool* nonfinite, void* workspace,
                             cudaStream_t stream) {
   return pairwise<T, true>(G, n, d, out, nonfinite, workspace, stream);
 }
 
 #define RA_INSTANTIATE(T)                                                                                         \
-  template cudaError_t pairwise_sqdist<T>(const T*, int64_t, int64_t, acc_t<T>*, bool*, void*, cudaStream_t);     \
-  template cudaError_t pairwise_cosine<T>(const T*, int64_t, int64_t, acc_t<T>*, bool*, void*, cudaStream_t);
+  template cudaError_t pairwise_sqdist<T>(const T*, int64_t, int64_t, double*, bool*, void*, cudaStream_t);       \
+  template cudaError_t pairwise_cosine<T>(const T*, int64_t, int64_t, double*, bool*, void*, cudaStream_t);
 RA_FOR_EACH_DTYPE(RA_INSTANTIATE, __half, __nv_bfloat16)
 #undef RA_INSTANTIATE
 

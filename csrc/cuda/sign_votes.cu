@@ -1,7 +1,8 @@
 // CUDA kernels of the sign-vote family (SPEC §4.1, §4.4): sign_sum and the fused robust learning
 // rate. One thread per coordinate walks the n rows in order, so a warp reads 32 consecutive
 // coordinates of one row (coalesced) and every row's non-finite flag comes out of the same pass.
-// The per-value math is core/sign_votes.h, shared with the CPU kernels.
+// The per-value math is core/sign_votes.h, shared with the CPU kernels. A coordinate whose weighted
+// sum overflowed is redone from its column, like the CPU kernel does.
 #include "core/sign_votes.h"
 #include "cuda/common.cuh"
 #include "cuda/launch.h"
@@ -30,8 +31,27 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// rlr's mean of coordinate j where the weighted sum overflowed (core's RescuedMean, SPEC §3): the
+// column is read again and each row's share w_i / W taken in float64, W the total as the kernel
+// formed it. The overflowed mean stays where the column holds NaN/Inf. Rare: only huge finite
+// values get here, so the second read of the column costs nothing in the common case.
+template <typename T, bool kWeighted>
+__device__ acc_t<T> rescued_rlr_mean(const T* __restrict__ G, const acc_t<T>* __restrict__ weights, int64_t n,
+                                     int64_t d, int64_t j, acc_t<T> weight_total, acc_t<T> overflowed) {
+  using A = acc_t<T>;
+  RescuedMean m{};
+  for (int64_t i = 0; i < n; ++i) {
+    const A x = load_acc(G + i * d + j);
+    if (is_nonfinite(x)) return overflowed;
+    const double w = kWeighted ? static_cast<double>(__ldg(weights + i)) : 1.0;
+    rescued_mean_add(m, i, w / static_cast<double>(weight_total), static_cast<double>(x));
+  }
+  return static_cast<A>(rescued_mean_value(m));
+}
+
 // Robust learning rate (Ozdayi et al. 2021, Eq. 3). Rows are added in ascending order from 0, one
-// rlr_accumulate per row, like the CPU kernel, so float32 results agree bit for bit.
+// rlr_accumulate per row, like the CPU kernel, so float32 results agree bit for bit; the mean is
+// weighted_sum / weight_total as in core's rlr_finish.
 template <typename T, bool kWeighted>
 __global__ void __launch_bounds__(kThreads)
     rlr_kernel(const T* __restrict__ G, const acc_t<T>* __restrict__ weights, int64_t n, int64_t d, int theta,
@@ -59,7 +79,9 @@ __global__ void __launch_bounds__(kThreads)
       votes += sign_vote(x);
       sum = rlr_accumulate(sum, kWeighted ? __ldg(weights + i) : A(1), x);
     }
-    out[j] = from_acc<T>(rlr_finish(votes, theta, sum, weight_total, server_lr));
+    A mean = sum / weight_total;
+    if (is_infinite(sum)) mean = rescued_rlr_mean<T, kWeighted>(G, weights, n, d, j, weight_total, mean);
+    out[j] = from_acc<T>(rlr_apply(votes, theta, mean, server_lr));
   }
 }
 

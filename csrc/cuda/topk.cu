@@ -20,10 +20,10 @@
 // histogram that gives each block's keys > T.
 //
 // topk_ef_step never writes state before the selection is settled: each data pass recomputes the
-// new error and momentum from (u, error, momentum) with core's ef_update, and the compaction pass
-// writes them back with zeros at the selected coordinates. The first pass also checks u for
-// NaN/Inf; the launcher reads that flag back (one stream synchronization) and, when u is not
-// finite, stops with the state untouched.
+// new error and momentum from (u, error, momentum) with core's ef_update (saturating at the largest
+// finite value of the storage dtype, SPEC §3), and the compaction pass writes them back with zeros
+// at the selected coordinates. The first pass also checks u for NaN/Inf; the launcher reads that
+// flag back (one stream synchronization) and, when u is not finite, stops with the state untouched.
 #include "core/topk.h"
 #include "cuda/common.cuh"
 #include "cuda/launch.h"
@@ -63,7 +63,7 @@ __device__ __forceinline__ acc_t<T> element(const Inputs<T>& in, int64_t j, acc_
   // error and momentum are rewritten in place by the compaction pass: plain loads, not __ldg.
   A error = to_acc(in.error[j]);
   momentum = kSource == Source::kErrorFeedback ? to_acc(in.momentum[j]) : A(0);
-  ef_update(x, in.rho, kSource == Source::kErrorFeedback, error, momentum);
+  ef_update(x, in.rho, kSource == Source::kErrorFeedback, storage_max<T>(), error, momentum);
   return error;
 }
 

@@ -176,15 +176,15 @@ int emu_invariant(int dtype, const void* G, int64_t n, int64_t d, int64_t lo, in
 }
 
 int emu_client_stats(int dtype, const void* G, int64_t n, int64_t d, int64_t window_start, int64_t window_length,
-                     const void* ref, void* norm, void* sign_frac, void* dot, void* ref_norm, bool* nonfinite) {
+                     const void* ref, double* norm, double* sign_frac, double* dot, double* ref_norm,
+                     double* ref_dist, bool* nonfinite) {
   const Flags flags{nonfinite, n};
   return guarded([&] {
     return dispatch(dtype, [&](auto tag) {
       using T = decltype(tag);
-      using A = acc_t<T>;
       Workspace ws(cuda::client_stats_workspace_bytes(n, d));
-      return cuda::client_stats(as<T>(G), n, d, window_start, window_length, as<T>(ref), as<A>(norm),
-                                as<A>(sign_frac), as<A>(dot), as<A>(ref_norm), flags.ptr(), ws.ptr, stream());
+      return cuda::client_stats(as<T>(G), n, d, window_start, window_length, as<T>(ref), norm, sign_frac, dot,
+                                ref_norm, ref_dist, flags.ptr(), ws.ptr, stream());
     });
   });
 }
@@ -239,15 +239,14 @@ int emu_maxpool_amplify(int dtype, const void* G, int64_t n, int64_t d, const in
   });
 }
 
-int emu_pairwise(int dtype, const void* G, int64_t n, int64_t d, int cosine, void* out, bool* nonfinite) {
+int emu_pairwise(int dtype, const void* G, int64_t n, int64_t d, int cosine, double* out, bool* nonfinite) {
   const Flags flags{nonfinite, n};
   return guarded([&] {
     return dispatch(dtype, [&](auto tag) {
       using T = decltype(tag);
-      using A = acc_t<T>;
       Workspace ws(cuda::pairwise_workspace_bytes(n, d));
-      return cosine ? cuda::pairwise_cosine(as<T>(G), n, d, as<A>(out), flags.ptr(), ws.ptr, stream())
-                    : cuda::pairwise_sqdist(as<T>(G), n, d, as<A>(out), flags.ptr(), ws.ptr, stream());
+      return cosine ? cuda::pairwise_cosine(as<T>(G), n, d, out, flags.ptr(), ws.ptr, stream())
+                    : cuda::pairwise_sqdist(as<T>(G), n, d, out, flags.ptr(), ws.ptr, stream());
     });
   });
 }

@@ -24,7 +24,7 @@ _SIGNATURES = {
     "emu_order_mean": [_c_int, _c_ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr],
     "emu_invariant": [_c_int, _c_ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_int, _c_ptr, _c_ptr, _c_ptr],
     "emu_client_stats": [_c_int, _c_ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_ptr, _c_ptr,
-                         _c_ptr],
+                         _c_ptr, _c_ptr],
     "emu_clip_rows": [_c_int, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_ptr],
     "emu_topk_ef_step": [_c_int, _c_ptr, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_dbl, _c_ptr, _c_ptr, _c_ptr, _c_ptr],
     "emu_topk_abs": [_c_int, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_ptr],
@@ -139,16 +139,17 @@ class Emulator:
     def client_stats(self, G, window_start, window_length, ref):
         G = G.contiguous()
         n, d = G.shape
-        acc = _acc(G.dtype)
+        f64 = torch.float64  # every statistic, for every input dtype
         ref = None if ref is None else ref.contiguous()
-        norm, frac = garbage(n, acc), garbage((n, 3), acc)
-        dot, ref_norm = garbage(n if ref is not None else 0, acc), garbage(1 if ref is not None else 0, acc)
+        with_ref = ref is not None
+        norm, frac = garbage(n, f64), garbage((n, 3), f64)
+        dot, ref_norm = garbage(n if with_ref else 0, f64), garbage(1 if with_ref else 0, f64)
+        ref_dist = garbage(n if with_ref else 0, f64)
         bad = garbage(n, torch.bool)
         self.call("emu_client_stats", DTYPE_CODES[G.dtype], _p(G), n, d, window_start, window_length, _p(ref),
-                  _p(norm), _p(frac), _p(dot) if ref is not None else None,
-                  _p(ref_norm) if ref is not None else None, _p(bad))
+                  _p(norm), _p(frac), *(_p(t) if with_ref else None for t in (dot, ref_norm, ref_dist)), _p(bad))
         _check_bools(bad)
-        return norm, frac, dot, ref_norm, bad
+        return norm, frac, dot, ref_norm, ref_dist, bad
 
     def clip_rows(self, G, max_norm):
         G = G.contiguous()
@@ -194,7 +195,7 @@ class Emulator:
     def _pairwise(self, G, cosine):
         G = G.contiguous()
         n, d = G.shape
-        out, bad = garbage((n, n), _acc(G.dtype)), garbage(n, torch.bool)
+        out, bad = garbage((n, n), torch.float64), garbage(n, torch.bool)
         self.call("emu_pairwise", DTYPE_CODES[G.dtype], _p(G), n, d, int(cosine), _p(out), _p(bad))
         _check_bools(bad)
         return out, bad

@@ -61,6 +61,57 @@ MUTATIONS = {
     "client_stats: no barrier before the warp totals are merged (TSan)": (
         "cuda/client_stats.cu", "  if (lane == 0) warp_totals[warp] = s;\n  __syncthreads();\n",
         "  if (lane == 0) warp_totals[warp] = s;\n", "thread", "every_schedule and client_stats"),
+    # ---- issue 10: no finite input gives Inf/NaN where the exact result is finite (SPEC §3)
+    "client_stats: float64 rows add only the plain squares": (
+        "cuda/client_stats.cu", "  constexpr bool kScaled = kScaledSums<T>;\n  RowStats s;",
+        "  constexpr bool kScaled = false;\n  RowStats s;", None, "client_stats or clip_rows"),
+    "client_stats: the block reduction drops the scaled-down squares": (
+        "cuda/client_stats.cu", "  s.down = warp_sum(s.down);\n", "", None, "client_stats or clip_rows"),
+    "clip_rows: the factor applied in the arithmetic type, without the row's power of two": (
+        "cuda/client_stats.cu", "from_acc<T>(static_cast<acc_t<T>>(clip_value(f, x)))",
+        "from_acc<T>(static_cast<acc_t<T>>(x) * static_cast<acc_t<T>>(f.factor))", None, "clip_rows"),
+    "order_stats: the register kernels never start the overflow redo": (
+        "cuda/order_stats.cu", "    if (is_infinite(mean)) atomicOr(overflowed, 1u);\n", "", None, "overflow"),
+    "order_stats: the redo kernel also redoes columns holding NaN/Inf": (
+        "cuda/order_stats.cu", "    if (finite) out[j] = from_acc<T>(order_mean_select(column, n, lo, hi));",
+        "    out[j] = from_acc<T>(order_mean_select(column, n, lo, hi));", None, "overflow"),
+    "order_stats: the slice kernel's network path does not redo an overflowed mean": (
+        "cuda/order_stats.cu", "      if (finite && is_infinite(mean)) mean = kept_mean_rescaled(v, lo, hi);\n", "",
+        None, "overflow"),
+    "order_stats: the slice kernel also redoes columns holding NaN/Inf": (
+        "cuda/order_stats.cu", "if (finite && is_infinite(mean)) mean = kept_mean_rescaled(v, lo, hi);",
+        "if (is_infinite(mean)) mean = kept_mean_rescaled(v, lo, hi);", None, "overflow"),
+    "order_stats: the redo kernel's column copy holds 64 values for every dtype (ASan)": (
+        "cuda/order_stats.cu", "  A column[sizeof(A) == sizeof(float) ? kRegisterMaxFloatN : kRegisterMaxN];",
+        "  A column[kRegisterMaxN];", "address", "overflowing_kept_sum and registers-100"),
+    "order_stats: the overflow flag is a plain store (TSan)": (
+        "cuda/order_stats.cu", "    if (is_infinite(mean)) atomicOr(overflowed, 1u);",
+        "    if (is_infinite(mean)) *overflowed = 1u;", "thread", "overflowing_kept_sum and float32-registers-18"),
+    "rlr: no overflow redo": (
+        "cuda/sign_votes.cu",
+        "    if (is_infinite(sum)) mean = rescued_rlr_mean<T, kWeighted>(G, weights, n, d, j, weight_total, mean);\n",
+        "", None, "rlr"),
+    "rlr: the overflow redo gives every row weight 1": (
+        "cuda/sign_votes.cu", "const double w = kWeighted ? static_cast<double>(__ldg(weights + i)) : 1.0;",
+        "const double w = 1.0;", None, "rlr"),
+    "topk: the error-feedback state does not saturate": (
+        "cuda/topk.cu", "storage_max<T>(), error, momentum);", "positive_infinity<acc_t<T>>(), error, momentum);", None,
+        "topk_ef_step"),
+    "topk: float16 state saturates at FLT_MAX": (
+        "cuda/common.cuh", "storage_max<__half>() { return 65504.0f; }",
+        "storage_max<__half>() { return 0x1.fffffep127f; }", None, "topk_ef_step"),
+    "pairwise: unsafe float64 rows are left to the Gram matrix": (
+        "cuda/pairwise.cu", "return std::is_same<T, double>::value && gram_row_unsafe(gram[i * n + i]);",
+        "return false;", None, "pairwise"),
+    "pairwise: an unsafe row's own pair is not listed": (
+        "cuda/pairwise.cu", "  if (i == j || unsafe) return unsafe;",
+        "  if (i == j) return false;\n  if (unsafe) return true;", None, "pairwise"),
+    "pairwise: unsafe pairs take the unscaled Gram product": (
+        "cuda/pairwise.cu", "scaled ? s.dot : kij", "kij", None, "pairwise"),
+    "pairwise: equal rows decided by a zero distance": (
+        "cuda/pairwise.cu", "s.differ == 0);", "s.sqdist == 0.0);", None, "pairwise"),
+    "pairwise: the warp sum drops the count of differing entries": (
+        "cuda/pairwise.cu", "    s.differ += __shfl_down_sync(0xffffffffu, s.differ, offset);\n", "", None, "pairwise"),
 }
 
 _RUNTIMES = {"address": "libasan.so", "thread": "libtsan.so"}
