@@ -70,12 +70,21 @@ inline void check_nonnegative(const at::Tensor& v, const char* op, const char* n
               " max=", v.max().item<double>());
 }
 
-// rlr's weights: finite, >= 0, with a positive total that fits the arithmetic dtype of G.
-inline void check_weights(const at::Tensor& w, const at::Tensor& G, const char* op) {
+// rlr's weights in G's arithmetic dtype: finite, >= 0, with a positive total that fits it.
+// Returned scaled by a power of two to a largest weight in [0.5, 1): that leaves the weighted mean
+// bit for bit as it is (every product and sum scales exactly), and a weight above 1 times a
+// finite value near the dtype's maximum could overflow (+Inf and -Inf terms would add to NaN).
+inline at::Tensor weights_arg(const at::Tensor& weights, const at::Tensor& G, const char* op) {
+  const at::Tensor w = row_vector_arg(weights, G, op, "weights");
   check_nonnegative(w, op, "weights");
   const double total = w.sum(at::kDouble).item<double>();
   TORCH_CHECK(total > 0 && total <= arithmetic_max(G), op, ": weights sum to ", total, "; allowed (0, ",
               arithmetic_max(G), "]");
+  int exponent = 0;
+  std::frexp(w.max().item<double>(), &exponent);
+  // two steps, so that neither factor leaves float64 (the exponent of 5e-324 is -1073)
+  const double half = std::ldexp(1.0, -exponent / 2), rest = std::ldexp(1.0, -exponent + exponent / 2);
+  return w.to(at::kDouble).mul(half).mul(rest).to(w.scalar_type()).contiguous();
 }
 
 // The per-row non-finite flags every matrix op returns.

@@ -118,10 +118,7 @@ std::tuple<at::Tensor, at::Tensor> rlr_cpu(const at::Tensor& G, const std::optio
   checks::check_count(theta, 0, X.size(0), "rlr", "theta");
   checks::check_real(server_lr, -checks::arithmetic_max(X), checks::arithmetic_max(X), "rlr", "server_lr");
   at::Tensor w;
-  if (weights.has_value()) {
-    w = checks::row_vector_arg(*weights, X, "rlr", "weights");
-    checks::check_weights(w, X, "rlr");
-  }
+  if (weights.has_value()) w = checks::weights_arg(*weights, X, "rlr");
   at::Tensor out = at::empty({X.size(1)}, X.options());
   at::Tensor nonfinite = checks::row_flags(X);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "rlr", [&] {

@@ -287,7 +287,7 @@ def invariant_ranks(G, tau: float, lo: int, hi: int, strict: bool = True, *, ret
 # ---------------------------------------------------------------- §4.4 robust learning rate
 
 def _check_weights(weights, op, n, G):
-    """check_weights (relative weights in (0, 1]) in G's arithmetic dtype on G's device."""
+    """check_weights (relative weights, the largest in [0.5, 1)) in G's arithmetic dtype on G's device."""
     if weights is None:
         return None
     return check_weights(op, weights, n).to(device=G.device, dtype=acc_dtype(G.dtype)).contiguous()

@@ -105,10 +105,13 @@ def weighted_mean(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     value is finite, the mean is taken as $\sum_i (w_i / W) X_i$ in float64 and clamped to the
     column's range, so finite rows always give a finite mean (SPEC §3)."""
     avg = (w[:, None] * X).sum(dim=0) / w.sum()
-    X64, w64 = X.double(), w.double()
-    rescued = ((w64 / w64.sum())[:, None] * X64).sum(dim=0).clamp(X64.amin(dim=0), X64.amax(dim=0))
     overflow = ~torch.isfinite(avg) & torch.isfinite(X).all(dim=0)   # a tree sum can turn Inf - Inf into NaN
-    return torch.where(overflow, rescued.to(X.dtype), avg)
+    if bool(overflow.any()):
+        cols = overflow.nonzero().flatten()
+        X64, w64 = X[:, cols].double(), w.double()
+        rescued = ((w64 / w64.sum())[:, None] * X64).sum(dim=0).clamp(X64.amin(dim=0), X64.amax(dim=0))
+        avg[cols] = rescued.to(X.dtype)
+    return avg
 
 
 # ---------------------------------------------------------------- §4.5 client statistics
@@ -121,26 +124,40 @@ class ClientStatsRef(NamedTuple):
     ref_dist: torch.Tensor | None  # [n]: ||G_i - ref||
 
 
-def power_of_two_scale(X: torch.Tensor) -> torch.Tensor:
-    """Per row of the float64 matrix X, a power of two s with max|X_i| * s in [2^-24, 1): scaling by
-    it is exact, and the squares of X_i * s neither overflow nor underflow (LAPACK's nrm2 scales
-    the same way). The exponent is capped at +-1000 so that s itself is a float64."""
-    exponent = torch.frexp(X.abs().amax(dim=1)).exponent
-    return torch.ldexp(torch.ones_like(X[:, 0]), (-exponent).clamp(-1000, 1000))
+# Norms within these bounds need no scaling: every square (and product of two such rows) is in
+# float64's range, and any square lost to underflow is negligible beside the norm.
+_SAFE_NORMS = (2.0 ** -450, 2.0 ** 450)
+
+
+def power_of_two_exponents(X: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row of the float64 matrix X, the integer k with max|X_i| * 2^k in [0.5, 1) (0 for a zero
+    row), or, given the rows' plain ``norms``, 0 for every row whose norm needs no scaling.
+    ``torch.ldexp(X, k)`` scales by it exactly, and the squares of the scaled row neither overflow
+    nor underflow (LAPACK's nrm2 scales the same way)."""
+    k = -torch.frexp(X.abs().amax(dim=1)).exponent
+    if norms is None:
+        return k
+    lo, hi = _SAFE_NORMS
+    return torch.where((norms >= lo) & (norms < hi), torch.zeros_like(k), k)
+
+
+def scale_rows(X: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """X_i * 2^(k_i), exactly (X itself when every k_i is 0)."""
+    return torch.ldexp(X, k[:, None]) if bool(k.any()) else X
 
 
 def row_norms(X: torch.Tensor) -> torch.Tensor:
-    """L2 norms of the rows of the float64 matrix X, scaled so that a norm that fits is returned
-    (a 1e200 row or a row of 5e-324 has a finite, non-zero norm)."""
-    s = power_of_two_scale(X)
-    return (X * s[:, None]).norm(dim=1) / s
+    """L2 norms of the rows of the float64 matrix X, scaled where needed so that a norm that fits is
+    returned (a 1e200 row or a row of 5e-324 has a finite, non-zero norm)."""
+    k = power_of_two_exponents(X, X.norm(dim=1))
+    return torch.ldexp(scale_rows(X, k).norm(dim=1), -k)
 
 
 def cosine_to(X: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """cos(X_i, ref) of float64 rows, 0 where either is zero. Rows and ref are scaled by powers of
     two first, which leaves the cosines unchanged and keeps every product in range."""
-    Y = X * power_of_two_scale(X)[:, None]
-    r = ref * power_of_two_scale(ref[None, :])
+    Y = scale_rows(X, power_of_two_exponents(X))
+    r = scale_rows(ref[None, :], power_of_two_exponents(ref[None, :]))[0]
     denom = Y.norm(dim=1) * r.norm()
     return torch.where(denom > 0, (Y @ r) / denom, torch.zeros_like(denom)).clamp(-1.0, 1.0)
 
@@ -148,7 +165,9 @@ def cosine_to(X: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 def client_stats(G: torch.Tensor, window: tuple[int, int] | None = None, ref: torch.Tensor | None = None):
     """Row norms, windowed sign fractions, dot products with ``ref`` and distances to it, in
     float64 for every input dtype: n numbers whose exact values may not fit float32 (SPEC §4.5).
-    Norms and distances are scaled (``row_norms``), so every finite one is returned."""
+    Where a row (or ref) is too large or small for plain float64 products, norms, distances and dot
+    products are computed on power-of-two-scaled values and scaled back in one step, so every one
+    that fits float64 is returned."""
     start, length = (0, G.shape[1]) if window is None else window
     win = G[:, start:start + length]
     sign_frac = torch.stack([(win > 0).sum(1), (win == 0).sum(1), (win < 0).sum(1)], dim=1).double() / length
@@ -156,26 +175,27 @@ def client_stats(G: torch.Tensor, window: tuple[int, int] | None = None, ref: to
     norm = row_norms(G64)
     if ref is None:
         return ClientStatsRef(norm, sign_frac, None, None, None)
-    ref64 = ref.double()
-    s, s_ref = power_of_two_scale(G64), power_of_two_scale(ref64[None, :])
-    dot = (G64 * s[:, None]) @ (ref64 * s_ref) / s / s_ref
-    both = power_of_two_scale(torch.cat([G64, ref64.expand_as(G64)], dim=1))   # one scale per pair
-    ref_dist = (G64 * both[:, None] - ref64 * both[:, None]).norm(dim=1) / both
-    return ClientStatsRef(norm, sign_frac, dot, row_norms(ref64[None, :])[0], ref_dist)
+    ref64 = ref.double()[None, :]
+    k = power_of_two_exponents(G64, G64.norm(dim=1))
+    k_ref = power_of_two_exponents(ref64, ref64.norm(dim=1))
+    dot = torch.ldexp(scale_rows(G64, k) @ scale_rows(ref64, k_ref)[0], -(k + k_ref))
+    # g_i - ref rounds once per entry, to Inf only where the entry's exact difference exceeds float64
+    ref_dist = row_norms(G64 - ref64)
+    return ClientStatsRef(norm, sign_frac, dot, row_norms(ref64)[0], ref_dist)
 
 
 def clip_rows(G: torch.Tensor, max_norm) -> torch.Tensor:
     """Scale each row by min(1, max_norm / ||G_i||) in float64; a zero row stays zero.
 
-    The factor is applied to the power-of-two-scaled row Y_i = s_i G_i, as
+    The factor is applied to the power-of-two-scaled row Y_i = 2^(k_i) G_i, as
     Y_i * (max_norm / ||Y_i||), so that neither the norm nor the factor of a huge or tiny float64
     row can overflow or underflow."""
     X = G.double()
-    s = power_of_two_scale(X)
-    Y = X * s[:, None]
+    k = power_of_two_exponents(X, X.norm(dim=1))
+    Y = scale_rows(X, k)
     norm_Y = Y.norm(dim=1)
     max_norm = torch.as_tensor(max_norm, dtype=torch.float64, device=G.device).expand(G.shape[0])
-    clipped = norm_Y > max_norm * s      # ||G_i|| > max_norm
+    clipped = norm_Y > torch.ldexp(max_norm, k)      # ||G_i|| > max_norm
     out = torch.where(clipped[:, None], Y * (max_norm / norm_Y)[:, None], X)
     return out.to(G.dtype)
 
@@ -277,11 +297,11 @@ def pairwise_sqdist(G: torch.Tensor) -> torch.Tensor:
 def pairwise_cosine(G: torch.Tensor) -> torch.Tensor:
     r"""$C_{ij} = G_i \cdot G_j / (\|G_i\| \|G_j\|)$; exactly 1 for identical non-zero rows, 0 for zero rows.
 
-    Each row is first scaled by a power of two (``power_of_two_scale``), which leaves every cosine
-    unchanged and keeps float64 rows of 1e300 or 1e-300 from overflowing or underflowing.
+    Each row is first scaled by a power of two (``power_of_two_exponents``), which leaves every
+    cosine unchanged and keeps float64 rows of 1e300 or 1e-300 from overflowing or underflowing.
     """
     X = G.double()
-    Y = X * power_of_two_scale(X)[:, None]
+    Y = scale_rows(X, power_of_two_exponents(X, X.norm(dim=1)))
     norm = Y.norm(dim=1)
     gram = Y @ Y.T
     gram = torch.triu(gram) + torch.triu(gram, 1).T  # BLAS need not return a symmetric product

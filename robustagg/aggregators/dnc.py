@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..reference import power_of_two_scale
+from ..reference import power_of_two_exponents
 from .base import Aggregator, Clients, Report, check_float, check_int, make_generator
 
 
@@ -80,8 +80,9 @@ class DnC(Aggregator):
             self.check_n(rows.n)
             # One power of two for the whole sample scales every score alike (the ranking is the
             # same) and keeps the mean and the Gram matrix of a float64 client of 1e300 in range.
-            scale = power_of_two_scale(X.reshape(1, -1))
-            centered = X * scale - (X * scale).mean(dim=0)
+            k = power_of_two_exponents(X.reshape(1, -1))
+            scaled = torch.ldexp(X, k)
+            centered = scaled - scaled.mean(dim=0)
             # (centered @ v)^2 for the top right singular vector v equals lambda * u^2 for the top
             # eigenpair of the n x n Gram matrix (centered = U S V^T): no SVD of the n x b sample.
             eigenvalues, eigenvectors = torch.linalg.eigh(centered @ centered.T)
@@ -90,7 +91,7 @@ class DnC(Aggregator):
             kept[torch.sort(scores, stable=True).indices[: self.kept_count(rows.n)]] = True
             good = kept if good is None else good & kept
             previous = rows.index
-            report.scores.append(dict(zip(rows.all_ids(), (scores / scale / scale).tolist())))
+            report.scores.append(dict(zip(rows.all_ids(), torch.ldexp(scores, -2 * k).tolist())))
         if not bool(good.any()):
             report.selected = []
             return torch.zeros(rows.G.shape[1], dtype=rows.G.dtype, device=rows.G.device), report
