@@ -490,10 +490,11 @@ def maxpool_amplify(G, layout: Layout, kernel: int = 2, restore: bool = False, *
                         f"got {type(layout).__name__}")
     restore = check_bool(op, "restore", restore)
     d = G.shape[1]
-    # A kernel beyond every pooled segment's dimensions pools nothing: it is a mistake, not a setting.
-    dims = [max(s.rows, s.cols, 1) for s in layout.segments_for(d) if s.pooled]
-    why = f" (the largest dimension of a pooled segment of {layout!r} over d={d})" if dims else ""
-    kernel = check_int(op, "kernel", kernel, 1, max(dims) if dims else None, why)
+    # A kernel beyond every pooled segment's dimensions pools nothing: it is a mistake, not a setting
+    # (the paper's kernel 2 stays allowed on layouts of tiny parameters).
+    dims = [max(s.rows, s.cols) for s in layout.segments_for(d) if s.pooled]
+    why = f" (the largest dimension of a pooled segment of {layout!r} over d={d}, or 2)" if dims else ""
+    kernel = check_int(op, "kernel", kernel, 1, max(dims + [2]) if dims else None, why)
     table = layout.segment_table(d, kernel, restore).to(G.device)
     width = d if restore else layout.pooled_width(d, kernel)
     (out,), _ = _per_client(op, G, nonfinite, backend, lambda fn, X: fn(X, table, kernel, restore, width),

@@ -134,11 +134,14 @@ def power_of_two_exponents(X: torch.Tensor, norms: torch.Tensor | None = None) -
     row), or, given the rows' plain ``norms``, 0 for every row whose norm needs no scaling.
     ``torch.ldexp(X, k)`` scales by it exactly, and the squares of the scaled row neither overflow
     nor underflow (LAPACK's nrm2 scales the same way)."""
-    k = -torch.frexp(X.abs().amax(dim=1)).exponent
     if norms is None:
-        return k
+        return -torch.frexp(X.abs().amax(dim=1)).exponent
     lo, hi = _SAFE_NORMS
-    return torch.where((norms >= lo) & (norms < hi), torch.zeros_like(k), k)
+    k = torch.zeros(X.shape[0], dtype=torch.int32, device=X.device)
+    unsafe = ~((norms >= lo) & (norms < hi))
+    if bool(unsafe.any()):
+        k[unsafe] = power_of_two_exponents(X[unsafe])
+    return k
 
 
 def scale_rows(X: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -180,24 +183,24 @@ def client_stats(G: torch.Tensor, window: tuple[int, int] | None = None, ref: to
     k_ref = power_of_two_exponents(ref64, ref64.norm(dim=1))
     dot = torch.ldexp(scale_rows(G64, k) @ scale_rows(ref64, k_ref)[0], -(k + k_ref))
     # g_i - ref rounds once per entry, to Inf only where the entry's exact difference exceeds float64
-    ref_dist = row_norms(G64 - ref64)
+    ref_dist = torch.cat([row_norms(row[None, :] - ref64) for row in G64])
     return ClientStatsRef(norm, sign_frac, dot, row_norms(ref64)[0], ref_dist)
 
 
 def clip_rows(G: torch.Tensor, max_norm) -> torch.Tensor:
     """Scale each row by min(1, max_norm / ||G_i||) in float64; a zero row stays zero.
 
-    The factor is applied to the power-of-two-scaled row Y_i = 2^(k_i) G_i, as
+    A clipped row is scaled by a power of two first, Y_i = 2^(k_i) G_i, and becomes
     Y_i * (max_norm / ||Y_i||), so that neither the norm nor the factor of a huge or tiny float64
-    row can overflow or underflow."""
-    X = G.double()
-    k = power_of_two_exponents(X, X.norm(dim=1))
-    Y = scale_rows(X, k)
-    norm_Y = Y.norm(dim=1)
-    max_norm = torch.as_tensor(max_norm, dtype=torch.float64, device=G.device).expand(G.shape[0])
-    clipped = norm_Y > torch.ldexp(max_norm, k)      # ||G_i|| > max_norm
-    out = torch.where(clipped[:, None], Y * (max_norm / norm_Y)[:, None], X)
-    return out.to(G.dtype)
+    row can overflow or underflow. One row at a time, so that no float64 copy of G is needed."""
+    bounds = torch.as_tensor(max_norm, dtype=torch.float64, device=G.device).expand(G.shape[0])
+    out = G.clone()
+    for i, bound in enumerate(bounds):
+        x = G[i:i + 1].double()
+        if bool(row_norms(x)[0] > bound):
+            y = scale_rows(x, power_of_two_exponents(x))
+            out[i] = (y * (bound / y.norm()))[0].to(G.dtype)
+    return out
 
 
 # ---------------------------------------------------------------- §4.6 top-k with error feedback

@@ -114,7 +114,10 @@ class Emulator:
     def rlr(self, G, weights, theta, server_lr):
         G = G.contiguous()
         n, d = G.shape
-        w = None if weights is None else weights.to(_acc(G.dtype)).contiguous()
+        # bindings' checks::weights_arg: scaled by a power of two to a largest weight in [0.5, 1)
+        w = None if weights is None else weights.to(_acc(G.dtype))
+        if w is not None:
+            w = torch.ldexp(w.double(), -torch.frexp(w.double().max()).exponent).to(w.dtype).contiguous()
         out, bad = garbage(d, G.dtype), garbage(n, torch.bool)
         self.call("emu_rlr", DTYPE_CODES[G.dtype], _p(G), _p(w), n, d, theta, server_lr, _p(out), _p(bad))
         _check_bools(bad)
