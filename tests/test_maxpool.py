@@ -167,6 +167,12 @@ def test_maxpool_property(shapes, kernel, restore, seed):
     if layout.d == 0:
         return
     G = _G(3, layout.d, torch.float32, seed, kind="ties" if seed % 2 else "randn")
+    dims = [max(s.rows, s.cols) for s in layout.segments_for(layout.d) if s.pooled]
+    if dims and kernel > max(dims + [2]):
+        # A window wider than every pooled segment (and than the paper's 2) pools nothing: refused.
+        with pytest.raises(ValueError, match=f"kernel={kernel} is out of range"):
+            ops.maxpool_amplify(G, layout, kernel, restore)
+        return
     for backend in ("cpu", "torch"):
         _assert_matches(backend, G, layout, kernel, restore)
 

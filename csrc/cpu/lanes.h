@@ -122,12 +122,17 @@ inline void store_lanes(T* p, const V& v, int64_t count) {
   }
 }
 
-// True when some lane of a NaN-sticky accumulator (a sum of x - x terms) is not zero.
+// True when some lane of a NaN-sticky accumulator (a sum of x - x terms) is not zero (NaN is not).
+// One vector comparison and an OR of the mask's 64-bit words: the compiler keeps it in vector
+// registers, where a loop over the lanes becomes one scalar comparison per lane.
 template <typename V>
 inline bool any_nonzero(const V& v) {
-  bool any = false;
-  for (int l = 0; l < static_cast<int>(sizeof(V) / sizeof(v[0])); ++l) any |= !(v[l] == 0);
-  return any;
+  const auto nonzero = v != V{};
+  uint64_t words[sizeof(nonzero) / sizeof(uint64_t)];
+  std::memcpy(words, &nonzero, sizeof(words));
+  uint64_t any = 0;
+  for (uint64_t word : words) any |= word;
+  return any != 0;
 }
 
 // Per-thread scratch of vectors, aligned to the vector size (std::vector does not align GCC

@@ -73,12 +73,11 @@ inline void rescue_overflowed_lanes(const OrderJob<T>& job, const typename Lanes
   }
 }
 
-// A tile held a NaN/Inf somewhere (rare): find the rows.
+// A tile held a NaN/Inf somewhere (rare): find the rows, from G (the wires are sorted by now).
 template <typename T>
-inline void flag_nonfinite_rows(const OrderJob<T>& job, const typename Lanes<acc_t<T>>::V* wires,
-                                int64_t width, uint8_t* bad) {
+inline void flag_nonfinite_rows(const OrderJob<T>& job, int64_t j, int64_t width, uint8_t* bad) {
   for (int64_t i = 0; i < job.n; ++i) {
-    for (int64_t l = 0; l < width; ++l) bad[i] |= is_nonfinite(wires[i][l]);
+    for (int64_t l = 0; l < width; ++l) bad[i] |= is_nonfinite(static_cast<acc_t<T>>(job.G[i * job.d + j + l]));
   }
 }
 
@@ -126,25 +125,28 @@ inline void order_tile(const OrderJob<T>& job, int64_t j, typename Lanes<acc_t<T
     if constexpr (kVotes) votes += (x < 0) - (x > 0);  // a true comparison is -1
     wires[i] = x;
   }
-  if (any_nonzero(check)) flag_nonfinite_rows(job, wires, width, s.bad.data());
-
   V mean;
   if constexpr (S > 0) {
     for (int64_t i = job.n; i < S; ++i) wires[i] = broadcast<V>(A(INFINITY));
     run_static_network<S>(wires);
     mean = kept_mean<A>(wires, job.lo, job.hi);
-    if (any_nonzero(mean - mean)) rescue_overflowed_lanes(job, wires, check, width, mean, s);
   } else if (job.net) {
     run_network(wires, job.net, job.steps);
     mean = kept_mean<A>(wires, job.lo, job.hi);
-    if (any_nonzero(mean - mean)) rescue_overflowed_lanes(job, wires, check, width, mean, s);
   } else {
     A* columns = s.columns.data();
     for (int64_t i = 0; i < job.n; ++i) {
       for (int l = 0; l < L::W; ++l) columns[l * job.n + i] = wires[i][l];
     }
     mean = V{};
+    // core's order_mean_select redoes an overflowed mean itself
     for (int64_t l = 0; l < width; ++l) mean[l] = order_mean_select(columns + l * job.n, job.n, job.lo, job.hi);
+  }
+  // One test per tile for both rare cases: a NaN/Inf value (flag its rows) and a kept mean that
+  // overflowed although its values were finite (redo those lanes).
+  if (any_nonzero(check + (mean - mean))) {
+    if (any_nonzero(check)) flag_nonfinite_rows(job, j, width, s.bad.data());
+    if (S > 0 || job.net) rescue_overflowed_lanes(job, wires, check, width, mean, s);
   }
   if constexpr (kVotes) {
     using Mask = typename L::Mask;

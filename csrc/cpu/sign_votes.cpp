@@ -110,10 +110,11 @@ inline void vote_chunks_body(const VoteJob<T>& job, int64_t begin, int64_t end, 
       const int64_t count = std::min<int64_t>(L::W, job.d - j);
       if constexpr (kRlr) {
         V out;
+        const bool overflowed = any_nonzero(sums[v] - sums[v]);  // rare: one vector test
         for (int l = 0; l < L::W; ++l) {
           const int lane_votes = static_cast<int>(votes[v][l]), theta = static_cast<int>(job.theta);
           out[l] = rlr_finish(lane_votes, theta, sums[v][l], job.weight_total, job.server_lr);
-          if (l < count && is_infinite(sums[v][l])) {
+          if (overflowed && l < count && is_infinite(sums[v][l])) {
             const A mean = rescued_rlr_mean(job, j + l, sums[v][l] / job.weight_total);
             out[l] = rlr_apply(lane_votes, theta, mean, job.server_lr);
           }
