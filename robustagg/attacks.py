@@ -1,8 +1,9 @@
-r"""Model-poisoning attacks (SPEC §6), for tests, benchmarks and simulations.
+r"""Model-poisoning attacks (docs/attacks.md), for tests, benchmarks and simulations.
 
 Every attack is ``attack(G_benign, n_byz, **params) -> G_byz`` of shape (n_byz, d), in
 G_benign's dtype and device. The attacker is omniscient: it sees every benign update. Statistics
 are computed in float32 (float64 for float64 input). Randomized attacks take ``generator``.
+``apply(updates, byzantine, attack, **params)`` runs one on any structure of client updates.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import torch
 
 from . import ops
 from ._errors import check_float
+from .layout import flatten, is_integer
 
 __all__ = ["lie", "byzmean", "min_max", "min_sum", "sign_flip", "gaussian", "noise", "ipm", "scaling",
-           "nan_inject", "ATTACKS"]
+           "nan_inject", "apply", "ATTACKS"]
 
 
 def _check(G, n_byz, name):
@@ -245,6 +247,55 @@ def nan_inject(G_benign, n_byz, kind: str = "nan", value: float = float("nan"),
     where = torch.randint(0, X.shape[1], (n_byz,), generator=generator).to(rows.device)
     rows[torch.arange(n_byz, device=rows.device), where] = value
     return rows
+
+
+def _check_byzantine(byzantine, n: int) -> list[int]:
+    if isinstance(byzantine, (str, bytes)) or not hasattr(byzantine, "__iter__"):
+        raise TypeError(f"apply: byzantine must be a sequence of client indices, got {byzantine!r}")
+    byzantine = list(byzantine)
+    for i in byzantine:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < n:
+            raise ValueError(f"apply: byzantine holds {i!r}; client indices must be ints in [0, {n - 1}] "
+                             f"for n={n} clients")
+    repeated = sorted({i for i in byzantine if byzantine.count(i) > 1})
+    if repeated:
+        raise ValueError(f"apply: byzantine lists clients {repeated} more than once; each index must be distinct")
+    if len(byzantine) == n:
+        raise ValueError(f"apply: byzantine lists all n={n} clients; the attack needs at least 1 honest client")
+    return [int(i) for i in byzantine]
+
+
+def apply(updates, byzantine, attack, **params):
+    r"""The clients' updates with those listed in ``byzantine`` replaced by the attack.
+
+    ``updates`` is any structure the aggregators take (an (n, d) matrix, a list of vectors, of
+    parameter lists or of state_dicts, torch or NumPy), and the result is the same structure.
+    ``attack(G_honest, len(byzantine), **params)`` sees the flattened updates of the other
+    clients, and its k-th row becomes the update of client ``byzantine[k]``. The honest clients'
+    updates come back as they were given. The attack acts on the floating entries, BatchNorm
+    buffers included; integer entries (counters) keep the values each Byzantine client sent.
+    """
+    if not callable(attack):
+        raise TypeError(f"apply: attack must be a function (G_benign, n_byz, **params), got {attack!r}")
+    G, layout = flatten(updates, hold_out=lambda key, t: is_integer(t.dtype))
+    n = G.shape[0]
+    byzantine = _check_byzantine(byzantine, n)
+    attacked = set(byzantine)
+    honest = [i for i in range(n) if i not in attacked]
+    rows = attack(G[honest], len(byzantine), **params)
+    if not isinstance(rows, torch.Tensor) or tuple(rows.shape) != (len(byzantine), G.shape[1]):
+        got = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+        raise ValueError(f"apply: {getattr(attack, '__name__', attack)!r} returned {got}; an attack must return "
+                         f"({len(byzantine)}, {G.shape[1]}) rows, one per Byzantine client")
+    rows = rows.to(dtype=G.dtype, device=G.device)
+    if layout.kind == "tensor":
+        out = G.clone()
+        out[byzantine] = rows
+        return out.cpu().numpy() if layout.numpy else out
+    out = list(updates)
+    for k, i in enumerate(byzantine):
+        out[i] = layout.unflatten(rows[k], {key: value[i] for key, value in layout.held.items()})
+    return out
 
 
 ATTACKS = {f.__name__: f for f in (lie, byzmean, min_max, min_sum, sign_flip, gaussian, noise, ipm, scaling,

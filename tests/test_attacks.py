@@ -1,4 +1,4 @@
-"""Each attack against its formula (SPEC §6)."""
+"""Each attack against its formula (docs/attacks.md)."""
 import decimal
 import math
 from statistics import NormalDist

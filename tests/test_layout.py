@@ -1,4 +1,4 @@
-"""robustagg.layout: flatten / unflatten round trips, mismatch errors, pooling layouts (SPEC §4.7)."""
+"""robustagg.layout: flatten / unflatten round trips, mismatch errors, pooling layouts (docs/ops.md)."""
 from collections import OrderedDict
 
 import pytest
