@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import ops
-from ..layout import Layout, flatten
+from ..layout import Layout
 from .base import Aggregator, Clients, Report, check_choice, check_float, check_int
 
 
@@ -137,11 +137,12 @@ class FLTrust(Aggregator):
     server's root update $g_0$; output $\sum_i TS_i\, g_i \|g_0\|/\|g_i\| / \sum_i TS_i$.
     If every trust score is 0 the output is zeros (``last_report.all_zero_trust``).
 
-    ``root_update`` is a [d] tensor or one client's structure (state_dict, parameter list); set
-    ``agg.root_update`` each round. Ignores weights.
+    ``root_update`` is a [d] tensor or one client's structure (state_dict, parameter list): the
+    server's own update of this round, from its small clean root dataset. Set ``agg.root_update``
+    every round (it may start as None). Ignores weights.
     """
 
-    def __init__(self, root_update, **kw):
+    def __init__(self, root_update=None, **kw):
         super().__init__(**kw)
         self.root_update = root_update
 
@@ -151,7 +152,10 @@ class FLTrust(Aggregator):
 
     @root_update.setter
     def root_update(self, value):
-        root = value if isinstance(value, torch.Tensor) and value.dim() == 1 else flatten([value])[0][0]
+        if value is None:
+            self._root = None
+            return
+        root = value if isinstance(value, torch.Tensor) and value.dim() == 1 else self.flatten([value])[0][0]
         if not bool(torch.isfinite(root).all()):
             raise ValueError(f"{self.name}: root_update holds NaN or Inf; the server's update must be finite")
         self._root = root
@@ -163,6 +167,9 @@ class FLTrust(Aggregator):
 
     def aggregate(self, rows: Clients, layout):
         d = rows.G.shape[1]
+        if self._root is None:
+            raise ValueError(f"{self.name}: root_update is None; set agg.root_update to the server's update of "
+                             "this round (its own update on its clean root dataset) before aggregating")
         if self._root.shape[0] != d:
             raise ValueError(f"{self.name}: root_update has d={self._root.shape[0]} but the client updates have d={d}")
         root = self._root.to(device=rows.G.device, dtype=rows.G.dtype)
@@ -182,7 +189,7 @@ class FLTrustAmp(FLTrust):
     max-pooled updates, $TS_i = \mathrm{ReLU}(\cos(\mathrm{pool}(g_i), \mathrm{pool}(g_0)))$; the
     output uses the unpooled updates and norms, as FLTrust. ``layout`` as for CosDen."""
 
-    def __init__(self, root_update, kernel: int = 2, layout: Layout | None = None, **kw):
+    def __init__(self, root_update=None, kernel: int = 2, layout: Layout | None = None, **kw):
         super().__init__(root_update, **kw)
         self.kernel = check_int(self.name, "kernel", kernel, 1)
         if layout is not None and not isinstance(layout, Layout):

@@ -1,26 +1,30 @@
 """What every aggregator shares: structure in and out, the non-finite policy, weights, reports.
 
 An aggregator is called as ``agg(updates, weights=None)``. ``updates`` is a stacked (n, d)
-tensor, a list of 1-D tensors, a list of parameter lists or a list of state_dicts; the
-aggregate comes back in the same structure ([d] for the first two). ``agg.last_report`` is a
-dataclass: ``selected`` (original client indices that contributed), ``rejected_nonfinite``
-(original indices dropped for NaN/Inf) and the rule's own diagnostics.
+tensor, a list of 1-D tensors, a list of parameter lists or a list of state_dicts, as torch
+tensors or NumPy arrays; the aggregate comes back in the same structure ([d] for the first
+two), detached. ``agg.last_report`` is a dataclass: ``selected`` (original client indices that
+contributed), ``rejected_nonfinite`` (original indices dropped for NaN/Inf) and the rule's own
+diagnostics.
 
 Every pass over G goes through ``robustagg.ops``. The only other arithmetic is on n-sized or
-n x n tensors, and on [d] vectors after G has been reduced.
+n x n tensors, on [d] vectors after G has been reduced, and on the buffers held out of G.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Collection
 
 import torch
 
 from .. import ops
 from .._errors import NonFiniteUpdateError, check_bool, check_float, check_int, check_weights  # noqa: F401  (re-exported to the aggregators)
-from ..layout import flatten
+from ..layout import flatten, is_integer
 from ..reference import acc_dtype
 
 POLICIES = ("drop", "raise", "propagate")
+BUFFER_POLICIES = ("kept_mean", "rule")
+FLOAT_BUFFER_SUFFIXES = ("running_mean", "running_var")   # BatchNorm's floating buffers, by state_dict name
 
 
 @dataclass
@@ -34,7 +38,7 @@ class Clients:
     """The rows still in play during one aggregation, with their original indices and weights.
 
     Each method runs one op over G under the aggregator's non-finite policy. The ops find
-    non-finite rows in the same pass as their result (SPEC §3); under ``"drop"`` those rows
+    non-finite rows in the same pass as their result (docs/nonfinite.md); under ``"drop"`` those rows
     leave ``G``, ``index`` and ``weights`` here, so later ops see only finite rows.
     """
 
@@ -179,6 +183,34 @@ def gaussian(d: int, std: float, like: torch.Tensor, generator: torch.Generator)
     return (z * std).to(device=like.device, dtype=like.dtype)
 
 
+def combine_buffers(held: dict, kept: list[int], weights: torch.Tensor | None) -> dict:
+    """The aggregate of the entries held out of G, over the clients the rule kept.
+
+    Floating buffers: the mean (weighted when the rule uses weights), summed in float64 with
+    normalized coefficients so that huge finite values neither overflow nor swamp the rest, then
+    cast to the buffer's dtype; a mean of variances stays >= 0. Integer entries: the elementwise
+    lower median, exact in int64, free of overflow, and a value that a kept client sent. When the
+    rule kept no client the aggregate is 0, so that under the delta convention the global buffers
+    stay as they are.
+    """
+    if not held:
+        return {}
+    index = torch.tensor(sorted(kept), dtype=torch.long)
+    coef = torch.ones(len(index), dtype=torch.float64) if weights is None else weights.cpu().double()[index]
+    coef = coef / coef.sum()
+    out = {}
+    for key, stack in held.items():
+        if index.numel() == 0:
+            out[key] = torch.zeros_like(stack[0])
+            continue
+        values = stack.index_select(0, index.to(stack.device))
+        if is_integer(stack.dtype):
+            out[key] = values.to(torch.int64).median(dim=0).values.to(stack.dtype)
+        else:
+            out[key] = torch.tensordot(coef.to(stack.device), values.double(), dims=1).to(stack.dtype)
+    return out
+
+
 # ---------------------------------------------------------------- the base class
 
 class Aggregator:
@@ -190,13 +222,47 @@ class Aggregator:
 
     ``weights`` (one per client, e.g. sample counts) are used only by rules whose
     ``uses_weights`` is True; the others document that they ignore them.
+
+    Buffers, in state_dict and parameter-list inputs, follow ``buffers`` (docs/fl.md):
+
+    The default (``buffers=None``) is the rule's ``default_buffers``: ``"rule"`` for the rules that
+    keep every client but compute a robust value per coordinate (CoordinateMedian, TrimmedMean,
+    GeometricMedian, InvariantAggregator), ``"kept_mean"`` for the others.
+
+    * ``"kept_mean"``: floating buffers stay out of G, so the rule never sees them, and
+      come back as their mean over the clients the rule kept (``last_report.selected``, or every
+      finite client when the rule does not select), weighted when the rule uses weights.
+      BatchNorm statistics are averages over data, so their natural aggregate is a mean; taking
+      it over the accepted clients keeps the rejected ones' statistics out, and a mean keeps a
+      variance >= 0 whatever the rule (a sign vote or a top-k step on a running variance can
+      make it negative).
+    * ``"rule"``: floating buffers go through the rule like weights: for a rule that keeps every
+      client, ``"kept_mean"`` would be the plain mean of all finite clients.
+
+    Integer entries (``num_batches_tracked``, any integer dtype) always stay out of G and come
+    back as the exact elementwise median over the kept clients. ``buffer_keys`` names the
+    floating buffers (state_dict keys, or positions in a parameter list), e.g.
+    ``robustagg.fl.buffer_names(model)``; by default they are the state_dict entries whose names
+    end in ``running_mean`` or ``running_var``. A client with NaN/Inf in a buffer is rejected
+    like one with NaN/Inf in a weight.
     """
 
     uses_weights = False
+    # Rules that keep every client but whose output is a robust value per coordinate protect the
+    # buffers best by aggregating them too: a kept-client mean would be a plain mean, which one
+    # attacker moves (measured on digits under sign-flip x4: TrimmedMean 0.39 -> 0.88 accuracy).
+    default_buffers = "kept_mean"
 
-    def __init__(self, *, nonfinite: str = "drop", backend: str | None = None):
+    def __init__(self, *, nonfinite: str = "drop", backend: str | None = None, buffers: str | None = None,
+                 buffer_keys: Collection[str | int] | None = None):
         self.nonfinite = check_choice(type(self).__name__, "nonfinite", nonfinite, POLICIES)
         self.backend = backend
+        self.buffers = self.default_buffers if buffers is None else check_choice(
+            type(self).__name__, "buffers", buffers, BUFFER_POLICIES)
+        if isinstance(buffer_keys, (str, int)) or not (buffer_keys is None or isinstance(buffer_keys, Collection)):
+            raise TypeError(f"{type(self).__name__}: buffer_keys must be None or a collection of state_dict keys "
+                            f"or parameter positions, got {buffer_keys!r}")
+        self.buffer_keys = None if buffer_keys is None else frozenset(buffer_keys)
         self.last_report: Report | None = None
 
     @property
@@ -204,16 +270,49 @@ class Aggregator:
         return type(self).__name__
 
     def __call__(self, updates, weights=None):
-        G, layout = flatten(updates)
+        G, layout = self.flatten(updates)
         if G.shape[1] == 0:
             raise ValueError(f"{self.name}: the updates have d=0 coordinates; at least 1 is required")
         w = None if weights is None else check_weights(self.name, weights, G.shape[0]).to(G.device)
         rows = Clients(G, w, self.nonfinite, self.backend)
         self.check_n(G.shape[0])
+        self.screen_buffers(rows, layout)
         out, report = self.aggregate(rows, layout)
         report.rejected_nonfinite = sorted(rows.rejected)
         self.last_report = report
-        return layout.unflatten(out)
+        kept = report.selected if report.selected is not None else rows.all_ids()
+        return layout.unflatten(out, combine_buffers(layout.held, kept, w if self.uses_weights else None))
+
+    def holds_out(self, key, tensor: torch.Tensor) -> bool:
+        """Whether an entry stays out of G: every integer entry, and the floating buffers under "kept_mean"."""
+        if is_integer(tensor.dtype):
+            return True
+        if self.buffers == "rule":
+            return False
+        if self.buffer_keys is not None:
+            return key in self.buffer_keys
+        return isinstance(key, str) and key.endswith(FLOAT_BUFFER_SUFFIXES)
+
+    def flatten(self, updates):
+        """``layout.flatten`` with this aggregator's buffers held out of G."""
+        G, layout = flatten(updates, hold_out=self.holds_out)
+        unknown = sorted(map(repr, (self.buffer_keys or set()) - set(layout.keys)))
+        if unknown:
+            raise ValueError(f"{self.name}: buffer_keys names {', '.join(unknown)}, which the updates do not hold; "
+                             f"their keys are {layout.keys[:6]}{' ...' if len(layout.keys) > 6 else ''}")
+        return G, layout
+
+    def screen_buffers(self, rows: Clients, layout) -> None:
+        """Apply the non-finite policy to the held-out buffers too: a client with NaN/Inf in a buffer
+        is rejected like one with NaN/Inf in a weight."""
+        if self.nonfinite == "propagate" or not layout.held:
+            return
+        bad = torch.zeros(rows.n, dtype=torch.bool)
+        for value in layout.held.values():
+            if value.dtype.is_floating_point:
+                bad |= ~torch.isfinite(value.reshape(rows.n, -1)).all(dim=1).cpu()
+        if bool(bad.any()):
+            rows.drop(bad)
 
     def check_n(self, n: int) -> None:
         """Raise a ValueError if the rule's parameters do not fit n clients (overridden per rule)."""
