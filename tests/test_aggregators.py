@@ -124,8 +124,14 @@ def rlr_ref(G, theta, server_lr=1.0, base="mean", clip=None, w=None):
     elif base == "median":
         b = torch.from_numpy(np.median(X.numpy(), axis=0))
     else:
-        b = torch.sign(votes)
+        b = torch.sign(votes) * median_norm_step_ref(X)
     return lr * b
+
+
+def median_norm_step_ref(X):
+    """The default sign step: the lower median of the row norms over sqrt(d)."""
+    norms = sorted(X.norm(dim=1).tolist())
+    return norms[(len(norms) - 1) // 2] / math.sqrt(X.shape[1])
 
 
 def signguard_ref(G, start, length, lower=0.1, upper=3.0, feature=None):
@@ -212,6 +218,12 @@ def test_trimmed_mean_matches_sort_and_slice(n, trim, alpha):
 def test_signsgd_is_majority_vote_times_lr():
     G = rand_G(9, 40, shift=0.0)
     close(A.SignSGD(server_lr=0.5)(G), 0.5 * torch.sign(torch.sign(X64(G)).sum(0)))
+
+
+@pytest.mark.parametrize("n", [8, 9])
+def test_signsgd_default_step_is_the_median_norm_over_sqrt_d(n):
+    G = rand_G(n, 40, shift=0.0) * torch.arange(1, n + 1, dtype=torch.float64, device=DEVICE)[:, None]
+    close(A.SignSGD()(G), median_norm_step_ref(X64(G)) * torch.sign(torch.sign(X64(G)).sum(0)))
 
 
 def test_norm_clipping_matches_clipped_weighted_mean():
@@ -382,6 +394,13 @@ def test_robust_lr_matches_the_formula(base, clip):
     close(agg(G, weights=w), rlr_ref(X64(G), 5, 0.7, base, clip, w if base == "mean" else None))
 
 
+def test_robust_lr_sign_step_one_is_the_authors_unit_sign():
+    G = rand_G(15, 80, shift=0.1)
+    votes = torch.sign(X64(G)).sum(0)
+    expected = torch.where(votes.abs() >= 5, 1.0, -1.0).double() * torch.sign(votes)
+    close(A.RobustLR(theta=5, base="sign", sign_step=1.0)(G), expected)
+
+
 def test_robust_lr_noise_is_added_before_the_lr_sign():
     G = rand_G(15, 400, shift=0.0)
     agg = A.RobustLR(theta=8, base="mean", clip=2.0, noise=0.5, seed=1)
@@ -417,6 +436,21 @@ def test_sparsefed_three_rounds_match_error_feedback():
         out = agg(G)
         close(out, expected)
         assert int((out != 0).sum()) == 7
+
+
+def test_sparsefed_default_adds_exactly_the_sum_of_the_mean_deltas():
+    # rho = 0: what the rounds returned plus what the error still holds is the sum of the means,
+    # so a server that adds the outputs to the model falls behind FedAvg by the residual only
+    rounds = [rand_G(6, 50, seed=s) for s in range(4)]
+    agg = A.SparseFed(k=7)
+    returned = sum(agg(G) for G in rounds)
+    close(returned + agg.error, sum(X64(G).mean(0) for G in rounds))
+    assert agg.rho == 0.0 and agg.lr == 1.0
+
+
+def test_sparsefed_paper_preset_has_the_paper_momentum():
+    agg = A.SparseFed.paper(7, clip=4.0)
+    assert (agg.k, agg.rho, agg.lr, agg.clip) == (7, 0.9, 1.0, 4.0)
 
 
 def test_sparsefed_state_dict_resumes_identically():
@@ -551,7 +585,10 @@ def test_hand_krum():
 
 
 def test_hand_signsgd():
-    assert A.SignSGD()(T([[1.0, -1.0], [2.0, -3.0], [-1.0, 0.0]])).tolist() == [1.0, -1.0]
+    assert A.SignSGD(server_lr=1.0)(T([[1.0, -1.0], [2.0, -3.0], [-1.0, 0.0]])).tolist() == [1.0, -1.0]
+    # norms 2, 4, 600, 5 (lower median 4) over sqrt(d) = 2: steps of 2; the huge client only votes
+    G = T([[1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, -2.0], [300.0, 300.0, 300.0, -300.0], [0.0, 3.0, 4.0, 0.0]])
+    assert A.SignSGD()(G).tolist() == [2.0, 2.0, 2.0, -2.0]
 
 
 def test_hand_fltrust():
@@ -604,9 +641,10 @@ def test_state_dicts_come_back_with_the_same_keys_shapes_and_dtypes(index):
         assert bool(torch.isfinite(out[key].double()).all()), key
 
 
-def test_state_dict_int64_buffer_is_rounded_back():
+def test_state_dict_int64_buffer_is_the_exact_median():
     out = A.FedAvg()(state_dicts(4))
-    assert out["bn.num_batches_tracked"].item() == 12   # mean of 10..13 = 11.5, rounds to even 12
+    assert out["bn.num_batches_tracked"].dtype == torch.int64
+    assert out["bn.num_batches_tracked"].item() == 11   # lower median of 10..13, never through a float
 
 
 def test_parameter_lists_and_vectors_come_back_as_given():

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
+from ..reference import acc_dtype
 from .base import Aggregator, Clients, Report, check_float, check_int, check_multiplier, gaussian, make_generator
 
 
@@ -25,6 +26,8 @@ class FedAvg(Aggregator):
 class CoordinateMedian(Aggregator):
     """Coordinate-wise median (Yin et al. 2018), numpy-style for even n. Ignores weights."""
 
+    default_buffers = "rule"   # robust per coordinate, every client kept
+
     def aggregate(self, rows: Clients, layout):
         return rows.run(ops.median), Report(selected=rows.all_ids())
 
@@ -40,6 +43,8 @@ class TrimmedMean(Aggregator):
     Give ``trim`` (a count) or ``alpha`` (``trim = ceil(alpha * n)`` on the rows aggregated).
     Ignores weights.
     """
+
+    default_buffers = "rule"   # robust per coordinate, every client kept
 
     def __init__(self, trim: int | None = None, alpha: float | None = None, **kw):
         super().__init__(**kw)
@@ -66,17 +71,34 @@ class TrimmedMean(Aggregator):
 
 
 class SignSGD(Aggregator):
-    """Majority vote (Bernstein et al. 2019): ``server_lr * sign(sum_i sign(g_i))``. Ignores weights."""
+    r"""Majority vote (Bernstein et al., ICLR 2019): $s \cdot \operatorname{sign}(\sum_i \operatorname{sign}(g_i))$.
+    Ignores weights.
 
-    def __init__(self, server_lr: float = 1.0, **kw):
+    The paper's step $s$ is a fixed learning rate tuned per task: pass it as ``server_lr``. A fixed
+    step suits one scale of updates only (``server_lr=1`` moves every coordinate of a model by 1 a
+    round), so by default (``server_lr=None``) $s$ is the median client norm over
+    $\sqrt d$, which gives the vote about the length of a typical client update, at any scale.
+    """
+
+    def __init__(self, server_lr: float | None = None, **kw):
         super().__init__(**kw)
-        self.server_lr = check_float(self.name, "server_lr", server_lr)
+        self.server_lr = None if server_lr is None else check_float(self.name, "server_lr", server_lr)
 
     def aggregate(self, rows: Clients, layout):
-        server_lr = check_multiplier(self.name, "server_lr", self.server_lr, rows.G.dtype)
+        if self.server_lr is None:
+            step = median_norm_step(rows.stats().norm, rows.G.shape[1])   # screens the rows
+        else:
+            step = check_multiplier(self.name, "server_lr", self.server_lr, rows.G.dtype)
         votes = rows.run(ops.sign_sum)
-        out = (torch.sign(votes) * server_lr).to(rows.G.dtype)
+        out = (torch.sign(votes).to(acc_dtype(rows.G.dtype)) * step).to(rows.G.dtype)
         return out, Report(selected=rows.all_ids())
+
+
+def median_norm_step(norm: torch.Tensor, d: int) -> float:
+    r"""$\mathrm{med}_i \|g_i\| / \sqrt d$ (the lower median under an even n): the per-coordinate
+    step that gives a full sign vector of d entries the median client norm. Byzantine clients in a
+    minority cannot move it outside the range of the honest norms."""
+    return float(norm.double().median()) / math.sqrt(d)
 
 
 @dataclass
@@ -119,7 +141,7 @@ def clip_factor(norm: torch.Tensor, max_norm) -> torch.Tensor:
 # iteration forms z explicitly (one weighted-mean pass over G) and measures every client's distance
 # to it directly (one client_stats pass, ||g_i - z|| from the differences, scaled in float64). The
 # affine Gram identity ||sum_i a_i g_i - g_j||^2 = (Da)_j - a^T D a / 2 would need one pairwise pass
-# only, but it cancels catastrophically when one client is far away (SPEC §3).
+# only, but it cancels catastrophically when one client is far away (docs/nonfinite.md).
 
 def step_size(new: torch.Tensor, old: torch.Tensor, backend: str | None) -> tuple[float, float]:
     """(||new - old||, ||old||) in float64, through client_stats (scaled, so never Inf for finite points)."""
@@ -139,10 +161,11 @@ class GeometricMedian(Aggregator):
     from the weighted mean, until $\|z_{t+1} - z_t\| \le \mathrm{tol}\,\|z_t\|$ or ``max_iter``.
 
     ``weights`` are the $\alpha_i$. The authors' code stops on the relative change of the
-    objective instead; SPEC §5 fixes the step-size test used here. Each iteration reads G twice:
+    objective instead; this one uses the step-size test above. Each iteration reads G twice:
     the distances to z, then the new z.
     """
 
+    default_buffers = "rule"   # a robust point, every client kept
     uses_weights = True
 
     def __init__(self, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-7, **kw):

@@ -16,7 +16,7 @@ class InvariantReport(Report):
 
 
 class InvariantAggregator(Aggregator):
-    r"""Invariant Aggregator (Wang et al., AISTATS 2024; SPEC §4.3): an AND-mask on sign agreement
+    r"""Invariant Aggregator (Wang et al., AISTATS 2024; ``ops.invariant``): an AND-mask on sign agreement
     times a coordinate-wise trimmed mean,
     $\mathrm{out}_j = [\,|\sum_i \operatorname{sign}(g_{ij})|/n > \tau\,]\cdot \mathrm{TM}_j$.
 
@@ -25,6 +25,8 @@ class InvariantAggregator(Aggregator):
     The authors' released code differs (tau = 0.6 with ``>=``, and a narrow trimmed mean of
     ranks int(0.45n)..int(0.55n)-1): use ``InvariantAggregator.official()``. Ignores weights.
     """
+
+    default_buffers = "rule"   # robust per coordinate, every client kept
 
     def __init__(self, tau: float, alpha: float | None = 0.25, trim: int | None = None, strict: bool = True,
                  *, ranks: str = "trim", **kw):

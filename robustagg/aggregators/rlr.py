@@ -8,7 +8,7 @@ import torch
 from .. import ops
 from .base import (Aggregator, Clients, Report, check_choice, check_float, check_int, check_multiplier, gaussian,
                    make_generator)
-from .classic import clip_factor
+from .classic import clip_factor, median_norm_step
 
 
 @dataclass
@@ -20,31 +20,38 @@ class RobustLRReport(Report):
 
 
 class RobustLR(Aggregator):
-    r"""Robust learning rate (Ozdayi et al., AAAI 2021; SPEC §4.4):
+    r"""Robust learning rate (Ozdayi et al., AAAI 2021; ``ops.rlr``):
     $\eta_j = +\mathrm{lr}$ if $|\sum_i \operatorname{sign}(g_{ij})| \ge \theta$ else $-\mathrm{lr}$,
     and the output is $\eta \odot \mathrm{base}$.
 
     * ``base="mean"``: the weighted mean (weights are sample counts); ``"median"``: the
-      numpy-style coordinate median; ``"sign"``: ``sign(sign_sum)`` (signSGD). Weights only
-      change the mean base.
+      numpy-style coordinate median; ``"sign"``: ``sign(sign_sum)`` times ``sign_step`` (signSGD).
+      Weights only change the mean base.
+    * ``sign_step``: the size of the sign base's entries. By default (None) it is the median
+      client norm (after clipping) over $\sqrt d$, as in ``SignSGD``, so that the base has about
+      the length of a client update; the authors' code adds unit signs (``sign_step=1.0``), a step
+      of 1 on every coordinate of the model.
     * ``clip``: each row is clipped to L2 <= clip first (Sun et al. 2019), as in the paper's
       combination with weak DP.
     * ``noise``: N(0, (noise*clip)^2) is added to the base before the lr multiply, as in the
       authors' code; it needs ``clip``.
 
     ``theta`` is a vote count (0..n). The mean base without noise is one fused ``rlr`` pass.
+    The output is the update the server adds, as in the paper, whose updates are model deltas
+    (``server_lr=1`` is its value).
     """
 
     uses_weights = True
 
     def __init__(self, theta: int, server_lr: float = 1.0, base: str = "mean", clip: float | None = None,
-                 noise: float = 0.0, *, generator=None, seed=None, **kw):
+                 noise: float = 0.0, *, sign_step: float | None = None, generator=None, seed=None, **kw):
         super().__init__(**kw)
         self.theta = check_int(self.name, "theta", theta, 0)
         self.server_lr = check_float(self.name, "server_lr", server_lr)
         self.base = check_choice(self.name, "base", base, ("mean", "median", "sign"))
         self.clip = None if clip is None else check_float(self.name, "clip", clip, 0.0, lo_open=True)
         self.noise = check_float(self.name, "noise", noise, 0.0)
+        self.sign_step = None if sign_step is None else check_float(self.name, "sign_step", sign_step, 0.0)
         if self.noise > 0 and self.clip is None:
             raise ValueError(f"{self.name}: noise={self.noise} needs clip; the noise std is noise*clip")
         self.generator = make_generator(generator, seed)
@@ -55,9 +62,10 @@ class RobustLR(Aggregator):
 
     def aggregate(self, rows: Clients, layout):
         check_multiplier(self.name, "server_lr", self.server_lr, rows.G.dtype)
-        scale, clipped = None, None
+        scale, clipped, norm = None, None, None
         if self.clip is not None:
-            scale = clip_factor(rows.stats().norm, self.clip)
+            norm = rows.stats().norm
+            scale = clip_factor(norm, self.clip)
             clipped = rows.ids(scale < 1)
         self.check_n(rows.n)
         if self.base == "mean" and self.noise == 0:
@@ -75,7 +83,7 @@ class RobustLR(Aggregator):
         else:
             # a positive clip factor never changes a sign
             votes = rows.run(ops.sign_sum)
-            base = torch.sign(votes).to(rows.G.dtype)
+            base = torch.sign(votes).to(rows.G.dtype) * self.sign_size(rows, norm)
         if self.noise > 0:
             base = base + gaussian(base.shape[0], self.noise * self.clip, base, self.generator)
         positive = votes.abs() >= self.theta
@@ -83,6 +91,16 @@ class RobustLR(Aggregator):
         lr = torch.where(positive, lr, -lr)
         return lr * base, RobustLRReport(selected=rows.all_ids(), clipped=clipped,
                                          lr_positive_fraction=float(positive.float().mean()))
+
+    def sign_size(self, rows: Clients, norm: torch.Tensor | None) -> float:
+        """The sign base's step: ``sign_step``, else the median clipped norm over sqrt(d)."""
+        if self.sign_step is not None:
+            return check_multiplier(self.name, "sign_step", self.sign_step, rows.G.dtype)
+        if norm is None:
+            norm = rows.stats().norm
+        if self.clip is not None:
+            norm = norm.clamp_max(self.clip)
+        return median_norm_step(norm, rows.G.shape[1])
 
     def fused_mean(self, rows: Clients, scale):
         """One rlr pass. Clipping scales rows by a positive factor, which keeps their signs, so the
