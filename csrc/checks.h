@@ -14,7 +14,7 @@
 
 namespace robustagg::checks {
 
-// SPEC §2: float32 arithmetic for 16/32-bit storage, float64 for float64.
+// docs/backends.md: float32 arithmetic for 16/32-bit storage, float64 for float64.
 inline at::ScalarType arithmetic_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }

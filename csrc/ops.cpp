@@ -1,8 +1,8 @@
-// robustagg operator schemas (SPEC §4) and the CPU dispatch.
+// robustagg operator schemas (docs/ops.md) and the CPU dispatch.
 //
 // This is the only file (with csrc/cuda/bindings.cpp) where torch tensors meet raw pointers.
 // Every op returns, beside its result, `nonfinite`: bool[n], true for each row of G that holds a
-// NaN or Inf, found in the same pass (SPEC §3). robustagg/ops.py turns that into the
+// NaN or Inf, found in the same pass (docs/nonfinite.md). robustagg/ops.py turns that into the
 // raise / drop / propagate policy; the kernels themselves never raise on non-finite data.
 //
 // Argument checking for users lives in robustagg/ops.py; the checks here (TORCH_CHECK) guard the
@@ -17,31 +17,31 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(robustagg, m) {
-  // §4.1 sign votes: sums int32[d]
+  // sign votes: sums int32[d]
   m.def("sign_sum(Tensor G) -> (Tensor sums, Tensor nonfinite)");
-  // §4.2 order statistics: mean of sorted positions lo..hi-1 per coordinate
+  // order statistics: mean of sorted positions lo..hi-1 per coordinate
   m.def("order_mean(Tensor G, int lo, int hi) -> (Tensor out, Tensor nonfinite)");
-  // §4.3 fused invariant: mask = |sign_sum| >= min_votes; out = mask ? order_mean(lo, hi) : 0.
+  // fused invariant: mask = |sign_sum| >= min_votes; out = mask ? order_mean(lo, hi) : 0.
   // ops.invariant turns tau/strict into the exact integer vote threshold min_votes.
   m.def("invariant(Tensor G, int lo, int hi, int min_votes) -> (Tensor out, Tensor mask, Tensor nonfinite)");
-  // §4.4 fused robust learning rate; weights float[n] in the compute dtype, or None for all-ones.
+  // fused robust learning rate; weights float[n] in the compute dtype, or None for all-ones.
   m.def("rlr(Tensor G, Tensor? weights, int theta, float server_lr) -> (Tensor out, Tensor nonfinite)");
-  // §4.5 client statistics, float64; dot, ref_norm and ref_dist (||G_i - ref||) are empty
+  // client statistics, float64; dot, ref_norm and ref_dist (||G_i - ref||) are empty
   // tensors when ref is None.
   m.def("client_stats(Tensor G, int window_start, int window_length, Tensor? ref) -> "
         "(Tensor norm, Tensor sign_frac, Tensor dot, Tensor ref_norm, Tensor ref_dist, Tensor nonfinite)");
   // max_norm: float[n] in the compute dtype (ops.clip_rows expands a scalar).
   m.def("clip_rows(Tensor G, Tensor max_norm) -> (Tensor out, Tensor nonfinite)");
-  // §4.6 top-k with error feedback. nonfinite is bool[1]: u holds NaN/Inf; then error and momentum
+  // top-k with error feedback. nonfinite is bool[1]: u holds NaN/Inf; then error and momentum
   // are left untouched and the outputs are empty.
   m.def("topk_ef_step(Tensor u, Tensor(a!) error, Tensor(b!) momentum, int k, float rho) -> "
         "(Tensor indices, Tensor values, Tensor nonfinite)");
   m.def("topk_abs(Tensor x, int k) -> (Tensor indices, Tensor values, Tensor nonfinite)");
-  // §4.7 max-pool amplification. segments: int64[S, 5] rows of
+  // max-pool amplification. segments: int64[S, 5] rows of
   // (in_offset, rows, cols, pooled, out_offset); out_width is the output row length.
   m.def("maxpool_amplify(Tensor G, Tensor segments, int kernel, bool restore, int out_width) -> "
         "(Tensor out, Tensor nonfinite)");
-  // §4.8 pairwise geometry, [n, n] in float64.
+  // pairwise geometry, [n, n] in float64.
   m.def("pairwise_sqdist(Tensor G) -> (Tensor out, Tensor nonfinite)");
   m.def("pairwise_cosine(Tensor G) -> (Tensor out, Tensor nonfinite)");
 }
@@ -147,7 +147,7 @@ TORCH_LIBRARY_IMPL(robustagg, CPU, m) {
 
 namespace robustagg_stats {
 
-// The storage dtypes of SPEC §2: the lambda is instantiated once per dtype, with scalar_t bound to
+// The storage dtypes of docs/backends.md: the lambda is instantiated once per dtype, with scalar_t bound to
 // it; any other dtype fails with a message naming the op and the dtype.
 #define RA_STATS_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)

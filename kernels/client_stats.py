@@ -1,4 +1,4 @@
-r"""Per-client statistics (SPEC §4.5) and norm clipping.
+r"""Per-client statistics and norm clipping (docs/ops.md).
 
 ``client_stats`` reads G once: a program owns one row and a CHUNK of its columns, and returns
 partial sums for that chunk (in float64: sums of squares of the row and of its difference from

@@ -3,7 +3,7 @@ import triton
 import triton.language as tl
 
 # Power-of-two scales of core/common.h (kScaleDown, kScaleUp) for float64 values whose squares or
-# products would overflow or underflow (SPEC §3): |x| * 2^-600 <= 2^424 for every float64, and a
+# products would overflow or underflow (docs/nonfinite.md): |x| * 2^-600 <= 2^424 for every float64, and a
 # value below 2^-450 times 2^600 is a normal number whose square is one too. Scaling by them is
 # exact. Kernels read them as constexprs, the host code as their ``.value``.
 SCALE_DOWN = tl.constexpr(2.0 ** -600)
@@ -14,7 +14,7 @@ TINY_SQUARES = 2.0 ** -900
 
 @triton.jit
 def to_acc(x, IS_FP64: tl.constexpr):
-    """Arithmetic dtype of SPEC §2: float64 for float64 input, float32 otherwise."""
+    """Arithmetic dtype: float64 for float64 input, float32 otherwise."""
     if IS_FP64:
         return x.to(tl.float64)
     else:

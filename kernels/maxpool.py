@@ -1,4 +1,4 @@
-r"""Max-pool amplification (SPEC §4.7): every segment, every client, one launch.
+r"""Max-pool amplification (docs/ops.md): every segment, every client, one launch.
 
 The segment table (rows of in_offset, rows, cols, pooled, out_offset; see
 robustagg/layout.py ``segment_table``) becomes a small work table of items, each cut into tiles

@@ -1,4 +1,4 @@
-r"""Order statistics (SPEC §4.2) and the fused invariant aggregation (SPEC §4.3).
+r"""Order statistics and the fused invariant aggregation (docs/ops.md).
 
 ``order_mean(G, lo, hi)_j`` is the mean of the sorted values at positions lo..hi-1 of column j.
 
@@ -12,7 +12,7 @@ r"""Order statistics (SPEC §4.2) and the fused invariant aggregation (SPEC §4.
   it costs (key bits + 1) reads of the column.
 
 Only the kept values are added (never "total minus trimmed"), so a +-3e38 outlier that is trimmed
-cannot destroy the honest values (SPEC §3). The mean of finite values is finite, but their sum can
+cannot destroy the honest values (docs/nonfinite.md). The mean of finite values is finite, but their sum can
 overflow (two kept 3e38 values in float32): both paths also add the kept values scaled by 2^-m,
 2^m >= 2 (hi - lo), which cannot overflow, and take that mean (clamped to the kept range, as core
 ``kept_mean_rescaled``) where the plain one overflowed and the column is finite. On a GPU the

@@ -1,4 +1,4 @@
-r"""Pairwise geometry (SPEC §4.8): squared distances and cosines between the n client rows.
+r"""Pairwise geometry (docs/ops.md): squared distances and cosines between the n client rows.
 
 Distances come from direct differences, never from ||a||^2 + ||b||^2 - 2ab, so identical rows
 give exactly 0 and nearly identical rows keep their precision. A program owns a pair of row tiles

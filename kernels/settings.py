@@ -33,7 +33,7 @@ def is_fp64(t: torch.Tensor) -> bool:
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Arithmetic dtype per storage dtype (SPEC §2)."""
+    """Arithmetic dtype per storage dtype: float64 for float64, float32 for the others."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

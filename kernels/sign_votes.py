@@ -1,9 +1,9 @@
-"""Sign votes (SPEC §4.1) and the fused robust learning rate (SPEC §4.4).
+"""Sign votes and the fused robust learning rate (docs/ops.md).
 
 Both stream G once by column blocks: a program owns BLOCK_D coordinates and walks the n rows
 BLOCK_N at a time, so every load is a contiguous stretch of one row (coalesced along d) and the
 per-coordinate sums stay in registers. Non-finite rows are flagged in the same pass. rlr also
-keeps, in float64, the weighted mean that replaces the plain one where that overflowed (SPEC §3);
+keeps, in float64, the weighted mean that replaces the plain one where that overflowed (docs/nonfinite.md);
 on a GPU the second sum is cheaper than a branch and a second read of the column.
 """
 import torch

@@ -1,4 +1,4 @@
-r"""Global top-k by magnitude (SPEC §4.6): SparseFed's error-feedback step and the stateless form.
+r"""Global top-k by magnitude (docs/ops.md): SparseFed's error-feedback step and the stateless form.
 
 Deterministic radix select, with ties to the lower index, so every backend selects the same set:
 

@@ -2,7 +2,8 @@
 
 The ops are in ``robustagg.ops`` (also re-exported here), the pure-PyTorch references in
 ``robustagg.reference``, flattening of client updates in ``robustagg.layout``, the defenses in
-``robustagg.aggregators`` and the attacks in ``robustagg.attacks``.
+``robustagg.aggregators``, the attacks in ``robustagg.attacks`` and the update convention
+(deltas, ``apply_update``) in ``robustagg.fl``. The documentation is in docs/ (docs/README.md).
 """
 from ._backend import BACKENDS, available_backends
 from ._errors import BackendUnavailableError, NonFiniteUpdateError

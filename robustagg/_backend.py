@@ -1,4 +1,4 @@
-"""Backend discovery and selection (SPEC §2).
+"""Backend discovery and selection (docs/backends.md).
 
 Four backends run the raw ops, each with the signatures declared in csrc/ops.cpp:
 

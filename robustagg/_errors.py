@@ -6,7 +6,7 @@ import torch
 
 
 class NonFiniteUpdateError(ValueError):
-    """Raised under ``nonfinite="raise"`` when client rows hold NaN or Inf (SPEC §3).
+    """Raised under ``nonfinite="raise"`` when client rows hold NaN or Inf (docs/nonfinite.md).
 
     ``clients`` lists the offending rows, as the caller's original row numbers.
     """

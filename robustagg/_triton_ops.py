@@ -3,7 +3,7 @@
 Each op has exactly the raw signature of its schema in csrc/ops.cpp (``OPS`` maps the op name to
 the registered op), including the ``nonfinite`` row flags found in the same pass.
 
-Registration (SPEC §2): ops whose launch configuration depends only on shapes use
+Registration (docs/backends.md): ops whose launch configuration depends only on shapes use
 ``torch.library.triton_op`` with ``wrap_triton``, so that torch.compile can see the kernels. Under
 ``TRITON_INTERPRET=1`` (CPU tensors) that is not possible: ``triton_op`` uses the Python body as
 the fake implementation, and the interpreter then runs the kernel on fake tensors and fails. There,

@@ -1,12 +1,12 @@
-r"""The public functional API of robustagg (SPEC §4).
+r"""The public functional API of robustagg (semantics of every op: docs/ops.md).
 
 Every op takes ``G`` of shape (n, d): row i is client i, column j coordinate j. Each op
 
 * checks its arguments and raises ``ValueError``/``TypeError`` naming the argument, its value and
   the allowed range;
-* picks a backend (``backend=None``: automatic, SPEC §2) and calls ``torch.ops.robustagg.*``
+* picks a backend (``backend=None``: automatic, docs/backends.md) and calls ``torch.ops.robustagg.*``
   (or the Triton / torch implementation of the same raw signature);
-* applies the non-finite policy (SPEC §3): ``nonfinite="raise"`` (default) raises
+* applies the non-finite policy (docs/nonfinite.md): ``nonfinite="raise"`` (default) raises
   ``NonFiniteUpdateError``, ``"drop"`` computes on the finite rows only, ``"propagate"`` skips the
   check. The kernels find non-finite rows in the same pass that computes the result; under
   ``"drop"`` a coordinate-wise op runs again on the surviving rows, while per-client ops just
@@ -146,7 +146,7 @@ def _per_client(op, G, nonfinite, backend, run, row_outputs, matrix_outputs=()):
     return result, bad
 
 
-# ---------------------------------------------------------------- §4.1 sign votes
+# ---------------------------------------------------------------- sign votes
 
 def sign_sum(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
     r"""$s_j = \sum_i \operatorname{sign}(G_{ij})$, with sign(±0) = 0. Returns int32[d]."""
@@ -171,7 +171,7 @@ def sign_agreement(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
     return (s.abs().to(acc_dtype(G.dtype)) / n_used[-1]).to(G.dtype)
 
 
-# ---------------------------------------------------------------- §4.2 order statistics
+# ---------------------------------------------------------------- order statistics
 
 def _order_bounds(op, lo, hi, rows):
     lo = check_int(op, "lo", lo, 0, rows.n - 1, rows.why())
@@ -229,7 +229,7 @@ def median(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
     return out
 
 
-# ---------------------------------------------------------------- §4.3 invariant aggregation
+# ---------------------------------------------------------------- invariant aggregation
 
 def _min_votes(tau: float, n: int, strict: bool) -> int:
     """The least integer v with v/n > tau (>= tau if not strict), v/n evaluated in float64.
@@ -245,7 +245,7 @@ def _min_votes(tau: float, n: int, strict: bool) -> int:
 
 def invariant(G, tau: float, trim: int, strict: bool = True, *, return_mask: bool = False,
               nonfinite="raise", backend=None):
-    r"""Invariant Aggregator (SPEC §4.3): $\mathrm{out}_j = [a_j > \tau]\cdot\mathrm{trimmed\_mean}_j$
+    r"""Invariant Aggregator (Wang et al. 2024): $\mathrm{out}_j = [a_j > \tau]\cdot\mathrm{trimmed\_mean}_j$
     with $a_j = |s_j|/n$ (``>=`` when ``strict=False``). G is read once.
 
     The paper uses trim = ceil(alpha*n) with alpha = 0.25; see
@@ -269,7 +269,7 @@ def invariant_ranks(G, tau: float, lo: int, hi: int, strict: bool = True, *, ret
                     nonfinite="raise", backend=None):
     """``invariant`` with explicit kept ranks lo..hi-1 instead of a symmetric trim.
 
-    The authors' released code keeps ranks int(0.45n)..int(0.55n)-1 (SPEC §4.3).
+    The authors' released code keeps ranks int(0.45n)..int(0.55n)-1.
     """
     op = "invariant_ranks"
     G = _check_matrix(G, op)
@@ -284,7 +284,7 @@ def invariant_ranks(G, tau: float, lo: int, hi: int, strict: bool = True, *, ret
     return (out, mask) if return_mask else out
 
 
-# ---------------------------------------------------------------- §4.4 robust learning rate
+# ---------------------------------------------------------------- robust learning rate
 
 def _check_weights(weights, op, n, G):
     """check_weights (relative weights, the largest in [0.5, 1)) in G's arithmetic dtype on G's device."""
@@ -314,11 +314,11 @@ def rlr(G, theta: int, weights=None, server_lr: float = 1.0, *, nonfinite="raise
     return out
 
 
-# ---------------------------------------------------------------- §4.5 client statistics
+# ---------------------------------------------------------------- client statistics
 
 @dataclass
 class ClientStats:
-    """Per-client statistics from one read of G (SPEC §4.5), all float64."""
+    """Per-client statistics from one read of G, all float64."""
     norm: torch.Tensor                 # [n] L2 norm of each row
     sign_frac: torch.Tensor            # [n, 3] fractions > 0, == 0, < 0 inside the window
     dot: torch.Tensor | None           # [n] G_i . ref, if ref was given
@@ -414,7 +414,7 @@ def clip_rows(G, max_norm, *, nonfinite="raise", backend=None) -> torch.Tensor:
     return out
 
 
-# ---------------------------------------------------------------- §4.6 top-k with error feedback
+# ---------------------------------------------------------------- top-k with error feedback
 
 def _check_k(k, op):
     return check_int(op, "k", k, 0)
@@ -426,7 +426,7 @@ def _raise_vector_nonfinite(op, name, x):
 
 
 def topk_ef_step(u, error, momentum, k: int, rho: float, *, nonfinite="raise", backend=None):
-    r"""SparseFed's server step with error feedback and momentum factor masking (SPEC §4.6)::
+    r"""SparseFed's server step with error feedback and momentum factor masking::
 
         momentum = rho * momentum + u;  error += momentum
         S = indices of the k largest |error| (ties to the lower index)
@@ -474,11 +474,11 @@ def topk_abs(x, k: int, *, nonfinite="raise", backend=None):
     return idx, values
 
 
-# ---------------------------------------------------------------- §4.7 max-pool amplification
+# ---------------------------------------------------------------- max-pool amplification
 
 def maxpool_amplify(G, layout: Layout, kernel: int = 2, restore: bool = False, *, nonfinite="raise",
                     backend=None) -> torch.Tensor:
-    r"""AGRAmplifier's max-pooling (SPEC §4.7): every pooled segment is viewed as a (rows, cols)
+    r"""AGRAmplifier's max-pooling (Gong et al. 2024): every pooled segment is viewed as a (rows, cols)
     matrix and max-pooled with a ``kernel x kernel`` window, stride ``kernel``, floor mode, over
     raw signed values; 0-D/1-D segments pass through. Returns [n, d_amp], or [n, d] with
     ``restore=True`` (each window's max at its first arg-max position, zeros elsewhere).
@@ -502,7 +502,7 @@ def maxpool_amplify(G, layout: Layout, kernel: int = 2, restore: bool = False, *
     return out
 
 
-# ---------------------------------------------------------------- §4.8 pairwise geometry
+# ---------------------------------------------------------------- pairwise geometry
 
 def pairwise_sqdist(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
     r"""$D_{ij} = \|G_i - G_j\|^2$, [n, n]; exactly 0 for identical rows, symmetric, zero diagonal."""

@@ -1,7 +1,7 @@
-r"""Pure-PyTorch reference of every op in SPEC §4.
+r"""Pure-PyTorch reference of every op in ``robustagg.ops`` (semantics: docs/ops.md).
 
 This is the ground truth of the test suite and the ``torch`` baseline of the benchmarks. It is
-written to be read, not to be fast: each function is the formula of its SPEC section, computed in
+written to be read, not to be fast: each function is the formula of its op, computed in
 the op's arithmetic dtype (float32, or float64 for float64 inputs). It does no argument checking
 and applies no non-finite policy; ``robustagg.ops`` does both.
 """
@@ -18,11 +18,11 @@ _SORT_COLUMNS = 1 << 20
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Arithmetic dtype for a storage dtype (SPEC §2)."""
+    """Arithmetic dtype for a storage dtype: float64 for float64, float32 for the others."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# ---------------------------------------------------------------- §4.1 sign votes
+# ---------------------------------------------------------------- sign votes
 
 def sign_sum(G: torch.Tensor) -> torch.Tensor:
     r"""$s_j = \sum_i \operatorname{sign}(G_{ij})$ with $\operatorname{sign}(\pm 0) = 0$; int32[d]."""
@@ -34,7 +34,7 @@ def sign_agreement(G: torch.Tensor) -> torch.Tensor:
     return (sign_sum(G).abs().to(acc_dtype(G.dtype)) / G.shape[0]).to(G.dtype)
 
 
-# ---------------------------------------------------------------- §4.2 order statistics
+# ---------------------------------------------------------------- order statistics
 
 def kept_mean(kept: torch.Tensor) -> torch.Tensor:
     r"""Per column, the mean of the sorted kept values ``kept`` [count, d].
@@ -43,7 +43,7 @@ def kept_mean(kept: torch.Tensor) -> torch.Tensor:
     torch adds in a tree, so -Inf + Inf can even make it NaN). Where it does, the values are summed
     scaled by $2^{-m}$ with $2^m \ge 2\,\mathrm{count}$ (exact, and no partial sum can overflow),
     and the mean is clamped to the kept range, which rounding could otherwise leave by an ulp
-    (SPEC §3).
+    (docs/nonfinite.md, "Huge finite values").
     """
     count = kept.shape[0]
     total = kept.sum(dim=0)
@@ -74,7 +74,7 @@ def median(G: torch.Tensor) -> torch.Tensor:
     return order_mean(G, (n - 1) // 2, n // 2 + 1)
 
 
-# ---------------------------------------------------------------- §4.3 invariant aggregation
+# ---------------------------------------------------------------- invariant aggregation
 
 def invariant(G: torch.Tensor, tau: float, trim: int, strict: bool = True, return_mask: bool = False):
     r"""AND-mask times trimmed mean: $\mathrm{out}_j = [a_j > \tau]\,\mathrm{tm}_j$ (``>=`` if not strict).
@@ -87,7 +87,7 @@ def invariant(G: torch.Tensor, tau: float, trim: int, strict: bool = True, retur
     return (out, mask) if return_mask else out
 
 
-# ---------------------------------------------------------------- §4.4 robust learning rate
+# ---------------------------------------------------------------- robust learning rate
 
 def rlr(G: torch.Tensor, theta: int, weights: torch.Tensor | None = None, server_lr: float = 1.0):
     r"""$\mathrm{out}_j = \eta_j \cdot \sum_i w_i G_{ij} / \sum_i w_i$ with
@@ -103,7 +103,7 @@ def rlr(G: torch.Tensor, theta: int, weights: torch.Tensor | None = None, server
 def weighted_mean(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     r"""$\sum_i w_i X_i / \sum_i w_i$ in X's dtype. Where the weighted sum overflows although every
     value is finite, the mean is taken as $\sum_i (w_i / W) X_i$ in float64 and clamped to the
-    column's range, so finite rows always give a finite mean (SPEC §3)."""
+    column's range, so finite rows always give a finite mean."""
     avg = (w[:, None] * X).sum(dim=0) / w.sum()
     overflow = ~torch.isfinite(avg) & torch.isfinite(X).all(dim=0)   # a tree sum can turn Inf - Inf into NaN
     if bool(overflow.any()):
@@ -114,7 +114,7 @@ def weighted_mean(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return avg
 
 
-# ---------------------------------------------------------------- §4.5 client statistics
+# ---------------------------------------------------------------- client statistics
 
 class ClientStatsRef(NamedTuple):
     norm: torch.Tensor            # [n]
@@ -167,7 +167,7 @@ def cosine_to(X: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 def client_stats(G: torch.Tensor, window: tuple[int, int] | None = None, ref: torch.Tensor | None = None):
     """Row norms, windowed sign fractions, dot products with ``ref`` and distances to it, in
-    float64 for every input dtype: n numbers whose exact values may not fit float32 (SPEC §4.5).
+    float64 for every input dtype: n numbers whose exact values may not fit float32.
     Where a row (or ref) is too large or small for plain float64 products, norms, distances and dot
     products are computed on power-of-two-scaled values and scaled back in one step, so every one
     that fits float64 is returned."""
@@ -203,7 +203,7 @@ def clip_rows(G: torch.Tensor, max_norm) -> torch.Tensor:
     return out
 
 
-# ---------------------------------------------------------------- §4.6 top-k with error feedback
+# ---------------------------------------------------------------- top-k with error feedback
 
 def _topk_indices(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest values, ties at the k-th value to the lower index, ascending.
@@ -229,7 +229,7 @@ def topk_abs(x: torch.Tensor, k: int):
 
 
 def topk_ef_step(u, error, momentum, k: int, rho: float):
-    """SparseFed's server step (SPEC §4.6); updates ``error`` and ``momentum`` in place.
+    """SparseFed's server step (``ops.topk_ef_step``); updates ``error`` and ``momentum`` in place.
 
     Error feedback can legitimately grow past the dtype's range (a client that keeps sending
     3e38 in float32); momentum and error then saturate at the largest finite value of the storage
@@ -249,10 +249,10 @@ def topk_ef_step(u, error, momentum, k: int, rho: float):
     return idx, values
 
 
-# ---------------------------------------------------------------- §4.7 max-pool amplification
+# ---------------------------------------------------------------- max-pool amplification
 
 def maxpool_amplify(G: torch.Tensor, layout, kernel: int, restore: bool = False) -> torch.Tensor:
-    """Per-segment ``kernel x kernel`` max-pooling, stride = kernel, floor mode (SPEC §4.7)."""
+    """Per-segment ``kernel x kernel`` max-pooling, stride = kernel, floor mode (``ops.maxpool_amplify``)."""
     n, d = G.shape
     pieces = []
     out = torch.zeros_like(G) if restore else None
@@ -286,7 +286,7 @@ def maxpool_amplify(G: torch.Tensor, layout, kernel: int, restore: bool = False)
     return torch.cat(pieces, dim=1) if pieces else G.new_zeros(n, 0)
 
 
-# ---------------------------------------------------------------- §4.8 pairwise geometry
+# ---------------------------------------------------------------- pairwise geometry
 #
 # [n, n] matrices are float64 for every input dtype: a squared distance between finite float32
 # rows need not fit float32.

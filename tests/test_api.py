@@ -1,5 +1,5 @@
 """The public API's contract: argument errors, the non-finite policy machinery and backend selection
-(SPEC §2, §3, §4). Per-op numerics are tested in the per-family test files."""
+(docs/backends.md, docs/nonfinite.md, docs/ops.md). Per-op numerics are tested in the per-family test files."""
 import math
 
 import pytest

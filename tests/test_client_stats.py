@@ -1,4 +1,4 @@
-"""client_stats and clip_rows (SPEC §4.5) against robustagg.reference on every backend."""
+"""client_stats and clip_rows (docs/ops.md) against robustagg.reference on every backend."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st

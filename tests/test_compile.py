@@ -1,4 +1,4 @@
-"""The registered ops trace under torch.compile with no graph break (fake implementations, SPEC §2)."""
+"""The registered ops trace under torch.compile with no graph break (fake implementations, docs/backends.md)."""
 import pytest
 import torch
 

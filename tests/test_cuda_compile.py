@@ -1,4 +1,4 @@
-"""CI checks of the CUDA sources that need nvcc but no GPU (SPEC §7).
+"""CI checks of the CUDA sources that need nvcc but no GPU.
 
 * every ``csrc/cuda/*.cu`` compiles with the nvcc flags of setup.py for sm_80 and sm_90;
 * ptxas reports no spills, stack frame or local memory for the hot coordinate-wise kernels, in

@@ -17,7 +17,7 @@ missing __syncthreads/__syncwarp shows up as a difference. Expectations, as in
 tests/test_cuda_parity.py (the GPU version of these tests):
 
 * sign_sum, order_mean, invariant, rlr in float32: bitwise equal to the CPU backend, also where
-  a sum of huge finite values overflows and is redone (issue 10, SPEC §3);
+  a sum of huge finite values overflows and is redone (issue 10, docs/nonfinite.md);
 * top-k and max-pool: the same selection and bits as the CPU backend (saturated top-k state too);
 * everything else: within conftest.RESOLUTION of robustagg.reference on float64 inputs; float64
   statistics of 1e200 and 1e-200 rows relatively (atol 0), as they sit far below every atol;
@@ -375,7 +375,7 @@ def test_rlr_flags_nonfinite_rows(emu):
     assert_bitwise(out[ok], cpu_out[ok], "rlr on finite columns")
 
 
-# Finite values whose sums overflow the arithmetic type (SPEC §3): powers of two, so that the sums
+# Finite values whose sums overflow the arithmetic type (docs/nonfinite.md): powers of two, so that the sums
 # of scaled values are exact and the cancelling column cancels exactly on every path.
 HUGE = {torch.float32: 2.0 ** 127, torch.bfloat16: 2.0 ** 127, torch.float64: 2.0 ** 1023}
 FINITE_OVERFLOWING = [0, 1, 2, 3]  # the finite columns of overflowing_columns
@@ -403,7 +403,7 @@ def overflowing_columns(n: int, dtype) -> torch.Tensor:
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_rlr_overflowing_weighted_sum_of_finite_rows_is_redone(emu, dtype, weighted):
-    # SPEC §3: where the weighted sum is +-Inf and the column finite, the mean is redone in float64
+    # docs/nonfinite.md: where the weighted sum is +-Inf and the column finite, the mean is redone in float64
     # (core's RescuedMean); a column holding Inf keeps the overflowed result. Weights up to 100 make
     # w_i * x_i itself overflow.
     n = 18
@@ -508,7 +508,7 @@ def test_order_mean_of_two_3e38_rows_and_zeros_is_finite(emu):
                               "float32-select-2100", "bfloat16-registers-18", "bfloat16-registers-100",
                               "float64-registers-18", "float64-network-100", "float64-select-2049"])
 def test_order_mean_overflowing_kept_sum_is_redone(emu, dtype, n):
-    # SPEC §3: where the kept sum of finite values overflowed, every path (register kernels and their
+    # docs/nonfinite.md: where the kept sum of finite values overflowed, every path (register kernels and their
     # redo kernel, the pruned network, selection) redoes it with core's kept_mean_rescaled, like the
     # CPU kernel, which keeps the overflowed mean where the column holds Inf (column 4).
     G = overflowing_columns(n, dtype)
@@ -584,7 +584,7 @@ def test_client_stats_close_to_reference(emu, n, d, window, dtype):
     ref = torch.randn(d, generator=torch.Generator().manual_seed(22)).to(dtype)
     start, length = window or (0, d)
     norm, frac, dot, ref_norm, ref_dist, bad = emulate(emu, "client_stats", G, start, length, ref)
-    assert {t.dtype for t in (norm, frac, dot, ref_norm, ref_dist)} == {torch.float64}  # SPEC §4.5, every dtype
+    assert {t.dtype for t in (norm, frac, dot, ref_norm, ref_dist)} == {torch.float64}  # docs/ops.md: float64 for every dtype
     expected = reference.client_stats(G.double(), (start, length), ref.double())
     assert_close(norm, expected.norm, dtype, "norm")
     assert_close(frac, expected.sign_frac, dtype, "sign_frac")
@@ -629,7 +629,7 @@ def huge_row_ref(d: int, seed: int) -> torch.Tensor:
 
 
 def test_client_stats_float64_huge_and_tiny_rows(emu):
-    # SPEC §3, §4.5: float64 squares of 1e200 overflow and those of 1e-200 underflow; core's scaled
+    # docs/nonfinite.md: float64 squares of 1e200 overflow and those of 1e-200 underflow; core's scaled
     # sums still give every norm, distance and dot product that fits float64, and such rows are
     # finite rows. d = 5000: two column chunks.
     d = 5000
@@ -665,7 +665,7 @@ def test_client_stats_float64_huge_and_tiny_rows(emu):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_clip_rows_huge_row_factor_is_applied_in_float64(emu, dtype):
-    # SPEC §3 (scales in float64): the factor of a 3e38 row, about 1e-40, is below float32's normal
+    # docs/nonfinite.md (scales in float64): the factor of a 3e38 row, about 1e-40, is below float32's normal
     # range; formed and applied in float64, the result is rounded once (a float32 factor lost 5e-5
     # relative). Equal squares make every summation order exact, so the bits must be the CPU's.
     G = torch.full((2, 32), 3e38)
@@ -680,7 +680,7 @@ def test_clip_rows_huge_row_factor_is_applied_in_float64(emu, dtype):
 
 
 def test_clip_rows_float64_huge_and_tiny_rows(emu):
-    # SPEC §3, §4.5: a clipped row becomes (x * 2^-+600) * factor in float64, so 1e200 and 1e-200
+    # docs/nonfinite.md: a clipped row becomes (x * 2^-+600) * factor in float64, so 1e200 and 1e-200
     # rows are clipped to max_norm; a row within max_norm (even where max_norm * 2^600 overflows) is
     # kept as it is, bit for bit.
     d = 3000
@@ -841,7 +841,7 @@ def test_topk_ef_step_nonfinite_u_leaves_state_untouched(emu):
 @pytest.mark.parametrize("rho", [0.0, 0.9])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_topk_ef_step_state_saturates_at_the_storage_limit(emu, dtype, rho):
-    # SPEC §3: a client that keeps sending +-big: error (and momentum) saturate at the largest
+    # docs/nonfinite.md: a client that keeps sending +-big: error (and momentum) saturate at the largest
     # finite value of the storage dtype (65504 for float16, FLT_MAX for float32), never Inf; a
     # later selection returns that value.
     limit = torch.finfo(dtype).max
@@ -964,7 +964,7 @@ def test_pairwise_more_direct_pairs_than_direct_blocks(emu, dtype):
     sq, _ = emulate(emu, "pairwise_sqdist", G)
     expected = reference.pairwise_sqdist(G.double())
     assert bool((expected > 0).sum() == 50 * 49)
-    torch.testing.assert_close(sq.double(), expected, rtol=1e-5, atol=0)  # SPEC §4.8: 1e-5 relative
+    torch.testing.assert_close(sq.double(), expected, rtol=1e-5, atol=0)  # docs/ops.md: 1e-5 relative
     assert_bitwise(sq, sq.T, "symmetric")
 
 
@@ -994,7 +994,7 @@ def unsafe_rows(d: int = 64) -> torch.Tensor:
 
 
 def test_pairwise_float64_huge_tiny_and_zero_rows(emu):
-    # SPEC §3, §4.8: every pair with an unsafe row comes from the direct pass, products scaled by the
+    # docs/nonfinite.md: every pair with an unsafe row comes from the direct pass, products scaled by the
     # rows' powers of two, equality from the count of differing entries (not a zero distance).
     G = unsafe_rows()
     sq, bad = emulate(emu, "pairwise_sqdist", G)

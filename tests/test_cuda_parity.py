@@ -1,8 +1,8 @@
-"""Bitwise agreement of the CUDA C++ backend with the C++ CPU backend (SPEC §2, issue 5).
+"""Bitwise agreement of the CUDA C++ backend with the C++ CPU backend (docs/backends.md, issue 5).
 
 The coordinate-wise ops share their per-coordinate math (csrc/core) and accumulation order, and
 both builds disable floating-point contraction, so float32 results must be identical bit for bit,
-not merely close, including the redo of sums of huge finite values that overflow (SPEC §3). Top-k
+not merely close, including the redo of sums of huge finite values that overflow (docs/nonfinite.md). Top-k
 selections are deterministic by construction (ties to the lower index) and must pick the same
 coordinates. client_stats and the pairwise matrices are float64 for every input dtype and agree
 within float64 rounding (their summation orders differ). Needs a CUDA device and both compiled
@@ -207,7 +207,7 @@ def test_client_stats_float64_statistics(dtype):
 
 
 def test_client_stats_and_clip_rows_of_huge_and_tiny_float64_rows():
-    # Scaled sums (SPEC §3): every norm, distance and dot product that fits float64 is returned.
+    # Scaled sums (docs/nonfinite.md): every norm, distance and dot product that fits float64 is returned.
     G = huge_and_tiny_float64_rows()
     ref = torch.randn(5000, generator=torch.Generator().manual_seed(22), dtype=torch.float64) * 1e-200
     cuda_stats = ops.client_stats(G.cuda(), ref=ref.cuda(), backend="cuda")

@@ -1,4 +1,4 @@
-"""maxpool_amplify (SPEC §4.7) against robustagg.reference on every backend.
+"""maxpool_amplify (docs/ops.md) against robustagg.reference on every backend.
 
 Max-pooling selects values, so every backend must match the reference exactly (NaN where NaN).
 """

@@ -1,4 +1,4 @@
-"""order_mean, trimmed_mean, median, invariant (SPEC §4.2, §4.3) on every backend, against the
+"""order_mean, trimmed_mean, median, invariant (docs/ops.md) on every backend, against the
 float64 reference."""
 import numpy as np
 import pytest
@@ -189,7 +189,7 @@ def test_median_ignores_outliers_on_both_sides(backend):
     torch.testing.assert_close(ops.median(G, backend=backend).double().cpu(), expected, rtol=0, atol=0)
 
 
-# ---------------------------------------------------------------- non-finite rows (SPEC §3)
+# ---------------------------------------------------------------- non-finite rows (docs/nonfinite.md)
 
 @pytest.mark.parametrize("backend", backends_for("order_mean"))
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -271,7 +271,7 @@ def test_order_mean_is_deterministic(backend, n):
     assert torch.equal(first, second)
 
 
-# ---------------------------------------------------------------- invariant (SPEC §4.3)
+# ---------------------------------------------------------------- invariant
 
 @pytest.mark.parametrize("backend", backends_for("invariant"))
 @pytest.mark.parametrize("n", NS)

@@ -1,4 +1,4 @@
-"""pairwise_sqdist and pairwise_cosine (SPEC §4.8) against robustagg.reference on every backend."""
+"""pairwise_sqdist and pairwise_cosine (docs/ops.md) against robustagg.reference on every backend."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -29,7 +29,7 @@ def _check(op, out, G):
     # float64 for every dtype: a squared distance between float32 rows of 3e38 fits only there
     expected = _expected(op, G)
     assert out.dtype == torch.float64 and out.shape == (G.shape[0],) * 2
-    # SPEC §4.8: relative error <= 1e-5 against float64 (1e-12 for float64 inputs)
+    # docs/ops.md: relative error <= 1e-5 against float64 (1e-12 for float64 inputs)
     rtol = 1e-12 if G.dtype == torch.float64 else 1e-5
     scale = to_reference(G).abs().max().item() ** 2 * (1 if op == "pairwise_cosine" else G.shape[1])
     torch.testing.assert_close(out.double().cpu(), expected, rtol=rtol, atol=rtol * 1e-3 * max(scale, 1e-30),

@@ -1,4 +1,4 @@
-"""sign_sum, sign_agreement and rlr (SPEC §4.1, §4.4) on every backend, against the reference."""
+"""sign_sum, sign_agreement and rlr (docs/ops.md) on every backend, against the reference."""
 import pytest
 import torch
 from hypothesis import given, settings

@@ -1,4 +1,4 @@
-"""The public API exists, exports every SPEC §4 op, and the backend table is honest."""
+"""The public API exists, exports every op of docs/ops.md, and the backend table is honest."""
 import torch
 
 import robustagg

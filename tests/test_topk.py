@@ -1,4 +1,4 @@
-"""topk_ef_step and topk_abs (SPEC §4.6) against robustagg.reference on every backend.
+"""topk_ef_step and topk_abs (docs/ops.md) against robustagg.reference on every backend.
 
 The selection is exact and the update is elementwise in the arithmetic dtype, so every backend
 must reproduce the reference bit for bit: indices, values, error and momentum.

@@ -1,6 +1,6 @@
 """Triton-specific tests: every Triton op against robustagg.reference, the kernels' own edge cases
 (tile and block boundaries, the radix-select path for n > 256, ties in the top-k radix select,
-segment tables), huge and tiny finite values (SPEC §3: no finite input may give Inf/NaN where the
+segment tables), huge and tiny finite values (docs/nonfinite.md: no finite input may give Inf/NaN where the
 exact result is finite), the registration as torch.ops.robustagg_triton.*, and determinism.
 
 Without a GPU these run under TRITON_INTERPRET=1 on CPU tensors (conftest sets it), which is slow:
@@ -414,7 +414,7 @@ def test_client_stats_ref_dist_comes_from_differences():
 
 
 # float64 rows whose squares or products overflow (1e200) or underflow (1e-200, the smallest
-# subnormal 5e-324), each with a reference vector of its kind (SPEC §3, "kScaled" sums).
+# subnormal 5e-324), each with a reference vector of its kind (docs/nonfinite.md, "kScaled" sums).
 EXTREME_FLOAT64_ROWS = {
     "huge": ([[1e200, 1e200, -1e200], [1e200] * 3, [-3e200, 0.0, 1e-300]], [1e108] * 3),
     "tiny": ([[1e-200] * 3, [5e-324] * 3, [0.0] * 3, [1e-200, -1e-200, 5e-324]], [2e-200, 1e-200, 0.0]),

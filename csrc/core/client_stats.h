@@ -1,4 +1,4 @@
-// Per-element math of client_stats and clip_rows (SPEC §4.5), shared by the CPU and CUDA kernels.
+// Per-element math of client_stats and clip_rows (docs/ops.md), shared by the CPU and CUDA kernels.
 //
 // A kernel keeps one RowStats per (row, column block), feeds every value of the block to its sums
 // with row_sums_add (and row_sums_add_ref when a reference vector is given), counts signs only
@@ -13,7 +13,7 @@
 // x * 2^600 (core/common.h): when the plain sum overflowed, every square of the first is in range;
 // when it is below 2^-900, every value is below 2^-450 and the squares of the second are normal
 // numbers. The chosen sum is the plain sum of an exactly rescaled row, the way LAPACK's nrm2
-// avoids overflow, so a norm or distance that fits float64 is returned (SPEC §3).
+// avoids overflow, so a norm or distance that fits float64 is returned (docs/nonfinite.md).
 #pragma once
 #include <cmath>
 

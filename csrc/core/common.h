@@ -3,7 +3,7 @@
 #include <cstdint>
 
 // Marks a function callable from host and device code, so that the CPU and CUDA backends run the
-// same arithmetic (SPEC §1).
+// same arithmetic (docs/backends.md).
 #if defined(__CUDACC__)
 #define RA_HD __host__ __device__ __forceinline__
 #else
@@ -11,18 +11,18 @@
 #endif
 
 // Applies M (a macro that declares one explicit instantiation) to the four storage types of
-// SPEC §2; each backend names its own 16-bit types (c10::Half/c10::BFloat16, __half/__nv_bfloat16).
+// docs/backends.md; each backend names its own 16-bit types (c10::Half/c10::BFloat16, __half/__nv_bfloat16).
 #define RA_FOR_EACH_DTYPE(M, HALF, BFLOAT16) M(HALF) M(BFLOAT16) M(float) M(double)
 
 namespace robustagg {
 
-// Arithmetic type per storage type (SPEC §2): float32 for 16/32-bit inputs, float64 for float64.
+// Arithmetic type per storage type (docs/backends.md): float32 for 16/32-bit inputs, float64 for float64.
 template <typename T> struct acc_type { using type = float; };
 template <> struct acc_type<double> { using type = double; };
 template <typename T> using acc_t = typename acc_type<T>::type;
 
 // True for NaN and ±Inf: x - x is 0 for every finite x and NaN otherwise. Needs no <cmath> on
-// either side and is shared by every op's same-pass non-finite detection (SPEC §3).
+// either side and is shared by every op's same-pass non-finite detection (docs/nonfinite.md).
 template <typename A>
 RA_HD bool is_nonfinite(A x) {
   return !(x - x == A(0));
@@ -41,7 +41,7 @@ RA_HD A saturate(A x, A limit) {
 }
 
 // Power-of-two scales for float64 values whose squares or products would overflow or underflow
-// (SPEC §3): |x| * 2^-600 <= 2^424 for every float64, and a value below 2^-450 times 2^600 is a
+// (docs/nonfinite.md): |x| * 2^-600 <= 2^424 for every float64, and a value below 2^-450 times 2^600 is a
 // normal number whose square is one too. Multiplying by a power of two is exact in that range.
 constexpr double kScaleDown = 0x1p-600;
 constexpr double kScaleUp = 0x1p600;

@@ -1,4 +1,4 @@
-// Per-window math of maxpool_amplify (SPEC §4.7), shared by the CPU and CUDA kernels.
+// Per-window math of maxpool_amplify (docs/ops.md), shared by the CPU and CUDA kernels.
 //
 // A pooled segment is a (rows, cols) row-major matrix inside one row of G, pooled with a
 // kernel x kernel window, stride kernel, floor mode (the last rows % kernel rows and

@@ -1,4 +1,4 @@
-// Per-coordinate order statistics (SPEC §4.2): the mean of the sorted values at positions
+// Per-coordinate order statistics (docs/ops.md): the mean of the sorted values at positions
 // lo..hi-1, shared by the CPU and CUDA kernels.
 //
 // API (stable; the CUDA kernels call these):
@@ -35,7 +35,7 @@
 // hi - lo. Any exact selection method yields the same sorted kept values, so the network path,
 // the selection path and the CUDA kernels give the same bits. Only the kept values are added,
 // never "total minus the trimmed ones", so a ±3e38 outlier that is trimmed cannot cost the honest
-// values any precision (SPEC §3). Where that sum overflows although the values are finite, every
+// values any precision (docs/nonfinite.md). Where that sum overflows although the values are finite, every
 // path redoes it with kept_mean_rescaled.
 //
 // NaN: the kernels never crash or loop forever on NaN (it only breaks the ordering, and the caller
@@ -75,7 +75,7 @@ RA_HD V kept_mean(const V* sorted, int64_t lo, int64_t hi) {
 // float32), and then kept_mean is ±Inf. This redo adds the kept values scaled by 2^-m with
 // 2^m >= 2 (hi - lo), so no partial sum can overflow, in the same ascending order; the scaling is
 // exact, and the mean is clamped to [sorted[lo], sorted[hi-1]], which rounding could otherwise
-// leave by an ulp (reference.kept_mean, SPEC §3). One coordinate, scalar A.
+// leave by an ulp (reference.kept_mean, docs/nonfinite.md). One coordinate, scalar A.
 template <typename A>
 RA_HD A kept_mean_rescaled(const A* sorted, int64_t lo, int64_t hi) {
   A down = A(1), up = A(1);

@@ -1,4 +1,4 @@
-// Per-entry math of pairwise_sqdist and pairwise_cosine (SPEC §4.8), shared by the CPU and CUDA
+// Per-entry math of pairwise_sqdist and pairwise_cosine (docs/ops.md), shared by the CPU and CUDA
 // kernels.
 //
 // The kernels accumulate the Gram matrix K = G G^T in float64 (a float32 product is exact in
@@ -15,7 +15,7 @@ namespace robustagg {
 
 // Relative size of K_ii + K_jj below which the Gram formula loses too many digits. float64
 // accumulation over d <= 2^31 terms errs by at most ~d * 2^-53 * (K_ii + K_jj) in the worst case
-// and ~sqrt(d) * 2^-53 typically, so distances this small are recomputed directly (SPEC's 1e-5).
+// and ~sqrt(d) * 2^-53 typically, so distances this small are recomputed directly (within the float64 tolerance of 1e-5 in docs/ops.md).
 constexpr double kGramCancellation = 1e-6;
 
 RA_HD double sqdist_from_gram(double kii, double kjj, double kij) {

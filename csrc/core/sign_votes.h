@@ -1,4 +1,4 @@
-// Per-coordinate math of the sign-vote family (SPEC §4.1, §4.3, §4.4), shared by the CPU and CUDA
+// Per-coordinate math of the sign-vote family (docs/ops.md), shared by the CPU and CUDA
 // kernels. Everything here works on one coordinate's values in the accumulator type A
 // (acc_t<T>: float, or double for double inputs).
 //
@@ -35,7 +35,7 @@ RA_HD int sign_vote(A x) {
   return static_cast<int>(x > A(0)) - static_cast<int>(x < A(0));
 }
 
-// Invariant Aggregator (SPEC §4.3): the coordinate is kept when its sign agreement |s_j| / n
+// Invariant Aggregator (docs/ops.md): the coordinate is kept when its sign agreement |s_j| / n
 // passes tau. ops.invariant turns (tau, strict) into the integer threshold min_votes, so every
 // backend decides the mask with the same integer comparison.
 RA_HD bool invariant_keeps(int votes, int min_votes) {
@@ -68,7 +68,7 @@ RA_HD A rlr_finish(int votes, int theta, A weighted_sum, A weight_total, A serve
 // The weighted mean of a coordinate whose rows were all finite but whose weighted sum overflowed
 // (two 3e38 rows in float32): sum_i (w_i / W) x_i in float64, rows in ascending order, where no
 // term exceeds its |x_i|; clamped to [min_i x_i, max_i x_i], which rounding could leave by an ulp
-// (reference.weighted_mean, SPEC §3). Feed rows 0, 1, ..., n-1 with their share w_i / W.
+// (reference.weighted_mean, docs/nonfinite.md). Feed rows 0, 1, ..., n-1 with their share w_i / W.
 struct RescuedMean {
   double sum, lo, hi;
 };

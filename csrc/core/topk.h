@@ -1,4 +1,4 @@
-// Per-element math of topk_ef_step and topk_abs (SPEC §4.6), shared by the CPU and CUDA kernels.
+// Per-element math of topk_ef_step and topk_abs (docs/ops.md), shared by the CPU and CUDA kernels.
 //
 // Selection is a radix select over magnitude keys: |x| as an unsigned integer orders exactly like
 // |x| (IEEE-754 bit patterns of non-negative floats are monotone), so the k largest |x| are the k

@@ -1,4 +1,4 @@
-// CPU kernels of client_stats and clip_rows (SPEC §4.5): one read of G for the statistics.
+// CPU kernels of client_stats and clip_rows (docs/ops.md): one read of G for the statistics.
 //
 // G is cut into a fixed number of column chunks (a function of d only, never of the thread
 // count), each walked in blocks: for one block every row is read once while ref's block stays in

@@ -11,33 +11,33 @@
 namespace robustagg {
 namespace cpu {
 
-// SPEC §4.5, every statistic in float64. ref may be null (then dot, ref_norm and ref_dist are
+// docs/ops.md, every statistic in float64. ref may be null (then dot, ref_norm and ref_dist are
 // not written). frac is [n, 3].
 template <typename T>
 void client_stats(const T* G, int64_t n, int64_t d, int64_t window_start, int64_t window_length, const T* ref,
                   double* norm, double* frac, double* dot, double* ref_norm, double* ref_dist, bool* nonfinite);
 
-// SPEC §4.5: out_i = G_i * min(1, max_norm_i / |G_i|), computed in float64.
+// docs/ops.md: out_i = G_i * min(1, max_norm_i / |G_i|), computed in float64.
 template <typename T>
 void clip_rows(const T* G, int64_t n, int64_t d, const acc_t<T>* max_norm, T* out, bool* nonfinite);
 
-// SPEC §4.6. Writes min(k, d) ascending indices and values, updates error and momentum in place.
+// docs/ops.md. Writes min(k, d) ascending indices and values, updates error and momentum in place.
 // Returns false, leaving error and momentum untouched, when u holds NaN/Inf.
 template <typename T>
 bool topk_ef_step(const T* u, T* error, T* momentum, int64_t d, int64_t k, double rho, int64_t* indices,
                   T* values);
 
-// SPEC §4.6 stateless form. Returns false when x holds NaN/Inf (the outputs are still written,
+// docs/ops.md stateless form. Returns false when x holds NaN/Inf (the outputs are still written,
 // with NaN counted as the largest magnitude).
 template <typename T>
 bool topk_abs(const T* x, int64_t d, int64_t k, int64_t* indices, T* values);
 
-// SPEC §4.7. table is int64[segments, 5]; out is [n, out_width].
+// docs/ops.md. table is int64[segments, 5]; out is [n, out_width].
 template <typename T>
 void maxpool_amplify(const T* G, int64_t n, int64_t d, const int64_t* table, int64_t segments, int64_t kernel,
                      bool restore, int64_t out_width, T* out, bool* nonfinite);
 
-// SPEC §4.8; out is [n, n] in float64.
+// docs/ops.md; out is [n, n] in float64.
 template <typename T>
 void pairwise(const T* G, int64_t n, int64_t d, bool cosine, double* out, bool* nonfinite);
 

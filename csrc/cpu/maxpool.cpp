@@ -1,4 +1,4 @@
-// CPU kernel of maxpool_amplify (SPEC §4.7): every segment of the layout table and every client in
+// CPU kernel of maxpool_amplify (docs/ops.md): every segment of the layout table and every client in
 // one call, no loop over layers outside the kernel.
 //
 // The row of G is cut into tasks: bands of pooled rows of a pooled segment, slices of a

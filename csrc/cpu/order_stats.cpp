@@ -1,4 +1,4 @@
-// CPU loops for order_mean (so trimmed_mean and median) and the fused invariant (SPEC §4.2, §4.3).
+// CPU loops for order_mean (so trimmed_mean and median) and the fused invariant (docs/ops.md).
 //
 // G is read once, in tiles of W coordinates (one 64-byte vector per row): the n row-vectors of a
 // tile are loaded into `wires` (n x W), then a network runs across the lanes (each

@@ -1,4 +1,4 @@
-// CPU kernels of pairwise_sqdist and pairwise_cosine (SPEC §4.8).
+// CPU kernels of pairwise_sqdist and pairwise_cosine (docs/ops.md).
 //
 // The Gram matrix K = G G^T is accumulated in float64 over column tiles: the tile of all rows is
 // converted to float64 once (a float32 product is then exact), and register blocks of rows

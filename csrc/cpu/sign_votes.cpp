@@ -1,4 +1,4 @@
-// CPU loops for sign_sum and the fused robust learning rate (SPEC §4.1, §4.4).
+// CPU loops for sign_sum and the fused robust learning rate (docs/ops.md).
 //
 // Both are one streaming read of G: each thread takes a chunk of kChunkVectors vectors of
 // coordinates, keeps the chunk's vote counts (and for rlr the weighted sums) in L1, and walks the

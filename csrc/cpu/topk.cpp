@@ -1,4 +1,4 @@
-// CPU kernels of topk_ef_step and topk_abs (SPEC §4.6): exact, deterministic global top-k by a
+// CPU kernels of topk_ef_step and topk_abs (docs/ops.md): exact, deterministic global top-k by a
 // radix select over the magnitude keys of csrc/core/topk.h, without sorting.
 //
 // Pass 1 (topk_ef_step only) applies the error-feedback update and builds a histogram of the top
@@ -257,7 +257,7 @@ bool topk_ef_step(const T* u, T* error, T* momentum, int64_t d, int64_t k, doubl
                   T* values) {
   using A = acc_t<T>;
   if (!all_finite(u, d)) return false;
-  // 16-bit state is stored rounded, but SPEC selects on the error before rounding: keep it in A.
+  // 16-bit state is stored rounded, but the op selects on the error before rounding: keep it in A.
   constexpr bool kScratch = !std::is_same<T, A>::value;
   std::vector<A> scratch(kScratch ? d : 0);
   A* error_acc = kScratch ? scratch.data() : nullptr;

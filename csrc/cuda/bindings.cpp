@@ -37,7 +37,7 @@ template <typename T> device_t<T>* ptr(const at::Tensor& t) {
   return reinterpret_cast<device_t<T>*>(t.data_ptr<T>());
 }
 
-// Storage dtypes of SPEC §2; the body is instantiated once per dtype with scalar_t bound to it.
+// Storage dtypes of docs/backends.md; the body is instantiated once per dtype with scalar_t bound to it.
 #define RA_CUDA_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
@@ -67,7 +67,7 @@ void check_rows_fit_int(int64_t n, const char* op) {
   TORCH_CHECK(n < INT_MAX, op, ": n=", n, " rows is too many for the cuda backend; allowed < ", INT_MAX);
 }
 
-// ---- §4.1, §4.4 sign votes
+// ---- sign votes
 
 std::tuple<at::Tensor, at::Tensor> sign_sum(const at::Tensor& G_in) {
   const at::Tensor G = matrix_arg(G_in, "sign_sum");
@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> rlr(const at::Tensor& G_in, const std::option
   return {out, bad};
 }
 
-// ---- §4.2, §4.3 order statistics
+// ---- order statistics
 
 std::tuple<at::Tensor, at::Tensor> order_mean(const at::Tensor& G_in, int64_t lo, int64_t hi) {
   const at::Tensor G = matrix_arg(G_in, "order_mean");
@@ -142,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> invariant(const at::Tensor& G_in,
   return {out, mask, bad};
 }
 
-// ---- §4.5 client statistics: float64 statistics for every input dtype, as on the CPU
+// ---- client statistics: float64 statistics for every input dtype, as on the CPU
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> client_stats(
     const at::Tensor& G_in, int64_t window_start, int64_t window_length, const std::optional<at::Tensor>& ref_in) {
@@ -190,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> clip_rows(const at::Tensor& G_in, const at::T
   return {out, bad};
 }
 
-// ---- §4.6 top-k
+// ---- top-k
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_ef_step(const at::Tensor& u_in, at::Tensor& error,
                                                             at::Tensor& momentum, int64_t k, double rho) {
@@ -232,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_abs(const at::Tensor& x_in, 
   return {indices, values, bad};
 }
 
-// ---- §4.7 max-pool amplification
+// ---- max-pool amplification
 
 std::tuple<at::Tensor, at::Tensor> maxpool_amplify(const at::Tensor& G_in, const at::Tensor& segments_in,
                                                    int64_t kernel, bool restore, int64_t out_width) {
@@ -253,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> maxpool_amplify(const at::Tensor& G_in, const
   return {out, bad};
 }
 
-// ---- §4.8 pairwise geometry: float64 [n, n] for every input dtype, as on the CPU
+// ---- pairwise geometry: float64 [n, n] for every input dtype, as on the CPU
 
 template <bool kCosine>
 std::tuple<at::Tensor, at::Tensor> pairwise(const at::Tensor& G_in) {

@@ -1,4 +1,4 @@
-// CUDA kernels of client_stats and clip_rows (SPEC §4.5); the per-value math is
+// CUDA kernels of client_stats and clip_rows (docs/ops.md); the per-value math is
 // core/client_stats.h, shared with the CPU kernels.
 //
 // Deterministic reductions, no float atomics: G is cut into a fixed number of column chunks (a
@@ -7,7 +7,7 @@
 // The block grid puts the rows of one chunk next to each other, so the chunk of ref they all read
 // is served from L2. Non-finite values are flagged while they are read.
 //
-// Every statistic is float64 (SPEC §3, §4.5): float64 input keeps core's scaled sums of squares
+// Every statistic is float64 (docs/nonfinite.md, docs/ops.md): float64 input keeps core's scaled sums of squares
 // besides the plain ones, so a norm or distance of 1e200 or 1e-200 values that fits float64 is
 // returned, and clip_rows multiplies in float64 and rounds once.
 #include <type_traits>

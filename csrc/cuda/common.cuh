@@ -1,5 +1,5 @@
 // Device helpers shared by the CUDA kernels in csrc/cuda/*.cu: storage <-> arithmetic conversion,
-// return-code checking, launch sizing. No torch header here (SPEC §1).
+// return-code checking, launch sizing. No torch header here (docs/backends.md).
 #pragma once
 #include <cstdint>
 
@@ -19,7 +19,7 @@
 namespace robustagg {
 namespace cuda {
 
-// Storage -> arithmetic type (SPEC §2: float32, or float64 for float64). The 16-bit conversions
+// Storage -> arithmetic type (docs/backends.md: float32, or float64 for float64). The 16-bit conversions
 // are exact; the reverse ones round to nearest even, as c10::Half / c10::BFloat16 do on the CPU.
 __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -38,7 +38,7 @@ template <> __device__ __forceinline__ double from_acc<double>(double x) { retur
 template <typename T> __device__ __forceinline__ acc_t<T> load_acc(const T* p) { return to_acc(__ldg(p)); }
 
 // The largest finite value of the storage type T, in its arithmetic type (std::numeric_limits<T>::max()
-// on the CPU): where topk_ef_step's state saturates (core's ef_update, SPEC §3).
+// on the CPU): where topk_ef_step's state saturates (core's ef_update, docs/nonfinite.md).
 template <typename T> __device__ __forceinline__ acc_t<T> storage_max();
 template <> __device__ __forceinline__ float storage_max<__half>() { return 65504.0f; }
 template <> __device__ __forceinline__ float storage_max<__nv_bfloat16>() { return 0x1.fep127f; }  // bits 0x7F7F

@@ -9,7 +9,7 @@
 //   * G is row-major (n, d), contiguous; T is __half, __nv_bfloat16, float or double and A = acc_t<T>
 //     the arithmetic type (float, double for double);
 //   * nonfinite is bool[n] (bool[1] for the top-k vector ops); the launcher clears it and the kernels
-//     set the rows holding NaN/Inf in the same pass that computes the result (SPEC §3);
+//     set the rows holding NaN/Inf in the same pass that computes the result (docs/nonfinite.md);
 //   * indices and sizes are 64-bit.
 #pragma once
 #include <cstddef>
@@ -24,7 +24,7 @@
 namespace robustagg {
 namespace cuda {
 
-// ---- sign_votes.cu (SPEC §4.1, §4.4)
+// ---- sign_votes.cu (docs/ops.md)
 
 template <typename T>
 cudaError_t sign_sum(const T* G, int64_t n, int64_t d, int32_t* sums, bool* nonfinite, cudaStream_t stream);
@@ -35,7 +35,7 @@ template <typename T>
 cudaError_t rlr(const T* G, const acc_t<T>* weights, int64_t n, int64_t d, int theta, acc_t<T> server_lr,
                 T* out, bool* nonfinite, cudaStream_t stream);
 
-// ---- order_stats.cu (SPEC §4.2, §4.3)
+// ---- order_stats.cu (docs/ops.md)
 
 // Workspace of order_mean / invariant for this (n, d, element size of A): for n <= 64 (128 for
 // 16/32-bit data) only the flag that starts the overflow redo.
@@ -50,7 +50,7 @@ template <typename T>
 cudaError_t invariant(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, int min_votes, T* out,
                       bool* mask, bool* nonfinite, void* workspace, cudaStream_t stream);
 
-// ---- client_stats.cu (SPEC §4.5)
+// ---- client_stats.cu (docs/ops.md)
 
 size_t client_stats_workspace_bytes(int64_t n, int64_t d);
 
@@ -67,7 +67,7 @@ template <typename T>
 cudaError_t clip_rows(const T* G, int64_t n, int64_t d, const acc_t<T>* max_norm, T* out, bool* nonfinite,
                       void* workspace, cudaStream_t stream);
 
-// ---- topk.cu (SPEC §4.6)
+// ---- topk.cu (docs/ops.md)
 
 size_t topk_workspace_bytes(int64_t d, size_t acc_size);
 
@@ -86,7 +86,7 @@ template <typename T>
 cudaError_t topk_abs(const T* x, int64_t d, int64_t k, int64_t* indices, T* values, bool* nonfinite,
                      void* workspace, cudaStream_t stream);
 
-// ---- maxpool.cu (SPEC §4.7)
+// ---- maxpool.cu (docs/ops.md)
 
 size_t maxpool_workspace_bytes(int64_t num_segments);
 
@@ -97,7 +97,7 @@ cudaError_t maxpool_amplify(const T* G, int64_t n, int64_t d, const int64_t* seg
                             int64_t kernel, bool restore, int64_t out_width, T* out, bool* nonfinite,
                             void* workspace, cudaStream_t stream);
 
-// ---- pairwise.cu (SPEC §4.8)
+// ---- pairwise.cu (docs/ops.md)
 
 size_t pairwise_workspace_bytes(int64_t n, int64_t d);
 

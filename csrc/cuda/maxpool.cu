@@ -1,4 +1,4 @@
-// CUDA kernel of maxpool_amplify (SPEC §4.7): one launch over the whole segment table and every
+// CUDA kernel of maxpool_amplify (docs/ops.md): one launch over the whole segment table and every
 // client; the per-window rule (max over raw signed values, NaN wins, first arg-max) is
 // core/maxpool.h, shared with the CPU kernel.
 //

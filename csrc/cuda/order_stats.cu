@@ -1,4 +1,4 @@
-// CUDA kernels of the order statistics (SPEC §4.2) and the fused Invariant Aggregator (§4.3).
+// CUDA kernels of the order statistics (docs/ops.md) and the fused Invariant Aggregator.
 //
 // One thread per coordinate; a warp reads 32 consecutive coordinates of one client row, so loads
 // are coalesced, and each row's non-finite flag and the sign votes come out of the same pass.
@@ -19,7 +19,7 @@
 // division by hi - lo) and places equal values (-0 and +0) like the CPU path for the same n, so
 // float32 results equal the CPU backend's bit for bit. Where that mean is ±Inf although the
 // coordinate's values were all finite (two 3e38 values in float32), every path redoes it like the
-// CPU kernel with core's kept_mean_rescaled (SPEC §3): the slice kernel in place, the selection
+// CPU kernel with core's kept_mean_rescaled (docs/nonfinite.md): the slice kernel in place, the selection
 // path inside core's order_mean_select, the register kernels through order_mean_redo_kernel.
 #include <vector>
 

@@ -1,4 +1,4 @@
-// CUDA kernels of pairwise_sqdist and pairwise_cosine (SPEC §4.8); the per-entry math is
+// CUDA kernels of pairwise_sqdist and pairwise_cosine (docs/ops.md); the per-entry math is
 // core/pairwise.h, shared with the CPU kernels.
 //
 // 1. gram_tiles: the Gram matrix K = G G^T in float64, over 32 x 32 tiles of row pairs (upper
@@ -11,7 +11,7 @@
 //    and, for float64 input, every pair with an unsafe row (core's gram_row_unsafe: K_ii overflowed
 //    or is below 2^-900), the row's own pair included. One block per listed pair adds, in a fixed
 //    tree order, the squared differences, the products of the two rows scaled by their row_scale
-//    and the count of differing entries (SPEC §3, §4.8), like the CPU kernel's direct pass.
+//    and the count of differing entries (docs/nonfinite.md, docs/ops.md), like the CPU kernel's direct pass.
 // 4. finish: distances and cosines from K and the direct sums, symmetric by construction, float64
 //    for every input dtype (a squared distance between finite float32 rows need not fit float32).
 // Non-finite rows are flagged while the tiles are loaded.

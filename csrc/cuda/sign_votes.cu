@@ -1,4 +1,4 @@
-// CUDA kernels of the sign-vote family (SPEC §4.1, §4.4): sign_sum and the fused robust learning
+// CUDA kernels of the sign-vote family (docs/ops.md): sign_sum and the fused robust learning
 // rate. One thread per coordinate walks the n rows in order, so a warp reads 32 consecutive
 // coordinates of one row (coalesced) and every row's non-finite flag comes out of the same pass.
 // The per-value math is core/sign_votes.h, shared with the CPU kernels. A coordinate whose weighted
@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// rlr's mean of coordinate j where the weighted sum overflowed (core's RescuedMean, SPEC §3): the
+// rlr's mean of coordinate j where the weighted sum overflowed (core's RescuedMean, docs/nonfinite.md): the
 // column is read again and each row's share w_i / W taken in float64, W the total as the kernel
 // formed it. The overflowed mean stays where the column holds NaN/Inf. Rare: only huge finite
 // values get here, so the second read of the column costs nothing in the common case.

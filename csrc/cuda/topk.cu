@@ -1,4 +1,4 @@
-// CUDA kernels of topk_ef_step and topk_abs (SPEC §4.6): a deterministic radix select over the
+// CUDA kernels of topk_ef_step and topk_abs (docs/ops.md): a deterministic radix select over the
 // magnitude keys of core/topk.h, in the spirit of AIR top-k (Zhang et al., SC'23), followed by an
 // ordered compaction.
 //
@@ -21,7 +21,7 @@
 //
 // topk_ef_step never writes state before the selection is settled: each data pass recomputes the
 // new error and momentum from (u, error, momentum) with core's ef_update (saturating at the largest
-// finite value of the storage dtype, SPEC §3), and the compaction pass writes them back with zeros
+// finite value of the storage dtype, docs/nonfinite.md), and the compaction pass writes them back with zeros
 // at the selected coordinates. The first pass also checks u for NaN/Inf; the launcher reads that
 // flag back (one stream synchronization) and, when u is not finite, stops with the state untouched.
 #include "core/topk.h"

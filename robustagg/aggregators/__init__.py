@@ -1,4 +1,4 @@
-"""Robust aggregation rules built from ``robustagg.ops`` (SPEC §5).
+"""Robust aggregation rules built from ``robustagg.ops`` (docs/aggregators.md).
 
 Seed defenses: InvariantAggregator, RobustLR, SparseFed, SignGuard, CosDen / EuDen / MgDen,
 FLTrust / FLTrustAmp. Baselines: FedAvg, CoordinateMedian, TrimmedMean, Krum, MultiKrum,

@@ -25,7 +25,7 @@ class SignGuardReport(Report):
 
 
 def mean_shift_labels(F: np.ndarray) -> tuple[np.ndarray, float]:
-    """MeanShift labels of the feature rows, as SignGuard's code clusters them (SPEC §5).
+    """MeanShift labels of the feature rows, as SignGuard's released code clusters them.
 
     Identical rows or a zero bandwidth put every client in cluster 0. Orphans get -1.
     """

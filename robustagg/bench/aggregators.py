@@ -1,4 +1,4 @@
-"""Every aggregator of SPEC §5, configured for n clients, for ``python -m robustagg bench``.
+"""Every aggregator of ``robustagg.aggregators`` (docs/aggregators.md), configured for n clients, for ``python -m robustagg bench``.
 
 ``make_aggregators(n, layout, root_update, backend)`` returns name -> callable(G) -> [d]. The
 settings follow the papers' usual ones scaled to n: f = n // 5 assumed attackers wherever a rule

@@ -1,4 +1,4 @@
-"""What the benchmark times: every op of SPEC §4 on real model sizes, and the aggregators.
+"""What the benchmark times: every op of ``robustagg.ops`` on real model sizes, and the aggregators.
 
 A case names a raw op (for backend availability), builds a thunk for a backend, and says how
 many bytes the op must move at least (its memory floor). The baseline of every case is

@@ -1,5 +1,5 @@
 """``python -m robustagg bench``: time every op (and aggregator) on every available backend next
-to the torch reference, in one process, at real model sizes (SPEC §8)."""
+to the torch reference, in one process, at real model sizes (see docs/backends.md)."""
 from __future__ import annotations
 
 import argparse

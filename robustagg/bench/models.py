@@ -1,4 +1,4 @@
-"""Real model definitions (plain torch.nn) that give the benchmark shapes (SPEC §8).
+"""Real model definitions (plain torch.nn) that give the benchmark shapes (docs/backends.md, "Benchmark").
 
 Only parameter shapes are used: the benchmark's d is the parameter count and the per-parameter
 layout (``Layout.from_shapes(model)``) drives ``maxpool_amplify``. The constructors are written

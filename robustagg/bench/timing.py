@@ -1,4 +1,4 @@
-"""Timing and memory-floor measurement for the benchmark (SPEC §8).
+"""Timing and memory-floor measurement for the benchmark (docs/backends.md, "Benchmark").
 
 CPU: wall-clock medians after a warm-up call. GPU: CUDA events, with the L2 cache flushed (a
 256 MB write) before every repeat. The floor is the bandwidth of a plain pass measured in the same

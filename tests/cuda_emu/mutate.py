@@ -61,7 +61,7 @@ MUTATIONS = {
     "client_stats: no barrier before the warp totals are merged (TSan)": (
         "cuda/client_stats.cu", "  if (lane == 0) warp_totals[warp] = s;\n  __syncthreads();\n",
         "  if (lane == 0) warp_totals[warp] = s;\n", "thread", "every_schedule and client_stats"),
-    # ---- issue 10: no finite input gives Inf/NaN where the exact result is finite (SPEC §3)
+    # ---- issue 10: no finite input gives Inf/NaN where the exact result is finite (docs/nonfinite.md)
     "client_stats: float64 rows add only the plain squares": (
         "cuda/client_stats.cu", "  constexpr bool kScaled = kScaledSums<T>;\n  RowStats s;",
         "  constexpr bool kScaled = false;\n  RowStats s;", None, "client_stats or clip_rows"),
