@@ -28,6 +28,7 @@ from torch import nn
 
 from . import aggregators as A
 from . import attacks, fl
+from ._errors import check_float, check_int
 
 TEST_SIZE = 360     # 20% of the 1,797 digits
 ROOT_SIZE = 100     # the server's clean root dataset (FLTrust uses 100 examples)
@@ -61,10 +62,8 @@ def dirichlet_split(labels: torch.Tensor, clients: int, alpha: float, seed: int 
     """Indices of each client's examples: every class is shared out in proportions drawn from
     Dirichlet(alpha * 1) (small alpha: few classes per client). Draws repeat until every client
     holds at least ``min_size`` examples, so that a batch never comes from an empty client."""
-    if not isinstance(clients, int) or clients < 1:
-        raise ValueError(f"clients={clients!r} must be an int >= 1")
-    if not alpha > 0:
-        raise ValueError(f"alpha={alpha!r} must be > 0")
+    clients = check_int("dirichlet_split", "clients", clients, 1)
+    alpha = check_float("dirichlet_split", "alpha", alpha, 0.0, lo_open=True)
     if clients * min_size > labels.numel():
         raise ValueError(f"clients={clients} x min_size={min_size} exceeds the {labels.numel()} examples")
     rng = np.random.default_rng(seed)
@@ -158,9 +157,8 @@ def default_aggregators(n: int, f: int, d: int | None = None) -> dict[str, Calla
     SparseFed's k = d / 10; ``NORM_BOUND`` for the clipping rules. FLTrust and FLTrustAmp start
     without a root update: ``run`` gives them the server's update on the root dataset every round.
     """
-    if isinstance(n, bool) or isinstance(f, bool) or not isinstance(n, int) or not isinstance(f, int) \
-            or not 0 <= f < n:
-        raise ValueError(f"n={n!r}, f={f!r}: need ints with 0 <= f < n")
+    n = check_int("default_aggregators", "n", n, 1)
+    f = check_int("default_aggregators", "f", f, 0, n - 1, " (at least one honest client)")
     d = parameter_count() if d is None else d
     return {
         "FedAvg": lambda: A.FedAvg(),
@@ -216,8 +214,7 @@ def run(aggregator: A.Aggregator, rounds: int = 15, clients: int = 20, alpha: fl
     FLTrust and FLTrustAmp get the server's own delta on the root dataset as ``root_update``.
     ``data`` defaults to ``load_digits_split()``.
     """
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds={rounds!r} must be an int >= 1")
+    rounds = check_int("run", "rounds", rounds, 1)
     byzantine = list(byzantine)
     if byzantine and attack is None:
         raise ValueError(f"byzantine={byzantine} needs an attack: a name of robustagg.attacks.ATTACKS or a function")
