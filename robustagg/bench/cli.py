@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
 
 from .. import _backend
+from .._machine import commit, device_name
 from .cases import Case, op_cases
 from .models import EXPECTED_D, MODELS, model_layout
 from .timing import Timer
@@ -32,27 +30,6 @@ class Row:
     speedup: float | None     # reference time / this time
     floor_ms: float           # bytes the op must move / bandwidth measured in this run
     x_floor: float            # ms / floor_ms (1.0 = at the floor)
-
-
-def _device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
-def _commit():
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _backends(device, op):
@@ -196,8 +173,8 @@ def main(argv=None):
             meta.setdefault("bandwidth_GBps", bandwidth / 1e9)
             meta.setdefault("floor", floor_what)
             del G
-    meta.update(model=args.model, d=d, dtype=args.dtype, device=_device_name(device), torch=torch.__version__,
-                triton=_triton_version(), commit=_commit(), python=sys.version.split()[0],
+    meta.update(model=args.model, d=d, dtype=args.dtype, device=device_name(device), torch=torch.__version__,
+                triton=_triton_version(), commit=commit(), python=sys.version.split()[0],
                 backends=_backend.available_backends(), skipped=skipped)
     _table(rows, meta)
     for line in skipped:
