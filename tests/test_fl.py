@@ -298,7 +298,7 @@ def test_buffer_keys_are_checked():
         A.FedAvg(buffer_keys=["1.running_std"])(states)
     with pytest.raises(TypeError, match="buffer_keys must be None or a collection"):
         A.FedAvg(buffer_keys="1.running_mean")
-    with pytest.raises(ValueError, match=r"buffers='mean' is not one of \('kept_mean', 'rule'\)"):
+    with pytest.raises(ValueError, match=r"buffers='mean' is not one of \('kept_median', 'kept_mean', 'rule'\)"):
         A.FedAvg(buffers="mean")
 
 
@@ -334,7 +334,7 @@ def test_a_huge_buffer_of_an_unselected_client_does_not_reach_the_output():
         out = agg(poisoned)
         assert 6 not in agg.last_report.selected
         kept = agg.last_report.selected
-        expected = torch.stack([poisoned[i]["1.running_mean"] for i in kept]).double().mean(0).float()
+        expected = torch.stack([poisoned[i]["1.running_mean"] for i in kept]).double().quantile(0.5, dim=0).float()
         torch.testing.assert_close(out["1.running_mean"], expected)
 
 
@@ -367,12 +367,28 @@ def test_rules_that_keep_every_client_aggregate_buffers_robustly_by_default():
         assert bool((out.abs() <= honest.abs().max(0).values + 1e-6).all()), agg
     assert A.TrimmedMean(trim=1, buffers="kept_mean")(states)["1.running_mean"].min() > 1e5
     for agg in (A.FedAvg(), A.Krum(1), A.SignSGD(), A.SparseFed(k=3)):
-        assert agg.buffers == "kept_mean", agg
+        assert agg.buffers == "kept_median", agg
+
+
+def test_rules_that_accept_every_client_keep_a_scaled_buffer_out_by_default():
+    """SignSGD, NormClipping and RobustLR defend their output but accept every client: the kept
+    clients' median of the buffers, not their mean, keeps one client's huge running statistics out."""
+    _, states = _states(7)
+    states[6]["1.running_mean"] = torch.full((4,), 1e6)
+    states[6]["1.running_var"] = torch.full((4,), 1e6)
+    honest = {key: torch.stack([sd[key] for sd in states[:6]]) for key in ("1.running_mean", "1.running_var")}
+    for agg in (A.SignSGD(), A.NormClipping(max_norm=1.0), A.RobustLR(theta=2), A.FedAvg()):
+        out = agg(states)
+        for key, values in honest.items():
+            torch.testing.assert_close(out[key], torch.cat([values, states[6][key][None]]).double().quantile(
+                0.5, dim=0).to(values.dtype), msg=f"{agg.name} {key}")
+            assert bool((out[key] <= values.max(0).values).all()), agg
+    assert A.SignSGD(buffers="kept_mean")(states)["1.running_mean"].min() > 1e5
 
 
 def test_buffer_mean_uses_weights_when_the_rule_does():
     clients = [OrderedDict(w=torch.zeros(2), running_mean=torch.full((2,), float(i))) for i in range(3)]
-    out = A.FedAvg()(clients, weights=[1.0, 1.0, 2.0])
+    out = A.FedAvg(buffers="kept_mean")(clients, weights=[1.0, 1.0, 2.0])
     torch.testing.assert_close(out["running_mean"], torch.full((2,), 1.25))
     out = A.Krum(0)(clients, weights=[1.0, 1.0, 2.0])    # Krum ignores weights
     chosen = A.Krum(0)
@@ -419,7 +435,7 @@ def _every_aggregator(root, **kw):
     ]
 
 
-@pytest.mark.parametrize("policy", ["kept_mean", "rule"])
+@pytest.mark.parametrize("policy", ["kept_median", "kept_mean", "rule"])
 def test_every_aggregator_takes_the_buffer_policy(policy):
     base, states = _states(8)
     update = fl.deltas(states, base)

@@ -254,7 +254,8 @@ def test_legacy_strategy_matches_the_message_strategy():
 
     states = client_states(len(NODE_IDS))
     states[2]["conv.weight"][0, 0] = np.nan
-    strategy = LegacyRobustStrategy(A.MultiKrum(f=2))
+    # the legacy API's arrays are unnamed ("0", "1", ... by position): the buffers are named explicitly
+    strategy = LegacyRobustStrategy(A.MultiKrum(f=2, buffer_keys={"2", "3"}))
     manager = Mock()
     manager.num_available.return_value = len(NODE_IDS)
     manager.sample.return_value = []
