@@ -366,8 +366,9 @@ def test_rules_that_keep_every_client_aggregate_buffers_robustly_by_default():
         out = agg(states)["1.running_mean"]
         assert bool((out.abs() <= honest.abs().max(0).values + 1e-6).all()), agg
     assert A.TrimmedMean(trim=1, buffers="kept_mean")(states)["1.running_mean"].min() > 1e5
-    for agg in (A.FedAvg(), A.Krum(1), A.SignSGD(), A.SparseFed(k=3)):
+    for agg in (A.Krum(1), A.SignSGD(), A.SparseFed(k=3)):
         assert agg.buffers == "kept_median", agg
+    assert A.FedAvg().buffers == "kept_mean"                  # the baseline averages everything
 
 
 def test_rules_that_accept_every_client_keep_a_scaled_buffer_out_by_default():
@@ -377,7 +378,7 @@ def test_rules_that_accept_every_client_keep_a_scaled_buffer_out_by_default():
     states[6]["1.running_mean"] = torch.full((4,), 1e6)
     states[6]["1.running_var"] = torch.full((4,), 1e6)
     honest = {key: torch.stack([sd[key] for sd in states[:6]]) for key in ("1.running_mean", "1.running_var")}
-    for agg in (A.SignSGD(), A.NormClipping(max_norm=1.0), A.RobustLR(theta=2), A.FedAvg()):
+    for agg in (A.SignSGD(), A.NormClipping(max_norm=1.0), A.RobustLR(theta=2), A.FedAvg(buffers="kept_median")):
         out = agg(states)
         for key, values in honest.items():
             torch.testing.assert_close(out[key], torch.cat([values, states[6][key][None]]).double().quantile(

@@ -16,6 +16,7 @@ class FedAvg(Aggregator):
     r"""Weighted mean (McMahan et al. 2017): $\sum_i w_i g_i / \sum_i w_i$; weights default to 1."""
 
     uses_weights = True
+    default_buffers = "kept_mean"   # the baseline: the plain weighted mean of every entry, buffers too
 
     def aggregate(self, rows: Clients, layout):
         # rlr with theta = 0 sets lr = +1 everywhere: the fused weighted mean, one pass over G.
