@@ -71,9 +71,9 @@ def _tables(doc: dict):
     meta = doc["meta"]
     table = Table(title=f"final test accuracy, median of seeds {meta['seeds']} ({meta['rounds']} rounds; "
                         "backdoor: accuracy / ASR)")
-    table.add_column("defense")
+    table.add_column("defense", no_wrap=True)
     for attack in attacks:
-        table.add_column(attack, justify="right")
+        table.add_column(attack, justify="right", no_wrap=True)
     table.add_column("agg ms", justify="right")
     for agg in cells.aggregators():
         row = []
@@ -86,7 +86,7 @@ def _tables(doc: dict):
                 row.append(f"{cells.acc(agg, attack):.3f}")
         ms = [r["agg_ms"] for attack in attacks for run in cells.runs[agg, attack] for r in run["rounds"]]
         table.add_row(agg, *row, f"{sorted(ms)[len(ms) // 2]:.1f}")
-    console = Console(width=max(120, Console().width))
+    console = Console(width=max(40 + 12 * len(attacks), Console().width))
     console.print(table)
     for agg, attack in cells.runs:
         raised, total, message = cells.errors(agg, attack)
