@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m robustagg simulate", description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="quick: the runs the claims need, about 3 minutes on 2 cores; full: every aggregator "
-                        "against every attack, about 15 minutes")
+                        "against every attack, about 12 minutes")
     p.add_argument("--aggregators", type=_names(DEFENSES, "aggregators"),
                    help="comma-separated names (default: the preset's): " + ", ".join(DEFENSES))
     p.add_argument("--attacks", type=_names(ATTACKS, "attacks"),

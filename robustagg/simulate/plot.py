@@ -17,7 +17,7 @@ def _curves(cells: Cells, aggregator: str, attack: str) -> np.ndarray:
     return np.median([[r["accuracy"] for r in run["rounds"]] for run in cells.runs[aggregator, attack]], axis=0)
 
 
-def _heatmap(ax, cells: Cells, aggregators, attacks, what: str, title: str, cmap: str):
+def _heatmap(ax, cells: Cells, aggregators, attacks, what: str, title: str, cmap: str, names: bool):
     grid = np.full((len(aggregators), len(attacks)), np.nan)
     for i, agg in enumerate(aggregators):
         for j, attack in enumerate(attacks):
@@ -25,7 +25,7 @@ def _heatmap(ax, cells: Cells, aggregators, attacks, what: str, title: str, cmap
                 grid[i, j] = cells.median(agg, attack, what)
     image = ax.imshow(grid, vmin=0, vmax=1, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(attacks)), attacks, rotation=40, ha="right")
-    ax.set_yticks(range(len(aggregators)), aggregators)
+    ax.set_yticks(range(len(aggregators)), aggregators if names else [])
     for (i, j), value in np.ndenumerate(grid):
         if not np.isnan(value):
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
@@ -68,12 +68,13 @@ def plot(document: dict, path: str) -> None:
     fig.legend(handles.values(), handles.keys(), loc="upper left", fontsize=8, ncol=1, bbox_to_anchor=(0.855, top),
                title="defense\n(thick: seed defenses)")
     half = columns
-    for span, what, title, cmap in (
-            (slice(None, half), "final_accuracy", "final test accuracy", "viridis"),
+    for span, what, title, cmap, names in (
+            (slice(None, half), "final_accuracy", "final test accuracy", "viridis", True),
             (slice(half, None), "final_asr", "final backdoor success rate\n(where the attack is another: the base "
-                                             "rate of the trigger)", "magma")):
+                                             "rate of the trigger)", "magma", False)):
         ax = fig.add_subplot(grid[rows, span])
-        fig.colorbar(_heatmap(ax, cells, aggregators, attacks, what, title, cmap), ax=ax, fraction=0.04, pad=0.02)
+        fig.colorbar(_heatmap(ax, cells, aggregators, attacks, what, title, cmap, names), ax=ax, fraction=0.04,
+                     pad=0.02)
     fig.suptitle(f"robustagg simulate: digits, preset {meta['preset']}, {meta['clients']} clients of which "
                  f"{meta['byzantine']} Byzantine, Dirichlet alpha {meta['alpha']}, {meta['rounds']} rounds; median "
                  f"of seeds {meta['seeds']}\n{meta['device']}, commit {meta['commit']}", fontsize=11)
