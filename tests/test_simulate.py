@@ -174,6 +174,15 @@ def test_tiny_federation_robustlr_halves_the_backdoor_and_nan_is_survived(tiny):
             assert all(r["rejected_nonfinite"] == run["byzantine"] for r in run["rounds"])
 
 
+def test_a_federation_without_byzantine_clients_runs_every_attack_as_the_baseline(data):
+    config = experiment.Config("t", ("FedAvg",), ("none", "backdoor", "lie"), rounds=1, seeds=(0,), clients=8,
+                               byzantine=0)
+    runs = [experiment.run_one(config, "FedAvg", attack, 0, data) for attack in config.attacks]
+    assert all(run["byzantine"] == [] for run in runs)
+    assert len({run["final_accuracy"] for run in runs}) == 1
+    assert experiment.document(config, runs, jobs=1)["meta"]["backdoor"]["boost"] is None
+
+
 def test_the_command_writes_json_and_plot_on_two_processes(tmp_path, data):
     out, png = tmp_path / "sim.json", tmp_path / "sim.png"
     assert cli.main(["--aggregators", "Krum,FedAvg", "--attacks", "lie", "--rounds", "2", "--clients", "8",

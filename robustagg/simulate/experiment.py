@@ -22,7 +22,6 @@ from .claims import NAIVE_MEAN
 ATTACKS = ("none", "backdoor", "lie", "min_max", "min_sum", "sign_flip", "ipm", "scaling", "gaussian", "nan_inject")
 
 
-
 def defenses(n: int, f: int) -> dict[str, Callable[[], A.Aggregator]]:
     """One factory per aggregator of ``robustagg.aggregators`` (``default_aggregators``: the paper
     presets with the parameters that fit n and f), and the variants the claims compare with:
@@ -147,7 +146,8 @@ def document(config: Config, runs: list[dict], jobs: int) -> dict:
             "device": device_name(torch.device("cpu"), threads=1) + f", {jobs} processes", "commit": commit(),
             "aggregators": list(config.aggregators), "attacks": list(config.attacks),
             "local_training": {"steps": sim.LOCAL_STEPS, "batch_size": sim.BATCH_SIZE, "lr": sim.LOCAL_LR},
-            "backdoor": asdict(sim.Backdoor()) | {"boost": f"clients / byzantine = {config.clients / config.byzantine:g}"},
+            "backdoor": asdict(sim.Backdoor()) | {"boost": f"clients / byzantine = {config.clients / config.byzantine:g}"
+                                                  if config.byzantine else None},
             "torch": torch.__version__}
     return {"meta": meta, "runs": runs, "claims": claims.judge(runs)}
 
