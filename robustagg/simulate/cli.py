@@ -14,7 +14,7 @@ from .experiment import ATTACKS, DEFENSES, PRESETS, document, run_all, with_over
 
 def _names(allowed, what):
     def parse(text):
-        names = [name for name in text.split(",") if name]
+        names = list(dict.fromkeys(name for name in text.split(",") if name))
         unknown = [name for name in names if name not in allowed]
         if unknown or not names:
             raise argparse.ArgumentTypeError(f"{what} {unknown or text!r} not known; choose from {', '.join(allowed)}")
@@ -33,7 +33,7 @@ def _positive(kind):
 
 def _seeds(text):
     try:
-        seeds = tuple(int(s) for s in text.split(",") if s)
+        seeds = tuple(dict.fromkeys(int(s) for s in text.split(",") if s))
     except ValueError:
         raise argparse.ArgumentTypeError(f"seeds {text!r} must be comma-separated ints") from None
     if not seeds or min(seeds) < 0:
