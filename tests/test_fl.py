@@ -387,6 +387,16 @@ def test_rules_that_accept_every_client_keep_a_scaled_buffer_out_by_default():
     assert A.SignSGD(buffers="kept_mean")(states)["1.running_mean"].min() > 1e5
 
 
+def test_kept_median_of_huge_buffers_is_finite_and_of_one_client_is_its_own():
+    clients = [OrderedDict(w=torch.zeros(2), running_var=torch.full((2,), v)) for v in (3e38, 3e38, 3e38, 1.0)]
+    out = A.SignSGD()(clients)["running_var"]
+    assert out.dtype == torch.float32 and torch.equal(out, torch.full((2,), 3e38))   # mean of the two middle 3e38
+    clients = [OrderedDict(w=torch.zeros(2), running_var=torch.full((2,), v)) for v in (3e38, 3e38, 1.0, 1.0, 2.0)]
+    assert torch.equal(A.SignSGD()(clients)["running_var"], torch.full((2,), 2.0))
+    alone = [OrderedDict(w=torch.ones(3), running_mean=torch.tensor([0.5, -2.0]))]
+    assert torch.equal(A.SignSGD()(alone)["running_mean"], torch.tensor([0.5, -2.0]))
+
+
 def test_buffer_mean_uses_weights_when_the_rule_does():
     clients = [OrderedDict(w=torch.zeros(2), running_mean=torch.full((2,), float(i))) for i in range(3)]
     out = A.FedAvg(buffers="kept_mean")(clients, weights=[1.0, 1.0, 2.0])

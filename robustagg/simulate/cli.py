@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -85,7 +86,7 @@ def _tables(doc: dict):
             else:
                 row.append(f"{cells.acc(agg, attack):.3f}")
         ms = [r["agg_ms"] for attack in attacks for run in cells.runs[agg, attack] for r in run["rounds"]]
-        table.add_row(agg, *row, f"{sorted(ms)[len(ms) // 2]:.1f}")
+        table.add_row(agg, *row, f"{statistics.median(ms):.1f}")
     console = Console(width=max(40 + 12 * len(attacks), Console().width))
     console.print(table)
     for agg, attack in cells.runs:
