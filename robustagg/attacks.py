@@ -14,7 +14,7 @@ from statistics import NormalDist
 import torch
 
 from . import ops
-from ._errors import check_float
+from ._checks import check_float
 from .layout import flatten, is_integer
 
 __all__ = ["lie", "byzmean", "min_max", "min_sum", "sign_flip", "gaussian", "noise", "ipm", "scaling",

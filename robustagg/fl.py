@@ -31,7 +31,7 @@ from typing import Collection, Sequence
 
 import torch
 
-from ._errors import check_float
+from ._checks import check_float
 from .layout import Entries, check_same_structure, entries, is_integer
 
 __all__ = ["deltas", "apply_update", "buffer_names"]

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _backend
+from . import _backend, reference
 from . import _fake  # noqa: F401  (registers the fake implementations)
-from . import reference
-from ._errors import NonFiniteUpdateError, check_bool, check_float, check_int, check_weights
+from ._checks import check_bool, check_float, check_int, check_matrix, check_multiplier, check_vector, check_weights
+from ._dtypes import acc_dtype, dtype_max
+from ._policy import check_policy, coordinatewise, per_client
 from .layout import Layout
-from .reference import acc_dtype
 
 __all__ = [
     "ClientStats", "sign_sum", "sign_agreement", "order_mean", "trimmed_mean", "median", "invariant",
@@ -42,116 +42,13 @@ __all__ = [
     "pairwise_sqdist", "pairwise_cosine",
 ]
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-POLICIES = ("raise", "drop", "propagate")
-
-
-# ---------------------------------------------------------------- argument checks
-
-def _check_matrix(G, op: str, name: str = "G") -> torch.Tensor:
-    if not isinstance(G, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(G).__name__}")
-    if G.dim() != 2:
-        raise ValueError(f"{op}: {name} has shape {tuple(G.shape)}; it must be 2-D (n clients, d coordinates)")
-    n, d = G.shape
-    if n == 0:
-        raise ValueError(f"{op}: {name} has n=0 rows; at least 1 client row is required")
-    if d == 0:
-        raise ValueError(f"{op}: {name} has d=0 columns; at least 1 coordinate is required")
-    _check_dtype(G, op, name)
-    return G.detach().contiguous()
-
-
-def _check_vector(x, op: str, name: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 1 or x.shape[0] == 0:
-        raise ValueError(f"{op}: {name} has shape {tuple(x.shape)}; it must be 1-D with at least 1 element")
-    _check_dtype(x, op, name)
-    return x.detach()
-
-
-def _dtype_max(dtype: torch.dtype) -> float:
-    """The largest finite value of dtype's arithmetic dtype: the range of a scalar the kernels use."""
-    return torch.finfo(acc_dtype(dtype)).max
-
-
-def _check_dtype(x, op, name):
-    if x.dtype not in DTYPES:
-        raise TypeError(f"{op}: {name} has dtype {x.dtype}; supported dtypes are float16, bfloat16, float32, float64")
-
-
-def _check_policy(nonfinite, op, allowed=POLICIES):
-    if nonfinite not in allowed:
-        raise ValueError(f"{op}: nonfinite={nonfinite!r} is not a policy; choose one of {allowed}")
-
-
-class _Rows:
-    """How many rows an op runs on, for error messages after non-finite rows were dropped."""
-
-    def __init__(self, n, n_total, dropped=()):
-        self.n, self.n_total, self.dropped = n, n_total, list(dropped)
-
-    def why(self) -> str:
-        if not self.dropped:
-            return f" for n={self.n} rows"
-        return (f" for the n'={self.n} finite rows left of n={self.n_total} after dropping "
-                f"non-finite clients {self.dropped}")
-
-
-# ---------------------------------------------------------------- the non-finite policy
-
-def _coordinatewise(op, G, nonfinite, backend, run, kernel_op=None):
-    """Run a coordinate-wise op under the policy; ``run(kernel, X, rows)`` returns (..., nonfinite).
-
-    ``kernel_op`` is the raw op that computes ``op`` (trimmed_mean and median run order_mean);
-    messages name ``op``, the function the caller called.
-    """
-    _check_policy(nonfinite, op)
-    kernel_op = kernel_op or op
-    fn = _backend.kernel(kernel_op, _backend.select(kernel_op, G.device, backend))
-    n = G.shape[0]
-    *result, bad = run(fn, G, _Rows(n, n))
-    if nonfinite == "propagate" or not bool(bad.any()):
-        return result
-    dropped = bad.nonzero().flatten()
-    if nonfinite == "raise":
-        raise NonFiniteUpdateError(dropped.tolist(), op)
-    kept = (~bad).nonzero().flatten()
-    if kept.numel() == 0:
-        raise ValueError(f"{op}: all n={n} client rows hold NaN or Inf; no finite row is left to aggregate")
-    rows = _Rows(kept.numel(), n, dropped.tolist())
-    *result, _ = run(fn, G.index_select(0, kept), rows, kept)
-    return result
-
-
-def _per_client(op, G, nonfinite, backend, run, row_outputs, matrix_outputs=()):
-    """Run a per-client op; under "drop" the listed outputs get NaN in the non-finite rows.
-
-    ``row_outputs`` index outputs whose dim 0 is the client; ``matrix_outputs`` index [n, n]
-    outputs whose rows and columns are clients.
-    """
-    _check_policy(nonfinite, op)
-    fn = _backend.kernel(op, _backend.select(op, G.device, backend))
-    *result, bad = run(fn, G)
-    if nonfinite == "propagate":
-        return result, bad
-    if bool(bad.any()):
-        if nonfinite == "raise":
-            raise NonFiniteUpdateError(bad.nonzero().flatten().tolist(), op)
-        for i in row_outputs:
-            result[i] = result[i].masked_fill(bad.reshape(-1, *([1] * (result[i].dim() - 1))), float("nan"))
-        for i in matrix_outputs:
-            result[i] = result[i].masked_fill(bad[:, None] | bad[None, :], float("nan"))
-    return result, bad
-
 
 # ---------------------------------------------------------------- sign votes
 
 def sign_sum(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
     r"""$s_j = \sum_i \operatorname{sign}(G_{ij})$, with sign(±0) = 0. Returns int32[d]."""
-    G = _check_matrix(G, "sign_sum")
-    (out,) = _coordinatewise("sign_sum", G, nonfinite, backend, lambda fn, X, rows, kept=None: fn(X))
+    G = check_matrix(G, "sign_sum")
+    (out,) = coordinatewise("sign_sum", G, nonfinite, backend, lambda fn, X, rows, kept=None: fn(X))
     return out
 
 
@@ -160,14 +57,14 @@ def sign_agreement(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
 
     Under ``nonfinite="drop"`` n counts the finite rows.
     """
-    G = _check_matrix(G, "sign_agreement")
+    G = check_matrix(G, "sign_agreement")
     n_used = []
 
     def run(fn, X, rows, kept=None):
         n_used.append(X.shape[0])
         return fn(X)
 
-    (s,) = _coordinatewise("sign_agreement", G, nonfinite, backend, run, kernel_op="sign_sum")
+    (s,) = coordinatewise("sign_agreement", G, nonfinite, backend, run, kernel_op="sign_sum")
     return (s.abs().to(acc_dtype(G.dtype)) / n_used[-1]).to(G.dtype)
 
 
@@ -186,13 +83,13 @@ def order_mean(G, lo: int, hi: int, *, nonfinite="raise", backend=None) -> torch
     Only the kept values are added up, in float32 (float64 for float64 input).
     """
     op = "order_mean"
-    G = _check_matrix(G, op)
+    G = check_matrix(G, op)
 
     def run(fn, X, rows, kept=None):
         a, b = _order_bounds(op, lo, hi, rows)
         return fn(X, a, b)
 
-    (out,) = _coordinatewise(op, G, nonfinite, backend, run)
+    (out,) = coordinatewise(op, G, nonfinite, backend, run)
     return out
 
 
@@ -208,24 +105,24 @@ def trimmed_mean(G, trim: int, *, nonfinite="raise", backend=None) -> torch.Tens
     ``trim=0`` is the plain mean. Needs n - 2*trim >= 1 (on the finite rows under ``"drop"``).
     """
     op = "trimmed_mean"
-    G = _check_matrix(G, op)
+    G = check_matrix(G, op)
 
     def run(fn, X, rows, kept=None):
         return fn(X, *_trim_bounds(op, trim, rows))
 
-    (out,) = _coordinatewise(op, G, nonfinite, backend, run, kernel_op="order_mean")
+    (out,) = coordinatewise(op, G, nonfinite, backend, run, kernel_op="order_mean")
     return out
 
 
 def median(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
     r"""Coordinate-wise median, numpy-style: the mean of the two middle values for even n
     (``torch.median`` returns the lower one)."""
-    G = _check_matrix(G, "median")
+    G = check_matrix(G, "median")
 
     def run(fn, X, rows, kept=None):
         return fn(X, (rows.n - 1) // 2, rows.n // 2 + 1)
 
-    (out,) = _coordinatewise("median", G, nonfinite, backend, run, kernel_op="order_mean")
+    (out,) = coordinatewise("median", G, nonfinite, backend, run, kernel_op="order_mean")
     return out
 
 
@@ -253,7 +150,7 @@ def invariant(G, tau: float, trim: int, strict: bool = True, *, return_mask: boo
     ``return_mask=True`` returns ``(out, mask)``.
     """
     op = "invariant"
-    G = _check_matrix(G, op)
+    G = check_matrix(G, op)
     tau = check_float(op, "tau", tau, 0.0, 1.0)
     strict = check_bool(op, "strict", strict)
 
@@ -261,7 +158,7 @@ def invariant(G, tau: float, trim: int, strict: bool = True, *, return_mask: boo
         lo, hi = _trim_bounds(op, trim, rows)
         return fn(X, lo, hi, _min_votes(tau, rows.n, strict))
 
-    out, mask = _coordinatewise(op, G, nonfinite, backend, run)
+    out, mask = coordinatewise(op, G, nonfinite, backend, run)
     return (out, mask) if return_mask else out
 
 
@@ -272,7 +169,7 @@ def invariant_ranks(G, tau: float, lo: int, hi: int, strict: bool = True, *, ret
     The authors' released code keeps ranks int(0.45n)..int(0.55n)-1.
     """
     op = "invariant_ranks"
-    G = _check_matrix(G, op)
+    G = check_matrix(G, op)
     tau = check_float(op, "tau", tau, 0.0, 1.0)
     strict = check_bool(op, "strict", strict)
 
@@ -280,28 +177,21 @@ def invariant_ranks(G, tau: float, lo: int, hi: int, strict: bool = True, *, ret
         a, b = _order_bounds(op, lo, hi, rows)
         return fn(X, a, b, _min_votes(tau, rows.n, strict))
 
-    out, mask = _coordinatewise(op, G, nonfinite, backend, run, kernel_op="invariant")
+    out, mask = coordinatewise(op, G, nonfinite, backend, run, kernel_op="invariant")
     return (out, mask) if return_mask else out
 
 
 # ---------------------------------------------------------------- robust learning rate
-
-def _check_weights(weights, op, n, G):
-    """check_weights (relative weights, the largest in [0.5, 1)) in G's arithmetic dtype on G's device."""
-    if weights is None:
-        return None
-    return check_weights(op, weights, n).to(device=G.device, dtype=acc_dtype(G.dtype)).contiguous()
-
 
 def rlr(G, theta: int, weights=None, server_lr: float = 1.0, *, nonfinite="raise", backend=None):
     r"""Robust learning rate (Ozdayi et al. 2021): $\mathrm{out}_j = \eta_j\,\bar g_j$ with
     $\bar g = \sum_i w_i G_i / \sum_i w_i$ and $\eta_j = +\mathrm{lr}$ if $|s_j| \ge \theta$ else
     $-\mathrm{lr}$. ``theta`` is a vote count in 0..n; ``weights`` are the clients' sample counts."""
     op = "rlr"
-    G = _check_matrix(G, op)
+    G = check_matrix(G, op)
     n = G.shape[0]
-    w = _check_weights(weights, op, n, G)
-    server_lr = check_float(op, "server_lr", server_lr, -_dtype_max(G.dtype), _dtype_max(G.dtype))
+    w = None if weights is None else check_weights(op, weights, n, G.device, acc_dtype(G.dtype))
+    server_lr = check_multiplier(op, "server_lr", server_lr, G.dtype)
 
     def run(fn, X, rows, kept=None):
         th = check_int(op, "theta", theta, 0, rows.n, f" (a vote count){rows.why()}")
@@ -310,7 +200,7 @@ def rlr(G, theta: int, weights=None, server_lr: float = 1.0, *, nonfinite="raise
             raise ValueError(f"{op}: the weights of the finite rows sum to 0{rows.why()}")
         return fn(X, wk, th, server_lr)
 
-    (out,) = _coordinatewise(op, G, nonfinite, backend, run)
+    (out,) = coordinatewise(op, G, nonfinite, backend, run)
     return out
 
 
@@ -365,7 +255,7 @@ def client_stats(G, window: tuple[int, int] | None = None, ref=None, *, nonfinit
     with ``ref`` the dot products $G_i\cdot\mathrm{ref}$, distances $\|G_i - \mathrm{ref}\|$ and
     cosines, in one read of G; all float64. Under ``"drop"`` non-finite rows get NaN."""
     op = "client_stats"
-    G = _check_matrix(G, op)
+    G = check_matrix(G, op)
     n, d = G.shape
     if window is None:
         start, length = 0, d
@@ -375,14 +265,14 @@ def client_stats(G, window: tuple[int, int] | None = None, ref=None, *, nonfinit
         start = check_int(op, "window start", window[0], 0, d - 1, f" for d={d}")
         length = check_int(op, "window length", window[1], 1, d - start, f" (start={start}, d={d})")
     if ref is not None:
-        ref = _check_vector(ref, op, "ref")
+        ref = check_vector(ref, op, "ref")
         if ref.shape[0] != d:
             raise ValueError(f"{op}: ref has length {ref.shape[0]}; it must have d={d} entries")
         if not bool(torch.isfinite(torch.stack(torch.aminmax(ref))).all()):  # one pass; min/max propagate NaN
             raise ValueError(f"{op}: ref holds NaN or Inf; the reference update must be finite")
         ref = ref.to(device=G.device, dtype=G.dtype).contiguous()
     row_outputs = (0, 1, 2, 4) if ref is not None else (0, 1)
-    (norm, frac, dot, ref_norm, ref_dist), bad = _per_client(
+    (norm, frac, dot, ref_norm, ref_dist), bad = per_client(
         op, G, nonfinite, backend, lambda fn, X: fn(X, start, length, ref), row_outputs=row_outputs)
     if ref is None:
         return ClientStats(norm, frac, None, None, None, None, ~bad)
@@ -396,7 +286,7 @@ def client_stats(G, window: tuple[int, int] | None = None, ref=None, *, nonfinit
 def clip_rows(G, max_norm, *, nonfinite="raise", backend=None) -> torch.Tensor:
     r"""$G_i \cdot \min(1, c_i/\|G_i\|)$ with $c$ a scalar or an [n] tensor; a zero row stays zero."""
     op = "clip_rows"
-    G = _check_matrix(G, op)
+    G = check_matrix(G, op)
     n = G.shape[0]
     acc = acc_dtype(G.dtype)
     if isinstance(max_norm, torch.Tensor) and max_norm.dim() > 0:
@@ -408,9 +298,9 @@ def clip_rows(G, max_norm, *, nonfinite="raise", backend=None) -> torch.Tensor:
                              f"max={bound.max().item()}")
     else:
         value = check_float(op, "max_norm", float(max_norm) if isinstance(max_norm, torch.Tensor) else max_norm, 0.0,
-                            _dtype_max(G.dtype))
+                            dtype_max(G.dtype))
         bound = torch.full((n,), value, dtype=acc, device=G.device)
-    (out,), _ = _per_client(op, G, nonfinite, backend, lambda fn, X: fn(X, bound), row_outputs=(0,))
+    (out,), _ = per_client(op, G, nonfinite, backend, lambda fn, X: fn(X, bound), row_outputs=(0,))
     return out
 
 
@@ -439,15 +329,15 @@ def topk_ef_step(u, error, momentum, k: int, rho: float, *, nonfinite="raise", b
     leaving the state untouched; ``"propagate"`` skips the check.
     """
     op = "topk_ef_step"
-    _check_policy(nonfinite, op, ("raise", "propagate"))
-    u = _check_vector(u, op, "u")
+    check_policy(nonfinite, op, ("raise", "propagate"))
+    u = check_vector(u, op, "u")
     for name, t in (("error", error), ("momentum", momentum)):
-        _check_vector(t, op, name)
+        check_vector(t, op, name)
         if t.shape != u.shape or t.dtype != u.dtype or t.device != u.device:
             raise ValueError(f"{op}: {name} is {tuple(t.shape)} {t.dtype} on {t.device}; it must match u: "
                              f"{tuple(u.shape)} {u.dtype} on {u.device}")
     k = _check_k(k, op)
-    rho = check_float(op, "rho", rho, 0.0, _dtype_max(u.dtype))
+    rho = check_float(op, "rho", rho, 0.0, dtype_max(u.dtype))
     fn = _backend.kernel(op, _backend.select(op, u.device, backend))
     e = error if error.is_contiguous() else error.contiguous()
     m = momentum if momentum.is_contiguous() else momentum.contiguous()
@@ -464,8 +354,8 @@ def topk_ef_step(u, error, momentum, k: int, rho: float, *, nonfinite="raise", b
 def topk_abs(x, k: int, *, nonfinite="raise", backend=None):
     """Indices (int64, ascending) and values of the k largest |x|; ties go to the lower index."""
     op = "topk_abs"
-    _check_policy(nonfinite, op, ("raise", "propagate"))
-    x = _check_vector(x, op, "x").contiguous()
+    check_policy(nonfinite, op, ("raise", "propagate"))
+    x = check_vector(x, op, "x").contiguous()
     k = _check_k(k, op)
     fn = _backend.kernel(op, _backend.select(op, x.device, backend))
     idx, values, bad = fn(x, k)
@@ -484,7 +374,7 @@ def maxpool_amplify(G, layout: Layout, kernel: int = 2, restore: bool = False, *
     ``restore=True`` (each window's max at its first arg-max position, zeros elsewhere).
     One call handles every segment and client."""
     op = "maxpool_amplify"
-    G = _check_matrix(G, op)
+    G = check_matrix(G, op)
     if not isinstance(layout, Layout):
         raise TypeError(f"{op}: layout must be a robustagg.layout.Layout (Layout.from_shapes or Layout.flat), "
                         f"got {type(layout).__name__}")
@@ -497,7 +387,7 @@ def maxpool_amplify(G, layout: Layout, kernel: int = 2, restore: bool = False, *
     kernel = check_int(op, "kernel", kernel, 1, max(dims + [2]) if dims else None, why)
     table = layout.segment_table(d, kernel, restore).to(G.device)
     width = d if restore else layout.pooled_width(d, kernel)
-    (out,), _ = _per_client(op, G, nonfinite, backend, lambda fn, X: fn(X, table, kernel, restore, width),
+    (out,), _ = per_client(op, G, nonfinite, backend, lambda fn, X: fn(X, table, kernel, restore, width),
                             row_outputs=(0,))
     return out
 
@@ -506,13 +396,13 @@ def maxpool_amplify(G, layout: Layout, kernel: int = 2, restore: bool = False, *
 
 def pairwise_sqdist(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
     r"""$D_{ij} = \|G_i - G_j\|^2$, [n, n]; exactly 0 for identical rows, symmetric, zero diagonal."""
-    G = _check_matrix(G, "pairwise_sqdist")
-    (out,), _ = _per_client("pairwise_sqdist", G, nonfinite, backend, lambda fn, X: fn(X), (), matrix_outputs=(0,))
+    G = check_matrix(G, "pairwise_sqdist")
+    (out,), _ = per_client("pairwise_sqdist", G, nonfinite, backend, lambda fn, X: fn(X), (), matrix_outputs=(0,))
     return out
 
 
 def pairwise_cosine(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
     r"""$C_{ij} = \cos(G_i, G_j)$, [n, n]; exactly 1 for identical non-zero rows, 0 for zero rows."""
-    G = _check_matrix(G, "pairwise_cosine")
-    (out,), _ = _per_client("pairwise_cosine", G, nonfinite, backend, lambda fn, X: fn(X), (), matrix_outputs=(0,))
+    G = check_matrix(G, "pairwise_cosine")
+    (out,), _ = per_client("pairwise_cosine", G, nonfinite, backend, lambda fn, X: fn(X), (), matrix_outputs=(0,))
     return out

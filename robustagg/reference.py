@@ -12,14 +12,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ._dtypes import acc_dtype
+
 # Sorting a whole (n, d) matrix at once needs n*d*12 extra bytes (values + int64 indices); the
 # order statistics sort column blocks of this many coordinates instead, to stay within memory.
 _SORT_COLUMNS = 1 << 20
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Arithmetic dtype for a storage dtype: float64 for float64, float32 for the others."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------- sign votes

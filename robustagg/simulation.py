@@ -32,7 +32,7 @@ from torch import nn
 
 from . import aggregators as A
 from . import attacks, fl
-from ._errors import check_float, check_int
+from ._checks import check_float, check_int
 
 TEST_SIZE = 360     # 20% of the 1,797 digits
 ROOT_SIZE = 100     # the server's clean root dataset (FLTrust uses 100 examples)

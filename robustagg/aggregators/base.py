@@ -18,11 +18,12 @@ from typing import Collection
 import torch
 
 from .. import ops
-from .._errors import NonFiniteUpdateError, check_bool, check_float, check_int, check_weights  # noqa: F401  (re-exported to the aggregators)
+from .._checks import (check_bool, check_choice, check_float, check_int,  # noqa: F401  (re-exported to the aggregators)
+                       check_multiplier, check_weights)
+from .._errors import NonFiniteUpdateError
+from .._policy import POLICIES
 from ..layout import flatten, is_integer
-from ..reference import acc_dtype
 
-POLICIES = ("drop", "raise", "propagate")
 BUFFER_POLICIES = ("kept_median", "kept_mean", "rule")
 FLOAT_BUFFER_SUFFIXES = ("running_mean", "running_var")   # BatchNorm's floating buffers, by state_dict name
 
@@ -151,20 +152,7 @@ class Clients:
         return self.weighted_mean(coef) * total
 
 
-# ---------------------------------------------------------------- argument checks
-
-def check_choice(owner: str, name: str, value, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"{owner}: {name}={value!r} is not one of {tuple(choices)}")
-    return value
-
-
-def check_multiplier(owner: str, name: str, value: float, dtype: torch.dtype) -> float:
-    """A factor of the output (a server learning rate) that fits the updates' arithmetic dtype, so
-    that a 0 or +-1 it multiplies stays finite."""
-    limit = torch.finfo(acc_dtype(dtype)).max
-    return check_float(owner, name, value, -limit, limit)
-
+# ---------------------------------------------------------------- randomness and buffers
 
 def make_generator(generator: torch.Generator | None, seed: int | None) -> torch.Generator:
     """The aggregator's only source of randomness: ``generator``, else a CPU generator seeded
@@ -284,7 +272,7 @@ class Aggregator:
         G, layout = self.flatten(updates)
         if G.shape[1] == 0:
             raise ValueError(f"{self.name}: the updates have d=0 coordinates; at least 1 is required")
-        w = None if weights is None else check_weights(self.name, weights, G.shape[0]).to(G.device)
+        w = None if weights is None else check_weights(self.name, weights, G.shape[0], G.device)
         rows = Clients(G, w, self.nonfinite, self.backend)
         self.check_n(G.shape[0])
         self.screen_buffers(rows, layout)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..reference import acc_dtype
+from .._dtypes import acc_dtype
 from .base import Aggregator, Clients, Report, check_float, check_int, check_multiplier, gaussian, make_generator
 
 
