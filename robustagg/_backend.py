@@ -11,6 +11,9 @@ Four backends run the raw ops, each with the signatures declared in csrc/ops.cpp
 Automatic selection: a CUDA tensor uses cuda, else triton, else torch; a CPU tensor uses cpu, else
 torch. ``ROBUSTAGG_BACKEND`` forces one backend for the process. An explicit backend that cannot
 run a call raises ``BackendUnavailableError`` with the reason; it never falls back silently.
+
+What was built is found once, at import; after that selection reads only Python values, so that
+torch.compile traces it away (a dispatcher query returns a non-tensor and would break the graph).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import os
 
 import torch
 
+from . import _registry
 from ._errors import BackendUnavailableError
 
 BACKENDS = ("cpu", "cuda", "triton", "torch")
@@ -40,6 +44,13 @@ else:
     except ImportError as exc:
         _C_cuda_error = f"robustagg._C_cuda failed to import: {exc}"
 
+# (op, dispatch key) of every kernel that robustagg._C and robustagg._C_cuda registered
+_NATIVE = frozenset()
+if _C_error is None:
+    _registry.register_native_fakes()
+    _NATIVE = frozenset((op.name, key) for op in _registry.native_ops() for key in op.native
+                        if torch._C._dispatch_has_kernel_for_dispatch_key(f"robustagg::{op.name}", key))
+
 _triton_module = None
 _triton_error = None
 
@@ -59,7 +70,7 @@ def triton_interpreted() -> bool:
 
 
 def _has_native_kernel(op: str, dispatch_key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"robustagg::{op}", dispatch_key)
+    return (op, dispatch_key) in _NATIVE
 
 
 def _unavailable_reason(backend: str, op: str | None, device: torch.device | None):
@@ -132,5 +143,4 @@ def kernel(op: str, backend: str):
         return getattr(torch.ops.robustagg, op)
     if backend == "triton":
         return _load_triton().OPS[op]
-    from . import _torch_backend
-    return getattr(_torch_backend, op)
+    return getattr(getattr(torch.ops, _registry.TORCH_NAMESPACE), op)

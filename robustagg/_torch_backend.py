@@ -1,64 +1,73 @@
 """The ``torch`` backend: the reference ops behind the raw signatures of csrc/ops.cpp.
 
 Each function returns what the compiled kernels return, including the ``nonfinite`` row flags.
+Its annotations are the raw schema: robustagg._registry registers each function as
+``torch.ops.robustagg_torch.<op>``, and the Triton ops with the same schema.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from . import reference as ref
+from . import reference
 from .layout import Segment
 
+Tensor = torch.Tensor
+Tensors2 = tuple[Tensor, Tensor]
+Tensors3 = tuple[Tensor, Tensor, Tensor]
 
-def _nonfinite_rows(G: torch.Tensor) -> torch.Tensor:
+
+def _nonfinite_rows(G: Tensor) -> Tensor:
     return ~torch.isfinite(G).all(dim=1)
 
 
-def sign_sum(G):
-    return ref.sign_sum(G), _nonfinite_rows(G)
+def sign_sum(G: Tensor) -> Tensors2:
+    return reference.sign_sum(G), _nonfinite_rows(G)
 
 
-def order_mean(G, lo, hi):
-    return ref.order_mean(G, lo, hi), _nonfinite_rows(G)
+def order_mean(G: Tensor, lo: int, hi: int) -> Tensors2:
+    return reference.order_mean(G, lo, hi), _nonfinite_rows(G)
 
 
-def invariant(G, lo, hi, min_votes):
-    mask = ref.sign_sum(G).abs() >= min_votes
-    out = torch.where(mask, ref.order_mean(G, lo, hi), torch.zeros((), dtype=G.dtype, device=G.device))
+def invariant(G: Tensor, lo: int, hi: int, min_votes: int) -> Tensors3:
+    mask = reference.sign_sum(G).abs() >= min_votes
+    out = torch.where(mask, reference.order_mean(G, lo, hi), torch.zeros((), dtype=G.dtype, device=G.device))
     return out, mask, _nonfinite_rows(G)
 
 
-def rlr(G, weights, theta, server_lr):
-    return ref.rlr(G, theta, weights, server_lr), _nonfinite_rows(G)
+def rlr(G: Tensor, weights: Optional[Tensor], theta: int, server_lr: float) -> Tensors2:
+    return reference.rlr(G, theta, weights, server_lr), _nonfinite_rows(G)
 
 
-def client_stats(G, window_start, window_length, ref_vec):
-    stats = ref.client_stats(G, (window_start, window_length), ref_vec)
-    empty = stats.norm.new_empty(0)
-    dot = empty if stats.dot is None else stats.dot
-    ref_norm = empty if stats.ref_norm is None else stats.ref_norm.reshape(1)
-    ref_dist = empty if stats.ref_dist is None else stats.ref_dist
+def client_stats(G: Tensor, window_start: int, window_length: int, ref: Optional[Tensor]
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    stats = reference.client_stats(G, (window_start, window_length), ref)
+    if ref is None:   # three empty tensors, not one three times: a custom op's outputs may not alias
+        dot, ref_norm, ref_dist = (stats.norm.new_empty(0) for _ in range(3))
+    else:
+        dot, ref_norm, ref_dist = stats.dot, stats.ref_norm.reshape(1), stats.ref_dist
     return stats.norm, stats.sign_frac, dot, ref_norm, ref_dist, _nonfinite_rows(G)
 
 
-def clip_rows(G, max_norm):
-    return ref.clip_rows(G, max_norm), _nonfinite_rows(G)
+def clip_rows(G: Tensor, max_norm: Tensor) -> Tensors2:
+    return reference.clip_rows(G, max_norm), _nonfinite_rows(G)
 
 
-def _vector_nonfinite(x):
+def _vector_nonfinite(x: Tensor) -> Tensor:
     return (~torch.isfinite(x).all()).reshape(1)
 
 
-def topk_ef_step(u, error, momentum, k, rho):
+def topk_ef_step(u: Tensor, error: Tensor, momentum: Tensor, k: int, rho: float) -> Tensors3:
     bad = _vector_nonfinite(u)
     if bad.item():
         return u.new_empty(0, dtype=torch.int64), u.new_empty(0), bad
-    idx, values = ref.topk_ef_step(u, error, momentum, k, rho)
+    idx, values = reference.topk_ef_step(u, error, momentum, k, rho)
     return idx, values, bad
 
 
-def topk_abs(x, k):
-    idx, values = ref.topk_abs(x, k)
+def topk_abs(x: Tensor, k: int) -> Tensors3:
+    idx, values = reference.topk_abs(x, k)
     return idx, values, _vector_nonfinite(x)
 
 
@@ -73,13 +82,13 @@ class _TableLayout:
         return self.segments
 
 
-def maxpool_amplify(G, segments, kernel, restore, out_width):
-    return ref.maxpool_amplify(G, _TableLayout(segments), kernel, restore), _nonfinite_rows(G)
+def maxpool_amplify(G: Tensor, segments: Tensor, kernel: int, restore: bool, out_width: int) -> Tensors2:
+    return reference.maxpool_amplify(G, _TableLayout(segments), kernel, restore), _nonfinite_rows(G)
 
 
-def pairwise_sqdist(G):
-    return ref.pairwise_sqdist(G), _nonfinite_rows(G)
+def pairwise_sqdist(G: Tensor) -> Tensors2:
+    return reference.pairwise_sqdist(G), _nonfinite_rows(G)
 
 
-def pairwise_cosine(G):
-    return ref.pairwise_cosine(G), _nonfinite_rows(G)
+def pairwise_cosine(G: Tensor) -> Tensors2:
+    return reference.pairwise_cosine(G), _nonfinite_rows(G)

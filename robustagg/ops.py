@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 
 from . import _backend, reference
-from . import _fake  # noqa: F401  (registers the fake implementations)
 from ._checks import check_bool, check_float, check_int, check_matrix, check_multiplier, check_vector, check_weights
 from ._dtypes import acc_dtype, dtype_max
 from ._policy import check_policy, coordinatewise, per_client
