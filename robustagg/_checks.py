@@ -98,12 +98,14 @@ def check_vector(x, op: str, name: str) -> torch.Tensor:
 
 
 def check_weights(owner: str, weights, n: int, device: torch.device | None = None,
-                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                  dtype: torch.dtype = torch.float64, *, check_values: bool = True) -> torch.Tensor:
     """Per-client weights (sample counts) as a contiguous [n] tensor of ``dtype`` on ``device``:
     real, finite, >= 0 and not all 0.
 
     They are returned scaled by a power of two (exactly) to a largest value in [0.5, 1): only their
     ratios matter, and such weights cannot overflow when they are added up in float32.
+    ``check_values=False`` checks the type and shape only: the values are then never read on the
+    host, which keeps a compiled caller in one graph (``nonfinite="propagate"``).
     """
     if isinstance(weights, torch.Tensor):
         w = weights
@@ -117,8 +119,10 @@ def check_weights(owner: str, weights, n: int, device: torch.device | None = Non
     if w.shape != (n,):
         raise ValueError(f"{owner}: weights has shape {tuple(w.shape)}; it must be ({n},), one per client")
     w = w.detach().to(torch.float64)
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
-        raise ValueError(f"{owner}: weights must be finite, >= 0 and not all 0; got min={float(w.min())} "
-                         f"max={float(w.max())}")
+    if check_values:
+        # min and max propagate NaN, so one read of the three covers every condition
+        low, high, total = torch.stack([w.min(), w.max(), w.sum()]).tolist()
+        if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or total <= 0:
+            raise ValueError(f"{owner}: weights must be finite, >= 0 and not all 0; got min={low} max={high}")
     w = torch.ldexp(w, -torch.frexp(w.max()).exponent)
     return w.to(device=device, dtype=dtype).contiguous()

@@ -2,15 +2,17 @@ r"""The public functional API of robustagg (semantics of every op: docs/ops.md).
 
 Every op takes ``G`` of shape (n, d): row i is client i, column j coordinate j. Each op
 
-* checks its arguments and raises ``ValueError``/``TypeError`` naming the argument, its value and
-  the allowed range;
+* checks its arguments (robustagg/_checks.py) and raises ``ValueError``/``TypeError`` naming the
+  argument, its value and the allowed range;
 * picks a backend (``backend=None``: automatic, docs/backends.md) and calls ``torch.ops.robustagg.*``
-  (or the Triton / torch implementation of the same raw signature);
-* applies the non-finite policy (docs/nonfinite.md): ``nonfinite="raise"`` (default) raises
-  ``NonFiniteUpdateError``, ``"drop"`` computes on the finite rows only, ``"propagate"`` skips the
-  check. The kernels find non-finite rows in the same pass that computes the result; under
-  ``"drop"`` a coordinate-wise op runs again on the surviving rows, while per-client ops just
-  give the dropped rows NaN outputs.
+  (or the Triton / torch implementation of the same raw signature, robustagg/_registry.py);
+* applies the non-finite policy (docs/nonfinite.md, robustagg/_policy.py): ``nonfinite="raise"``
+  (default) raises ``NonFiniteUpdateError``, ``"drop"`` computes on the finite rows only,
+  ``"propagate"`` skips the check. The kernels find non-finite rows in the same pass that computes
+  the result; under ``"drop"`` a coordinate-wise op runs again on the surviving rows, while
+  per-client ops just give the dropped rows NaN outputs. Under ``"propagate"`` an op reads no
+  tensor on the host (the values of ``weights``, ``ref`` and a tensor ``max_norm`` go unchecked
+  too), so that it compiles into one graph.
 
 Supported dtypes are float16, bfloat16, float32 and float64; arithmetic is float32 (float64 for
 float64). Results have G's dtype, except counts (int32), indices (int64), masks (bool) and the
@@ -57,14 +59,13 @@ def sign_agreement(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
     Under ``nonfinite="drop"`` n counts the finite rows.
     """
     G = check_matrix(G, "sign_agreement")
-    n_used = []
 
     def run(fn, X, rows, kept=None):
-        n_used.append(X.shape[0])
-        return fn(X)
+        s, bad = fn(X)
+        return (s.abs().to(acc_dtype(G.dtype)) / rows.n).to(G.dtype), bad
 
-    (s,) = coordinatewise("sign_agreement", G, nonfinite, backend, run, kernel_op="sign_sum")
-    return (s.abs().to(acc_dtype(G.dtype)) / n_used[-1]).to(G.dtype)
+    (agreement,) = coordinatewise("sign_agreement", G, nonfinite, backend, run, kernel_op="sign_sum")
+    return agreement
 
 
 # ---------------------------------------------------------------- order statistics
@@ -185,17 +186,21 @@ def invariant_ranks(G, tau: float, lo: int, hi: int, strict: bool = True, *, ret
 def rlr(G, theta: int, weights=None, server_lr: float = 1.0, *, nonfinite="raise", backend=None):
     r"""Robust learning rate (Ozdayi et al. 2021): $\mathrm{out}_j = \eta_j\,\bar g_j$ with
     $\bar g = \sum_i w_i G_i / \sum_i w_i$ and $\eta_j = +\mathrm{lr}$ if $|s_j| \ge \theta$ else
-    $-\mathrm{lr}$. ``theta`` is a vote count in 0..n; ``weights`` are the clients' sample counts."""
+    $-\mathrm{lr}$. ``theta`` is a vote count in 0..n; ``weights`` are the clients' sample counts
+    (finite, >= 0, not all 0; under ``nonfinite="propagate"`` their values are taken as given)."""
     op = "rlr"
     G = check_matrix(G, op)
     n = G.shape[0]
-    w = None if weights is None else check_weights(op, weights, n, G.device, acc_dtype(G.dtype))
+    w = None if weights is None else check_weights(op, weights, n, G.device, acc_dtype(G.dtype),
+                                                   check_values=nonfinite != "propagate")
     server_lr = check_multiplier(op, "server_lr", server_lr, G.dtype)
 
     def run(fn, X, rows, kept=None):
         th = check_int(op, "theta", theta, 0, rows.n, f" (a vote count){rows.why()}")
-        wk = w if (w is None or kept is None) else w.index_select(0, kept)
-        if wk is not None and float(wk.sum()) <= 0:
+        if w is None or kept is None:
+            return fn(X, w, th, server_lr)
+        wk = w.index_select(0, kept)
+        if float(wk.sum()) <= 0:
             raise ValueError(f"{op}: the weights of the finite rows sum to 0{rows.why()}")
         return fn(X, wk, th, server_lr)
 
@@ -240,7 +245,7 @@ def _cosines(G, ref, norm, dot, ref_norm, bad) -> torch.Tensor:
     if G.dtype != torch.float64:
         return cos
     lo, hi = _SAFE_NORMS
-    ref_outside = bool((ref_norm < lo) | (ref_norm > hi))
+    ref_outside = (ref_norm < lo) | (ref_norm > hi)
     redo = nonzero & ~bad & ((norm < lo) | (norm > hi) | ref_outside)
     if bool(redo.any()):
         rows = redo.nonzero().flatten()
@@ -252,7 +257,10 @@ def client_stats(G, window: tuple[int, int] | None = None, ref=None, *, nonfinit
                  backend=None) -> ClientStats:
     r"""Row norms $\|G_i\|$, sign fractions inside the column window ``[start, start+length)``, and
     with ``ref`` the dot products $G_i\cdot\mathrm{ref}$, distances $\|G_i - \mathrm{ref}\|$ and
-    cosines, in one read of G; all float64. Under ``"drop"`` non-finite rows get NaN."""
+    cosines, in one read of G; all float64. Under ``"drop"`` non-finite rows get NaN.
+
+    ``ref`` must be finite; under ``nonfinite="propagate"`` that is not checked, and a NaN or Inf
+    in it flows into the results that use it."""
     op = "client_stats"
     G = check_matrix(G, op)
     n, d = G.shape
@@ -267,38 +275,58 @@ def client_stats(G, window: tuple[int, int] | None = None, ref=None, *, nonfinit
         ref = check_vector(ref, op, "ref")
         if ref.shape[0] != d:
             raise ValueError(f"{op}: ref has length {ref.shape[0]}; it must have d={d} entries")
-        if not bool(torch.isfinite(torch.stack(torch.aminmax(ref))).all()):  # one pass; min/max propagate NaN
+        if nonfinite != "propagate" and not bool(torch.isfinite(torch.stack(torch.aminmax(ref))).all()):
+            # one pass: min and max propagate NaN
             raise ValueError(f"{op}: ref holds NaN or Inf; the reference update must be finite")
         ref = ref.to(device=G.device, dtype=G.dtype).contiguous()
-    row_outputs = (0, 1, 2, 4) if ref is not None else (0, 1)
-    (norm, frac, dot, ref_norm, ref_dist), bad = per_client(
-        op, G, nonfinite, backend, lambda fn, X: fn(X, start, length, ref), row_outputs=row_outputs)
+
+    # everything is derived from the kernel's outputs before the policy reads the flags, so that
+    # under "raise" and "drop" a compiled call leaves its graph there only
+    def run(fn, X):
+        norm, frac, dot, ref_norm, ref_dist, bad = fn(X, start, length, ref)
+        if ref is None:
+            return norm, frac, ~bad, bad
+        ref_norm = ref_norm.reshape(())
+        return norm, frac, dot, ref_norm, ref_dist, _cosines(G, ref, norm, dot, ref_norm, bad), ~bad, bad
+
     if ref is None:
-        return ClientStats(norm, frac, None, None, None, None, ~bad)
-    ref_norm = ref_norm.reshape(())
-    cosine = _cosines(G, ref, norm, dot, ref_norm, bad)
-    if nonfinite == "drop":
-        cosine = cosine.masked_fill(bad, float("nan"))
-    return ClientStats(norm, frac, dot, ref_norm, ref_dist, cosine, ~bad)
+        (norm, frac, finite), _ = per_client(op, G, nonfinite, backend, run, row_outputs=(0, 1))
+        return ClientStats(norm, frac, None, None, None, None, finite)
+    (norm, frac, dot, ref_norm, ref_dist, cosine, finite), _ = per_client(op, G, nonfinite, backend, run,
+                                                                          row_outputs=(0, 1, 2, 4, 5))
+    return ClientStats(norm, frac, dot, ref_norm, ref_dist, cosine, finite)
 
 
-def clip_rows(G, max_norm, *, nonfinite="raise", backend=None) -> torch.Tensor:
-    r"""$G_i \cdot \min(1, c_i/\|G_i\|)$ with $c$ a scalar or an [n] tensor; a zero row stays zero."""
-    op = "clip_rows"
-    G = check_matrix(G, op)
-    n = G.shape[0]
-    acc = acc_dtype(G.dtype)
-    if isinstance(max_norm, torch.Tensor) and max_norm.dim() > 0:
+def _clip_bounds(op, max_norm, G, check_values: bool) -> torch.Tensor:
+    """max_norm as the [n] bounds the kernels read, in G's arithmetic dtype: finite and >= 0.
+
+    A tensor's values are read on the host only with ``check_values``.
+    """
+    n, acc = G.shape[0], acc_dtype(G.dtype)
+    is_tensor = isinstance(max_norm, torch.Tensor)
+    if is_tensor and max_norm.dim() > 0:
         if max_norm.shape != (n,):
             raise ValueError(f"{op}: max_norm has shape {tuple(max_norm.shape)}; it must be a scalar or ({n},)")
         bound = max_norm.detach().to(device=G.device, dtype=acc).contiguous()
-        if not bool(torch.isfinite(bound).all()) or bool((bound < 0).any()):
-            raise ValueError(f"{op}: max_norm must be finite and >= 0 in {acc}, got min={bound.min().item()} "
-                             f"max={bound.max().item()}")
-    else:
-        value = check_float(op, "max_norm", float(max_norm) if isinstance(max_norm, torch.Tensor) else max_norm, 0.0,
-                            dtype_max(G.dtype))
-        bound = torch.full((n,), value, dtype=acc, device=G.device)
+        if check_values:
+            low, high = torch.stack([bound.min(), bound.max()]).tolist()   # min and max propagate NaN
+            if not (math.isfinite(low) and math.isfinite(high)) or low < 0:
+                raise ValueError(f"{op}: max_norm must be finite and >= 0 in {acc}, got min={low} max={high}")
+        return bound
+    if is_tensor and not check_values:
+        return max_norm.detach().to(device=G.device, dtype=acc).expand(n).contiguous()
+    value = check_float(op, "max_norm", float(max_norm) if is_tensor else max_norm, 0.0, dtype_max(G.dtype))
+    return torch.full((n,), value, dtype=acc, device=G.device)
+
+
+def clip_rows(G, max_norm, *, nonfinite="raise", backend=None) -> torch.Tensor:
+    r"""$G_i \cdot \min(1, c_i/\|G_i\|)$ with $c$ a scalar or an [n] tensor; a zero row stays zero.
+
+    The bounds must be finite and >= 0; under ``nonfinite="propagate"`` the values of a tensor
+    ``max_norm`` are not checked."""
+    op = "clip_rows"
+    G = check_matrix(G, op)
+    bound = _clip_bounds(op, max_norm, G, check_values=nonfinite != "propagate")
     (out,), _ = per_client(op, G, nonfinite, backend, lambda fn, X: fn(X, bound), row_outputs=(0,))
     return out
 

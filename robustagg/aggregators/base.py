@@ -46,6 +46,7 @@ class Clients:
     def __init__(self, G: torch.Tensor, weights: torch.Tensor | None, policy: str, backend: str | None):
         self.G = G
         self.weights = weights
+        self.n_total = G.shape[0]
         self.index = torch.arange(G.shape[0])
         self.rejected: list[int] = []
         self.policy = policy
@@ -62,7 +63,12 @@ class Clients:
         return self.index[local.cpu()].tolist()
 
     def all_ids(self) -> list[int]:
-        return self.index.tolist()
+        """Original indices of every row still in play: those not rejected, in order.
+
+        Computed on the host, without reading ``index``, so that a compiled aggregation that
+        drops no row stays one graph."""
+        rejected = set(self.rejected)
+        return [i for i in range(self.n_total) if i not in rejected]
 
     def weights_or_ones(self) -> torch.Tensor:
         if self.weights is None:
