@@ -42,6 +42,12 @@ def cases(names, op=None):
             for name in names for backend in backends_for(op)]
 
 
+def require(backend: str, op: str) -> None:
+    reason = _backend._unavailable_reason(backend, op, DEVICE)
+    if reason:
+        pytest.skip(reason)
+
+
 def tensors(result) -> list[torch.Tensor]:
     """The tensors in an op's result or arguments: tensors, tuples of them, dataclasses (ClientStats)."""
     if isinstance(result, torch.Tensor):
@@ -98,9 +104,7 @@ def test_native_kernels_are_where_the_table_expects_them(op):
 @pytest.mark.parametrize("backend", ["cpu", "cuda", "torch"])   # triton: tests/test_triton.py
 @pytest.mark.parametrize("op", sorted(RAW_OPS))
 def test_opcheck(op, backend):
-    reason = _backend._unavailable_reason(backend, op, DEVICE)
-    if reason:
-        pytest.skip(reason)
+    require(backend, op)
     torch.library.opcheck(_backend.kernel(op, backend), RAW_OPS[op].sample(DEVICE))
 
 
@@ -108,6 +112,7 @@ def test_opcheck(op, backend):
 
 @pytest.mark.parametrize("op, backend", cases(sorted(RAW_OPS)))
 def test_raw_op_compiles_without_graph_break(op, backend):
+    require(backend, op)
     fn = _backend.kernel(op, backend)
 
     def call(*args):
