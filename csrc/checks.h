@@ -8,9 +8,12 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 
 namespace robustagg::checks {
 
@@ -126,6 +129,20 @@ inline void check_topk_state(const at::Tensor& u, const at::Tensor& error, const
                 " and device ", u.device(), ", got ", t->sizes(), " ", t->scalar_type(), " on ", t->device());
     TORCH_CHECK(t->is_contiguous(), "topk_ef_step: error and momentum are updated in place and must be contiguous");
   }
+}
+
+// topk_ef_step's arguments besides u: k, rho and the state it updates in place.
+inline void check_topk_ef_step(const at::Tensor& u, const at::Tensor& error, const at::Tensor& momentum, int64_t k,
+                               double rho) {
+  check_k(k, "topk_ef_step");
+  check_real(rho, 0.0, arithmetic_max(u), "topk_ef_step", "rho");
+  check_topk_state(u, error, momentum);
+}
+
+// The outputs of a top-k over x: min(k, d) int64 indices and values.
+inline std::tuple<at::Tensor, at::Tensor> topk_outputs(const at::Tensor& x, int64_t k) {
+  const int64_t kept = std::min(k, x.size(0));
+  return {at::empty({kept}, x.options().dtype(at::kLong)), at::empty({kept}, x.options())};
 }
 
 // maxpool_amplify's arguments. Returns the segment table as a contiguous host copy (a few hundred

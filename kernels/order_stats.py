@@ -19,6 +19,11 @@ overflow (two kept 3e38 values in float32): both paths also add the kept values 
 second sum costs one multiply-add per kept value, less than a branch and a second read. The
 invariant variant also counts sign votes from the same tile and zeroes coordinates whose
 |votes| < min_votes.
+
+``closest_to_median_mean(G, beta)_j`` (Bulyan) is the mean of the beta values of column j nearest
+its median, ties in distance to the lower row. Both paths find the median (rounded to the storage
+dtype, as ``median`` returns it) and the beta-th smallest distance g; the kept values are those
+nearer than g, then the rows at distance g in row order (a running count) until beta are kept.
 """
 import torch
 import triton
@@ -73,15 +78,23 @@ def _kept_mean_finite(mean, rescaled_sum, lowest, highest, count, rescale_up, co
 
 
 @triton.jit
-def _order_mean_kernel(G, out, mask_out, flags, n, d, lo, hi, min_votes, rescale_down, rescale_up,
-                       N_PAD: tl.constexpr, LOG_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr,
-                       INVARIANT: tl.constexpr):
+def _load_tile(G, flags, n, d, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr):
+    """This program's [BLOCK_D, N_PAD] tile of G (columns x rows, padded with +inf, which sorts last)
+    in the arithmetic dtype, with its rows' non-finite flags set."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     rows = tl.arange(0, N_PAD)
     col_ok = cols < d
     valid = col_ok[:, None] & (rows < n)[None, :]
     x = to_acc(tl.load(G + rows.to(tl.int64)[None, :] * d + cols[:, None], mask=valid, other=float("inf")), IS_FP64)
     flag_rows(x, rows, valid, flags, 0)
+    return cols, rows, col_ok, valid, x
+
+
+@triton.jit
+def _order_mean_kernel(G, out, mask_out, flags, n, d, lo, hi, min_votes, rescale_down, rescale_up,
+                       N_PAD: tl.constexpr, LOG_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr,
+                       INVARIANT: tl.constexpr):
+    cols, rows, col_ok, valid, x = _load_tile(G, flags, n, d, N_PAD, BLOCK_D, IS_FP64)
     # Sorting in the arithmetic dtype: exact for 16-bit inputs, and one code path for all dtypes
     # (the interpreter also compares raw bfloat16 wrongly).
     ranked = _sort_rows(x, LOG_N)
@@ -134,19 +147,40 @@ def _zero_keys(BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr):
 
 
 @triton.jit
-def _count_below(G, cols, col_ok, n, d, bound_a, bound_b, IS_FP64: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per column, how many keys are < bound_a and how many are < bound_b."""
+def _count_below(G, cols, col_ok, n, d, bound_a, bound_b, center, IS_FP64: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DISTANCE: tl.constexpr):
+    """Per column, how many keys are < bound_a and how many are < bound_b; the keys are of the
+    values, or with DISTANCE of their distances |x - center|."""
     below_a = tl.zeros([BLOCK_D], dtype=tl.int32)
     below_b = tl.zeros([BLOCK_D], dtype=tl.int32)
     for start in range(0, n, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         valid = (rows < n)[:, None] & col_ok[None, :]
         x = to_acc(tl.load(G + rows.to(tl.int64)[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+        if DISTANCE:
+            x = tl.abs(x - center[None, :])
         key = _sortable_key(x, IS_FP64)
         below_a += tl.sum((valid & (key < bound_a[None, :])).to(tl.int32), axis=0)
         below_b += tl.sum((valid & (key < bound_b[None, :])).to(tl.int32), axis=0)
     return below_a, below_b
+
+
+@triton.jit
+def _keys_at_ranks(G, cols, col_ok, n, d, rank_a, rank_b, center, KEY_BITS: tl.constexpr, IS_FP64: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DISTANCE: tl.constexpr):
+    """Per column, the keys at ranks rank_a and rank_b (of the values, or of |x - center|)."""
+    key_a = _zero_keys(BLOCK_D, IS_FP64)
+    key_b = key_a
+    # Greedy bisection from the top bit: the key at rank r is the largest K with #{key < K} <= r.
+    for step in range(KEY_BITS):
+        bit = (key_a * 0 + 1) << (key_a * 0 + (KEY_BITS - 1 - step))
+        try_a = key_a | bit
+        try_b = key_b | bit
+        below_a, below_b = _count_below(G, cols, col_ok, n, d, try_a, try_b, center, IS_FP64, BLOCK_N, BLOCK_D,
+                                        DISTANCE)
+        key_a = tl.where(below_a <= rank_a, try_a, key_a)
+        key_b = tl.where(below_b <= rank_b, try_b, key_b)
+    return key_a, key_b
 
 
 @triton.jit
@@ -155,16 +189,9 @@ def _order_mean_select_kernel(G, out, mask_out, flags, n, d, lo, hi, min_votes, 
                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < d
-    key_lo = _zero_keys(BLOCK_D, IS_FP64)
-    key_hi = key_lo
-    # Greedy bisection from the top bit: the key at rank r is the largest K with #{key < K} <= r.
-    for step in range(KEY_BITS):
-        bit = (key_lo * 0 + 1) << (key_lo * 0 + (KEY_BITS - 1 - step))
-        try_lo = key_lo | bit
-        try_hi = key_hi | bit
-        below_lo, below_hi = _count_below(G, cols, col_ok, n, d, try_lo, try_hi, IS_FP64, BLOCK_N, BLOCK_D)
-        key_lo = tl.where(below_lo <= lo, try_lo, key_lo)
-        key_hi = tl.where(below_hi <= hi - 1, try_hi, key_hi)
+    no_center = to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), IS_FP64)
+    key_lo, key_hi = _keys_at_ranks(G, cols, col_ok, n, d, lo, hi - 1, no_center, KEY_BITS, IS_FP64, BLOCK_N,
+                                    BLOCK_D, False)
     # One more pass: values strictly between the two boundary keys (plain and rescaled), boundary
     # counts, votes, flags.
     inner = to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), IS_FP64)
@@ -237,3 +264,108 @@ def order_mean_forward(G, lo: int, hi: int, launch=lambda k: k):
 def invariant_forward(G, lo: int, hi: int, min_votes: int, launch=lambda k: k):
     """(mask * order_mean, mask = |sign_sum| >= min_votes, bool[n] non-finite rows)."""
     return _order_mean_launch(G, lo, hi, min_votes, True, launch)
+
+
+@triton.jit
+def _median_center(a, b, two: tl.constexpr, out_dtype: tl.constexpr):
+    """core sorted_median of the middle values a <= b (one value unless ``two``), rounded to the
+    storage dtype as ``median`` returns it; a mean of two that overflowed is redone scaled by 1/4
+    (kept_mean_rescaled for count 2)."""
+    if two:
+        mean = (a + b) / 2
+        rescued = (a * 0.25 + b * 0.25) / 2 * 4
+        rescued = tl.where(rescued < a, a, tl.where(b < rescued, b, rescued))
+        mean = tl.where(nonfinite(mean) & ~nonfinite(a) & ~nonfinite(b), rescued, mean)
+    else:
+        mean = a
+    return to_storage(mean, out_dtype).to(a.dtype)
+
+
+@triton.jit
+def _closest_kernel(G, out, flags, n, d, beta, rescale_down, rescale_up, N_PAD: tl.constexpr, LOG_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr, TWO_MIDDLE: tl.constexpr):
+    cols, rows, col_ok, valid, x = _load_tile(G, flags, n, d, N_PAD, BLOCK_D, IS_FP64)
+    ranked = _sort_rows(x, LOG_N)
+    a = tl.max(tl.where((rows == (n - 1) // 2)[None, :], ranked, -float("inf")), axis=1)
+    b = tl.max(tl.where((rows == n // 2)[None, :], ranked, -float("inf")), axis=1)
+    center = _median_center(a, b, TWO_MIDDLE, out.dtype.element_ty)
+    gap = tl.where(valid, tl.abs(x - center[:, None]), float("inf"))
+    farthest = tl.max(tl.where((rows == beta - 1)[None, :], _sort_rows(gap, LOG_N), -float("inf")), axis=1)
+    nearer = valid & (gap < farthest[:, None])
+    tied = valid & (gap == farthest[:, None])
+    ties_wanted = beta - tl.sum(nearer.to(tl.int32), axis=1)
+    take = nearer | (tied & (tl.cumsum(tied.to(tl.int32), axis=1) <= ties_wanted[:, None]))
+    mean = tl.sum(tl.where(take, x, 0.0), axis=1) / beta
+    rescaled_sum = tl.sum(tl.where(take, x * rescale_down, 0.0), axis=1)
+    lowest = tl.min(tl.where(take, x, float("inf")), axis=1)
+    highest = tl.max(tl.where(take, x, -float("inf")), axis=1)
+    column_finite = tl.max((nonfinite(x) & valid).to(tl.int32), axis=1) == 0
+    mean = _kept_mean_finite(mean, rescaled_sum, lowest, highest, beta, rescale_up, column_finite)
+    tl.store(out + cols, to_storage(mean, out.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _closest_select_kernel(G, out, flags, n, d, beta, rescale_down, rescale_up, KEY_BITS: tl.constexpr,
+                           IS_FP64: tl.constexpr, TWO_MIDDLE: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < d
+    zero = to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), IS_FP64)
+    key_a, key_b = _keys_at_ranks(G, cols, col_ok, n, d, (n - 1) // 2, n // 2, zero, KEY_BITS, IS_FP64, BLOCK_N,
+                                  BLOCK_D, False)
+    center = _median_center(_value_of_key(key_a, IS_FP64), _value_of_key(key_b, IS_FP64), TWO_MIDDLE,
+                            out.dtype.element_ty)
+    key_g, _ = _keys_at_ranks(G, cols, col_ok, n, d, beta - 1, beta - 1, center, KEY_BITS, IS_FP64, BLOCK_N,
+                              BLOCK_D, True)
+    farthest = _value_of_key(key_g, IS_FP64)
+    nearer_count = tl.zeros([BLOCK_D], dtype=tl.int32)
+    for start in range(0, n, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        valid = (rows < n)[:, None] & col_ok[None, :]
+        x = to_acc(tl.load(G + rows.to(tl.int64)[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+        nearer_count += tl.sum((valid & (tl.abs(x - center[None, :]) < farthest[None, :])).to(tl.int32), axis=0)
+    # Keep the nearer values and, in row order, the first ties until beta are kept.
+    ties_left = beta - nearer_count
+    total = zero
+    rescaled_sum = zero
+    lowest = zero + float("inf")
+    highest = zero - float("inf")
+    column_bad = tl.zeros([BLOCK_D], dtype=tl.int32)
+    for start in range(0, n, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        valid = (rows < n)[:, None] & col_ok[None, :]
+        x = to_acc(tl.load(G + rows.to(tl.int64)[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+        flag_rows(x, rows, valid, flags, 1)
+        gap = tl.abs(x - center[None, :])
+        tied = valid & (gap == farthest[None, :])
+        take = (valid & (gap < farthest[None, :])) | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= ties_left[None, :]))
+        ties_left -= tl.sum((take & tied).to(tl.int32), axis=0)
+        total += tl.sum(tl.where(take, x, 0.0), axis=0)
+        rescaled_sum += tl.sum(tl.where(take, x * rescale_down, 0.0), axis=0)
+        lowest = tl.minimum(lowest, tl.min(tl.where(take, x, float("inf")), axis=0))
+        highest = tl.maximum(highest, tl.max(tl.where(take, x, -float("inf")), axis=0))
+        column_bad |= tl.max((nonfinite(x) & valid).to(tl.int32), axis=0)
+    mean = _kept_mean_finite(total / beta, rescaled_sum, lowest, highest, beta, rescale_up, column_bad == 0)
+    tl.store(out + cols, to_storage(mean, out.dtype.element_ty), mask=col_ok)
+
+
+def closest_to_median_mean_forward(G, beta: int, launch=lambda k: k):
+    """(mean of the beta values nearest the median per column, bool[n] non-finite rows)."""
+    G = G.contiguous()
+    n, d = G.shape
+    out = torch.empty(d, dtype=G.dtype, device=G.device)
+    flags = torch.zeros(n, dtype=torch.int32, device=G.device)
+    m = max(0, 2 * beta - 1).bit_length()   # core kept_mean_rescaled's 2^m >= 2 beta
+    rescale_down, rescale_up = 2.0 ** -m, 2.0 ** m
+    two_middle = n % 2 == 0
+    if n <= MAX_SORT_N:
+        n_pad, block_d, warps = sort_settings(n)
+        launch(_closest_kernel)[(triton.cdiv(d, block_d),)](
+            G, out, flags, n, d, beta, rescale_down, rescale_up, N_PAD=n_pad, LOG_N=n_pad.bit_length() - 1,
+            BLOCK_D=block_d, IS_FP64=is_fp64(G), TWO_MIDDLE=two_middle, num_warps=warps)
+    else:
+        block_n, block_d, warps = select_settings()
+        launch(_closest_select_kernel)[(triton.cdiv(d, block_d),)](
+            G, out, flags, n, d, beta, rescale_down, rescale_up, KEY_BITS=64 if is_fp64(G) else 32,
+            IS_FP64=is_fp64(G), TWO_MIDDLE=two_middle, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+    return out, flags.bool()

@@ -8,30 +8,12 @@ The ops are in ``robustagg.ops`` (also re-exported here), the pure-PyTorch refer
 from ._backend import BACKENDS, available_backends
 from ._errors import BackendUnavailableError, NonFiniteUpdateError
 from .layout import Layout, flatten
-from .ops import (
-    ClientStats,
-    client_stats,
-    clip_rows,
-    invariant,
-    invariant_ranks,
-    maxpool_amplify,
-    median,
-    order_mean,
-    pairwise_cosine,
-    pairwise_sqdist,
-    rlr,
-    sign_agreement,
-    sign_sum,
-    topk_abs,
-    topk_ef_step,
-    trimmed_mean,
-)
+from . import ops
+from .ops import *  # noqa: F401,F403  (every public op: ops.__all__)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "available_backends", "BackendUnavailableError", "NonFiniteUpdateError", "Layout", "flatten",
-    "ClientStats", "client_stats", "clip_rows", "invariant", "invariant_ranks", "maxpool_amplify", "median", "order_mean",
-    "pairwise_cosine", "pairwise_sqdist", "rlr", "sign_agreement", "sign_sum", "topk_abs", "topk_ef_step",
-    "trimmed_mean",
+    *ops.__all__,
 ]

@@ -137,7 +137,7 @@ def select(op: str, device: torch.device, backend: str | None) -> str:
     return "torch"
 
 
-def kernel(op: str, backend: str):
+def raw_op(op: str, backend: str):
     """The raw-op callable of ``backend`` (signatures as in csrc/ops.cpp)."""
     if backend in ("cpu", "cuda"):
         return getattr(torch.ops.robustagg, op)

@@ -97,6 +97,12 @@ def check_vector(x, op: str, name: str) -> torch.Tensor:
     return x.detach()
 
 
+def values_checked() -> bool:
+    """Whether an op checks the values of its tensor arguments (weights, ref, bounds) on the host:
+    always, except while torch.compile traces it, where a host read would split the graph."""
+    return not torch.compiler.is_compiling()
+
+
 def check_weights(owner: str, weights, n: int, device: torch.device | None = None,
                   dtype: torch.dtype = torch.float64, *, check_values: bool = True) -> torch.Tensor:
     """Per-client weights (sample counts) as a contiguous [n] tensor of ``dtype`` on ``device``:
@@ -105,7 +111,7 @@ def check_weights(owner: str, weights, n: int, device: torch.device | None = Non
     They are returned scaled by a power of two (exactly) to a largest value in [0.5, 1): only their
     ratios matter, and such weights cannot overflow when they are added up in float32.
     ``check_values=False`` checks the type and shape only: the values are then never read on the
-    host, which keeps a compiled caller in one graph (``nonfinite="propagate"``).
+    host, which keeps a compiled caller in one graph (``values_checked()``).
     """
     if isinstance(weights, torch.Tensor):
         w = weights

@@ -31,16 +31,17 @@ class Rows:
                 f"non-finite clients {self.dropped}")
 
 
-def coordinatewise(op, G, nonfinite, backend, run, kernel_op=None):
-    """Run a coordinate-wise op under the policy; ``run(kernel, X, rows)`` returns (..., nonfinite).
+def coordinatewise(op, G, nonfinite, backend, run, raw_op=None):
+    """Run a coordinate-wise op under the policy; ``run(fn, X, rows)``, fn the raw op, returns
+    (..., nonfinite).
 
-    ``kernel_op`` is the raw op that computes ``op`` (trimmed_mean and median run order_mean);
+    ``raw_op`` is the raw op that computes ``op`` (trimmed_mean and median run order_mean);
     messages name ``op``, the function the caller called. Under "drop" the op runs again on the
-    finite rows, with ``run(kernel, X, rows, kept)``.
+    finite rows, with ``run(fn, X, rows, kept)``.
     """
     check_policy(nonfinite, op)
-    kernel_op = kernel_op or op
-    fn = _backend.kernel(kernel_op, _backend.select(kernel_op, G.device, backend))
+    raw_op = raw_op or op
+    fn = _backend.raw_op(raw_op, _backend.select(raw_op, G.device, backend))
     n = G.shape[0]
     *result, bad = run(fn, G, Rows(n, n))
     if nonfinite == "propagate" or not bool(bad.any()):
@@ -63,7 +64,7 @@ def per_client(op, G, nonfinite, backend, run, row_outputs, matrix_outputs=()):
     outputs whose rows and columns are clients.
     """
     check_policy(nonfinite, op)
-    fn = _backend.kernel(op, _backend.select(op, G.device, backend))
+    fn = _backend.raw_op(op, _backend.select(op, G.device, backend))
     *result, bad = run(fn, G)
     if nonfinite == "propagate":
         return result, bad

@@ -69,6 +69,10 @@ def _order_mean(G, lo, hi):
     return G.new_empty(G.shape[1]), _rows_flag(G)
 
 
+def _closest_to_median_mean(G, beta):
+    return G.new_empty(G.shape[1]), _rows_flag(G)
+
+
 def _invariant(G, lo, hi, min_votes):
     return G.new_empty(G.shape[1]), G.new_empty(G.shape[1], dtype=torch.bool), _rows_flag(G)
 
@@ -135,6 +139,8 @@ RAW_OPS = {op.name: op for op in (
           triton_launcher="sign_votes.sign_sum_forward"),
     RawOp("order_mean", _order_mean, _torch_backend.order_mean, lambda device: (_G(device), 1, 6),
           triton_launcher="order_stats.order_mean_forward"),
+    RawOp("closest_to_median_mean", _closest_to_median_mean, _torch_backend.closest_to_median_mean,
+          lambda device: (_G(device), 3), triton_launcher="order_stats.closest_to_median_mean_forward"),
     RawOp("invariant", _invariant, _torch_backend.invariant, lambda device: (_G(device), 1, 6, 4),
           triton_launcher="order_stats.invariant_forward"),
     RawOp("rlr", _rlr, _torch_backend.rlr, lambda device: (_G(device), _randn(device, 7, seed=2).abs(), 3, 0.5),

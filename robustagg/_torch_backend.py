@@ -30,6 +30,10 @@ def order_mean(G: Tensor, lo: int, hi: int) -> Tensors2:
     return reference.order_mean(G, lo, hi), _nonfinite_rows(G)
 
 
+def closest_to_median_mean(G: Tensor, beta: int) -> Tensors2:
+    return reference.closest_to_median_mean(G, beta), _nonfinite_rows(G)
+
+
 def invariant(G: Tensor, lo: int, hi: int, min_votes: int) -> Tensors3:
     mask = reference.sign_sum(G).abs() >= min_votes
     out = torch.where(mask, reference.order_mean(G, lo, hi), torch.zeros((), dtype=G.dtype, device=G.device))

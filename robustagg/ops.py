@@ -10,9 +10,9 @@ Every op takes ``G`` of shape (n, d): row i is client i, column j coordinate j. 
   (default) raises ``NonFiniteUpdateError``, ``"drop"`` computes on the finite rows only,
   ``"propagate"`` skips the check. The kernels find non-finite rows in the same pass that computes
   the result; under ``"drop"`` a coordinate-wise op runs again on the surviving rows, while
-  per-client ops just give the dropped rows NaN outputs. Under ``"propagate"`` an op reads no
-  tensor on the host (the values of ``weights``, ``ref`` and a tensor ``max_norm`` go unchecked
-  too), so that it compiles into one graph.
+  per-client ops just give the dropped rows NaN outputs. Under ``"propagate"`` a compiled op reads
+  no tensor on the host (while tracing, the values of ``weights``, ``ref`` and a tensor
+  ``max_norm`` go unchecked), so that it compiles into one graph.
 
 Supported dtypes are float16, bfloat16, float32 and float64; arithmetic is float32 (float64 for
 float64). Results have G's dtype, except counts (int32), indices (int64), masks (bool) and the
@@ -32,14 +32,15 @@ from dataclasses import dataclass
 import torch
 
 from . import _backend, reference
-from ._checks import check_bool, check_float, check_int, check_matrix, check_multiplier, check_vector, check_weights
+from ._checks import (check_bool, check_float, check_int, check_matrix, check_multiplier, check_vector, check_weights,
+                      values_checked)
 from ._dtypes import acc_dtype, dtype_max
 from ._policy import check_policy, coordinatewise, per_client
 from .layout import Layout
 
 __all__ = [
-    "ClientStats", "sign_sum", "sign_agreement", "order_mean", "trimmed_mean", "median", "invariant",
-    "invariant_ranks", "rlr", "client_stats", "clip_rows", "topk_ef_step", "topk_abs", "maxpool_amplify",
+    "ClientStats", "sign_sum", "sign_agreement", "order_mean", "trimmed_mean", "median", "closest_to_median_mean",
+    "invariant", "invariant_ranks", "rlr", "client_stats", "clip_rows", "topk_ef_step", "topk_abs", "maxpool_amplify",
     "pairwise_sqdist", "pairwise_cosine",
 ]
 
@@ -64,7 +65,7 @@ def sign_agreement(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
         s, bad = fn(X)
         return (s.abs().to(acc_dtype(G.dtype)) / rows.n).to(G.dtype), bad
 
-    (agreement,) = coordinatewise("sign_agreement", G, nonfinite, backend, run, kernel_op="sign_sum")
+    (agreement,) = coordinatewise("sign_agreement", G, nonfinite, backend, run, raw_op="sign_sum")
     return agreement
 
 
@@ -110,7 +111,7 @@ def trimmed_mean(G, trim: int, *, nonfinite="raise", backend=None) -> torch.Tens
     def run(fn, X, rows, kept=None):
         return fn(X, *_trim_bounds(op, trim, rows))
 
-    (out,) = coordinatewise(op, G, nonfinite, backend, run, kernel_op="order_mean")
+    (out,) = coordinatewise(op, G, nonfinite, backend, run, raw_op="order_mean")
     return out
 
 
@@ -122,7 +123,21 @@ def median(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
     def run(fn, X, rows, kept=None):
         return fn(X, (rows.n - 1) // 2, rows.n // 2 + 1)
 
-    (out,) = coordinatewise("median", G, nonfinite, backend, run, kernel_op="order_mean")
+    (out,) = coordinatewise("median", G, nonfinite, backend, run, raw_op="order_mean")
+    return out
+
+
+def closest_to_median_mean(G, beta: int, *, nonfinite="raise", backend=None) -> torch.Tensor:
+    r"""Bulyan's coordinate step (El Mhamdi et al. 2018): per coordinate, the mean of the ``beta``
+    values nearest the coordinate median (as ``median`` returns it), ties in distance to the lower
+    row. Needs 1 <= beta <= n (the finite rows under ``"drop"``); G is read once."""
+    op = "closest_to_median_mean"
+    G = check_matrix(G, op)
+
+    def run(fn, X, rows, kept=None):
+        return fn(X, check_int(op, "beta", beta, 1, rows.n, rows.why()))
+
+    (out,) = coordinatewise(op, G, nonfinite, backend, run)
     return out
 
 
@@ -177,7 +192,7 @@ def invariant_ranks(G, tau: float, lo: int, hi: int, strict: bool = True, *, ret
         a, b = _order_bounds(op, lo, hi, rows)
         return fn(X, a, b, _min_votes(tau, rows.n, strict))
 
-    out, mask = coordinatewise(op, G, nonfinite, backend, run, kernel_op="invariant")
+    out, mask = coordinatewise(op, G, nonfinite, backend, run, raw_op="invariant")
     return (out, mask) if return_mask else out
 
 
@@ -187,12 +202,12 @@ def rlr(G, theta: int, weights=None, server_lr: float = 1.0, *, nonfinite="raise
     r"""Robust learning rate (Ozdayi et al. 2021): $\mathrm{out}_j = \eta_j\,\bar g_j$ with
     $\bar g = \sum_i w_i G_i / \sum_i w_i$ and $\eta_j = +\mathrm{lr}$ if $|s_j| \ge \theta$ else
     $-\mathrm{lr}$. ``theta`` is a vote count in 0..n; ``weights`` are the clients' sample counts
-    (finite, >= 0, not all 0; under ``nonfinite="propagate"`` their values are taken as given)."""
+    (finite, >= 0, not all 0; under torch.compile their values are taken as given)."""
     op = "rlr"
     G = check_matrix(G, op)
     n = G.shape[0]
     w = None if weights is None else check_weights(op, weights, n, G.device, acc_dtype(G.dtype),
-                                                   check_values=nonfinite != "propagate")
+                                                   check_values=values_checked())
     server_lr = check_multiplier(op, "server_lr", server_lr, G.dtype)
 
     def run(fn, X, rows, kept=None):
@@ -259,8 +274,8 @@ def client_stats(G, window: tuple[int, int] | None = None, ref=None, *, nonfinit
     with ``ref`` the dot products $G_i\cdot\mathrm{ref}$, distances $\|G_i - \mathrm{ref}\|$ and
     cosines, in one read of G; all float64. Under ``"drop"`` non-finite rows get NaN.
 
-    ``ref`` must be finite; under ``nonfinite="propagate"`` that is not checked, and a NaN or Inf
-    in it flows into the results that use it."""
+    ``ref`` must be finite; under torch.compile that is not checked, and a NaN or Inf in it flows
+    into the results that use it."""
     op = "client_stats"
     G = check_matrix(G, op)
     n, d = G.shape
@@ -275,7 +290,7 @@ def client_stats(G, window: tuple[int, int] | None = None, ref=None, *, nonfinit
         ref = check_vector(ref, op, "ref")
         if ref.shape[0] != d:
             raise ValueError(f"{op}: ref has length {ref.shape[0]}; it must have d={d} entries")
-        if nonfinite != "propagate" and not bool(torch.isfinite(torch.stack(torch.aminmax(ref))).all()):
+        if values_checked() and not bool(torch.isfinite(torch.stack(torch.aminmax(ref))).all()):
             # one pass: min and max propagate NaN
             raise ValueError(f"{op}: ref holds NaN or Inf; the reference update must be finite")
         ref = ref.to(device=G.device, dtype=G.dtype).contiguous()
@@ -322,11 +337,11 @@ def _clip_bounds(op, max_norm, G, check_values: bool) -> torch.Tensor:
 def clip_rows(G, max_norm, *, nonfinite="raise", backend=None) -> torch.Tensor:
     r"""$G_i \cdot \min(1, c_i/\|G_i\|)$ with $c$ a scalar or an [n] tensor; a zero row stays zero.
 
-    The bounds must be finite and >= 0; under ``nonfinite="propagate"`` the values of a tensor
-    ``max_norm`` are not checked."""
+    The bounds must be finite and >= 0; under torch.compile the values of a tensor ``max_norm``
+    are not checked."""
     op = "clip_rows"
     G = check_matrix(G, op)
-    bound = _clip_bounds(op, max_norm, G, check_values=nonfinite != "propagate")
+    bound = _clip_bounds(op, max_norm, G, check_values=values_checked())
     (out,), _ = per_client(op, G, nonfinite, backend, lambda fn, X: fn(X, bound), row_outputs=(0,))
     return out
 
@@ -365,7 +380,7 @@ def topk_ef_step(u, error, momentum, k: int, rho: float, *, nonfinite="raise", b
                              f"{tuple(u.shape)} {u.dtype} on {u.device}")
     k = _check_k(k, op)
     rho = check_float(op, "rho", rho, 0.0, dtype_max(u.dtype))
-    fn = _backend.kernel(op, _backend.select(op, u.device, backend))
+    fn = _backend.raw_op(op, _backend.select(op, u.device, backend))
     e = error if error.is_contiguous() else error.contiguous()
     m = momentum if momentum.is_contiguous() else momentum.contiguous()
     idx, values, bad = fn(u.contiguous(), e, m, k, rho)
@@ -384,7 +399,7 @@ def topk_abs(x, k: int, *, nonfinite="raise", backend=None):
     check_policy(nonfinite, op, ("raise", "propagate"))
     x = check_vector(x, op, "x").contiguous()
     k = _check_k(k, op)
-    fn = _backend.kernel(op, _backend.select(op, x.device, backend))
+    fn = _backend.raw_op(op, _backend.select(op, x.device, backend))
     idx, values, bad = fn(x, k)
     if nonfinite == "raise" and bool(bad.any()):
         _raise_vector_nonfinite(op, "x", x)

@@ -71,6 +71,20 @@ def median(G: torch.Tensor) -> torch.Tensor:
     return order_mean(G, (n - 1) // 2, n // 2 + 1)
 
 
+def closest_to_median_mean(G: torch.Tensor, beta: int) -> torch.Tensor:
+    r"""Bulyan's coordinate step: per coordinate, the mean of the ``beta`` values nearest the
+    median (``median(G)``, in G's dtype); ties in distance go to the lower row."""
+    acc = acc_dtype(G.dtype)
+    center = median(G).to(acc)
+    out = torch.empty(G.shape[1], dtype=acc, device=G.device)
+    for start in range(0, G.shape[1], _SORT_COLUMNS):
+        block = G[:, start:start + _SORT_COLUMNS].to(acc)
+        gap = (block - center[start:start + _SORT_COLUMNS]).abs()
+        nearest = torch.sort(gap, dim=0, stable=True).indices[:beta]
+        out[start:start + _SORT_COLUMNS] = kept_mean(torch.sort(block.gather(0, nearest), dim=0).values)
+    return out.to(G.dtype)
+
+
 # ---------------------------------------------------------------- invariant aggregation
 
 def invariant(G: torch.Tensor, tau: float, trim: int, strict: bool = True, return_mask: bool = False):

@@ -502,6 +502,30 @@ def test_order_mean_of_two_3e38_rows_and_zeros_is_finite(emu):
     assert_bitwise(median, M[0], "median")
 
 
+# closest_to_median_mean: the slice kernel for every n, shared memory or (large n) the global
+# workspace, the network up to 2048 values per slice and heap sort beyond; the same bits as the CPU.
+@pytest.mark.parametrize("dtype, n, beta", [(torch.float32, 1, 1), (torch.float32, 6, 3), (torch.float32, 30, 10),
+                                            (torch.float32, 31, 11), (torch.float64, 30, 10),
+                                            (torch.float16, 20, 4), (torch.bfloat16, 33, 9),
+                                            (torch.float32, 700, 300), (torch.float32, 2100, 700)])
+def test_closest_to_median_mean_bitwise_equals_cpu(emu, dtype, n, beta):
+    G = awkward(n, 3 if n > 1000 else 130, 60 + n, dtype)
+    out, bad = emulate(emu, "closest_to_median_mean", G, beta)
+    cpu_out, cpu_bad = CPU.closest_to_median_mean(G, beta)
+    assert_bitwise(out, cpu_out, f"closest_to_median_mean {dtype} n={n} beta={beta}")
+    assert torch.equal(bad, cpu_bad)
+    finite = finite_columns(G)
+    assert_close(out[finite], reference.closest_to_median_mean(G, beta)[finite], dtype, "vs the reference")
+
+
+def test_closest_to_median_mean_ties_and_huge_values(emu):
+    # equal distances on both sides of the median go to the lower row; 3e38 means stay finite
+    G = torch.tensor([[1.0, 3e38], [-1.0, 3e38], [0.0, 3e38], [2.0, 1.0], [-2.0, 3e38]])
+    out, _ = emulate(emu, "closest_to_median_mean", G, 2)
+    assert_bitwise(out, CPU.closest_to_median_mean(G, 2)[0])
+    assert torch.equal(out, torch.stack([torch.tensor(0.5), G[0, 1]]))
+
+
 @pytest.mark.parametrize("dtype, n", [(torch.float32, 18), (torch.float32, 100), (torch.float32, 130),
                                       (torch.float32, 2100), (torch.bfloat16, 18), (torch.bfloat16, 100),
                                       (torch.float64, 18), (torch.float64, 100), (torch.float64, 2049)],
@@ -1086,6 +1110,7 @@ _FUZZ = {
     "rlr": lambda: (awkward(9, 700, 32), torch.rand(9) + 0.5, 4, 0.5),
     "order_mean": lambda: (awkward(257, 200, 33), 64, 193),
     "invariant": lambda: (awkward(100, 300, 34), 20, 80, 30),
+    "closest_to_median_mean": lambda: (with_bad_rows(awkward(30, 700, 41)), 10),
     "client_stats": lambda: (with_bad_rows(awkward(9, 9000, 35)), 100, 5000, torch.randn(9000)),
     "clip_rows": lambda: (awkward(9, 5000, 36).clamp(-1e3, 1e3), torch.full((9,), 3.0)),
     "topk_ef_step": lambda: (torch.randn(9000), torch.randn(9000), torch.randn(9000), 90, 0.9),
@@ -1094,7 +1119,8 @@ _FUZZ = {
     "pairwise_sqdist": lambda: (awkward(40, 1500, 39).clamp(-10, 10),),
     "pairwise_cosine": lambda: (awkward(40, 1500, 40).clamp(-10, 10),),
 }
-_BITWISE_VS_CPU = {"sign_sum", "rlr", "order_mean", "invariant", "topk_abs", "maxpool_amplify"}
+_BITWISE_VS_CPU = {"sign_sum", "rlr", "order_mean", "invariant", "closest_to_median_mean", "topk_abs",
+                   "maxpool_amplify"}
 
 
 @pytest.mark.parametrize("op", sorted(RAW_OPS))

@@ -65,7 +65,7 @@ def _randn(n, d, dtype, seed=0):
 def test_triton_backend_is_available_and_selected_explicitly():
     assert robustagg.available_backends()["triton"] == "available"
     assert _backend.select("order_mean", DEVICE, "triton") == "triton"
-    assert _backend.kernel("order_mean", "triton") is torch.ops.robustagg_triton.order_mean
+    assert _backend.raw_op("order_mean", "triton") is torch.ops.robustagg_triton.order_mean
 
 
 def test_every_schema_op_is_registered_under_robustagg_triton():

@@ -105,11 +105,6 @@ RA_HD void row_stats_init(RowStats& s) {
   s.count[0] = s.count[1] = s.count[2] = 0;
 }
 
-RA_HD void row_stats_count_sign(RowStats& s, double x) {
-  const int c = sign_class(x);
-  if (c >= 0) s.count[c] += 1;
-}
-
 RA_HD void row_stats_merge(RowStats& a, const RowStats& b) {
   row_sums_merge(a.sums, b.sums);
   for (int c = 0; c < 3; ++c) a.count[c] += b.count[c];

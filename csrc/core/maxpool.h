@@ -6,7 +6,7 @@
 // it (torch.max_pool2d propagates NaN), and the first NaN or first maximum in row-major window
 // order is the arg-max, like torch.argmax.
 //
-// Segment table rows (csrc/ops.cpp): (in_offset, rows, cols, pooled, out_offset).
+// Segment table rows (schema in csrc/ops.cpp): (in_offset, rows, cols, pooled, out_offset).
 #pragma once
 #include "core/common.h"
 
@@ -21,11 +21,6 @@ struct PoolSegment {
 
 RA_HD PoolSegment pool_segment(const int64_t* table_row) {
   return PoolSegment{table_row[0], table_row[1], table_row[2], table_row[3] != 0, table_row[4]};
-}
-
-// Output values a segment contributes to one pooled (restore=false) row.
-RA_HD int64_t pooled_size(const PoolSegment& s, int64_t kernel) {
-  return s.pooled ? (s.rows / kernel) * (s.cols / kernel) : s.rows * s.cols;
 }
 
 // True when candidate x replaces the running max `best` of a window scanned in row-major order:

@@ -30,6 +30,12 @@
 //     void heap_sort(A* v, int64_t count)
 //     A    order_mean_select(A* v, int64_t n, int64_t lo, int64_t hi)   reorders v
 //
+//   Bulyan's coordinate step (closest_to_median_mean), on one coordinate's sorted values:
+//     A             sorted_median(const A* sorted, int64_t n)   numpy-style, like order_mean
+//     NearestWindow nearest_window(const A* sorted, int64_t n, int64_t beta, A center)
+//     A             nearest_by_index(Value value_of, int64_t n, int64_t beta, A center,
+//                                    NearestWindow w, const A* sorted, A* kept)
+//
 // Bitwise agreement between backends: every path ends in kept_mean, which adds the kept values in
 // ascending sorted order (sorted[lo] + sorted[lo+1] + ... + sorted[hi-1]) and divides once by
 // hi - lo. Any exact selection method yields the same sorted kept values, so the network path,
@@ -228,6 +234,91 @@ RA_HD A order_mean_select(A* v, int64_t n, int64_t lo, int64_t hi) {
     heap_sort(v + lo + 1, hi - 1 - (lo + 1));
   }
   return kept_mean_finite(v, lo, hi);
+}
+
+// ---- Bulyan's coordinate step (El Mhamdi et al. 2018): the mean of the beta values nearest the median
+//
+// The exact rule: take the beta values with the smallest |x - center| (computed in A and rounded
+// once, like the reference), ties in distance to the lower client row. In sorted order the
+// distances fall and then rise, so the nearest values form a window grown outwards from the
+// middle. Only when the beta-th distance is shared by a value inside and a different value
+// outside the window does the client order decide; then nearest_by_index redoes the coordinate
+// from its column. Either way the kept values are added in ascending order by kept_mean_finite.
+
+template <typename A>
+RA_HD A distance_to(A x, A center) {
+  const A gap = x - center;
+  return gap < A(0) ? -gap : gap;
+}
+
+// The median of sorted[0..n): order_mean's kept mean of the middle one or two values.
+template <typename A>
+RA_HD A sorted_median(const A* sorted, int64_t n) {
+  return kept_mean_finite(sorted, (n - 1) / 2, n / 2 + 1);
+}
+
+struct NearestWindow {
+  int64_t begin, end;  // the beta nearest values are sorted[begin..end)
+  bool tied;           // unless the client order must break a tie (nearest_by_index)
+};
+
+// center must lie in [sorted[(n-1)/2], sorted[n/2]] (the median rounded to the storage type
+// does), so each side's distances grow outwards from there. 1 <= beta <= n. NaN only makes the
+// window meaningless; the loops stay bounded by n.
+template <typename A>
+RA_HD NearestWindow nearest_window(const A* sorted, int64_t n, int64_t beta, A center) {
+  int64_t left = (n - 1) / 2, right = left + 1;  // the next candidate on each side
+  for (int64_t taken = 0; taken < beta; ++taken) {
+    const bool take_left =
+        right >= n || (left >= 0 && !(distance_to(sorted[right], center) < distance_to(sorted[left], center)));
+    if (take_left) {
+      --left;
+    } else {
+      ++right;
+    }
+  }
+  const A edge_left = distance_to(sorted[left + 1], center), edge_right = distance_to(sorted[right - 1], center);
+  const A farthest = edge_left < edge_right ? edge_right : edge_left;
+  const bool tie_left = left >= 0 && distance_to(sorted[left], center) == farthest;
+  const bool tie_right = right < n && distance_to(sorted[right], center) == farthest;
+  if (!tie_left && !tie_right) return {left + 1, right, false};
+  // A tie matters only if the values at the farthest distance differ (distinct values can share a
+  // rounded distance; equal values are interchangeable).
+  int64_t first = left + 1, last = right;
+  while (first > 0 && distance_to(sorted[first - 1], center) == farthest) --first;
+  while (last < n && distance_to(sorted[last], center) == farthest) ++last;
+  bool seen = false, differ = false;
+  A value = A(0);
+  for (int64_t x = first; x < last; ++x) {
+    if (!(distance_to(sorted[x], center) == farthest)) continue;
+    differ = differ || (seen && !(sorted[x] == value));
+    value = sorted[x];
+    seen = true;
+  }
+  return {left + 1, right, differ};
+}
+
+// The tied case of nearest_window, from the column in client order: every value nearer than the
+// window's farthest distance, then the values at that distance from the lowest client rows up, are
+// copied to kept (beta slots) and averaged in ascending order. value_of(i) is row i's value.
+template <typename A, typename Value>
+RA_HD A nearest_by_index(Value value_of, int64_t n, int64_t beta, A center, NearestWindow w, const A* sorted,
+                         A* kept) {
+  const A edge_left = distance_to(sorted[w.begin], center), edge_right = distance_to(sorted[w.end - 1], center);
+  const A farthest = edge_left < edge_right ? edge_right : edge_left;
+  int64_t nearer = 0;
+  for (int64_t x = w.begin; x < w.end; ++x) nearer += distance_to(sorted[x], center) < farthest;
+  int64_t ties_left = beta - nearer, count = 0;
+  for (int64_t i = 0; i < n && count < beta; ++i) {
+    const A x = value_of(i);
+    const A gap = distance_to(x, center);
+    const bool at_edge = gap == farthest && ties_left > 0;
+    if (gap < farthest || at_edge) kept[count++] = x;
+    ties_left -= at_edge;
+  }
+  if (count < beta) return (farthest - farthest) / (farthest - farthest);  // only NaN gets here: NaN
+  heap_sort(kept, count);
+  return kept_mean_finite(kept, 0, count);
 }
 
 }  // namespace robustagg

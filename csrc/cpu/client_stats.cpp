@@ -5,15 +5,13 @@
 // cache. Squares and products accumulate in float64 over 8 fixed lanes (the same order on every
 // ISA), with core/client_stats.h's scaled sums for float64 input; chunks are merged in column
 // order, so the result is bitwise reproducible.
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include "cpu/lanes.h"  // first: it silences -Wpsabi for the vector types
 
 #include <algorithm>
 #include <type_traits>
 #include <vector>
 
 #include "core/client_stats.h"
-#include "cpu/isa.h"
 #include "cpu/kernels.h"
 
 namespace robustagg {
@@ -59,25 +57,8 @@ RA_ALWAYS_INLINE void row_block_body(const T* g, const T* ref, int64_t len, RowS
   row_sums_merge(*out, folded);
 }
 
-template <typename T, bool kRef>
-RA_TARGET_AVX512 void row_block_avx512(const T* g, const T* r, int64_t len, RowSums<double>* out) {
-  row_block_body<Isa::kAvx512, T, kRef>(g, r, len, out);
-}
-template <typename T, bool kRef>
-RA_TARGET_AVX2 void row_block_avx2(const T* g, const T* r, int64_t len, RowSums<double>* out) {
-  row_block_body<Isa::kAvx2, T, kRef>(g, r, len, out);
-}
-template <typename T, bool kRef>
-void row_block_base(const T* g, const T* r, int64_t len, RowSums<double>* out) {
-  row_block_body<Isa::kBase, T, kRef>(g, r, len, out);
-}
-
-template <typename T, bool kRef>
-void row_block(Isa isa, const T* g, const T* r, int64_t len, RowSums<double>* out) {
-  if (isa == Isa::kAvx512) return row_block_avx512<T, kRef>(g, r, len, out);
-  if (isa == Isa::kAvx2) return row_block_avx2<T, kRef>(g, r, len, out);
-  row_block_base<T, kRef>(g, r, len, out);
-}
+RA_CPU_KERNEL(row_block, (typename T, bool kRef), (T, kRef),
+              (const T* g, const T* r, int64_t len, RowSums<double>* out), (g, r, len, out))
 
 // Sign classes of one row over the columns [lo, hi) of the window.
 template <typename T> void count_signs(const T* g, int64_t lo, int64_t hi, RowStats& st) {
@@ -104,7 +85,7 @@ Totals accumulate(const T* G, int64_t n, int64_t d, const T* ref, int64_t wstart
   const int64_t chunks = std::min(kMaxChunks, std::max<int64_t>(1, (d + kChunkColumns - 1) / kChunkColumns));
   std::vector<RowStats> part(chunks * n);
   std::vector<RowSums<double>> ref_part(chunks);
-  const Isa isa = cpu_isa();
+  const Isa isa = best_isa();
 #pragma omp parallel
   {
 #pragma omp for schedule(dynamic, 1)
@@ -143,16 +124,10 @@ Totals accumulate(const T* G, int64_t n, int64_t d, const T* ref, int64_t wstart
 template <typename T> constexpr bool kScaledSums = std::is_same<T, double>::value;
 
 // out = (x * pre) * factor in float64 (core's clip_value), rounded once to T.
-template <typename T> RA_ALWAYS_INLINE void scale_body(const T* g, int64_t len, ClipFactor f, T* o) {
+template <Isa, typename T> RA_ALWAYS_INLINE void scale_body(const T* g, int64_t len, ClipFactor f, T* o) {
   for (int64_t j = 0; j < len; ++j) o[j] = static_cast<T>(clip_value(f, static_cast<double>(static_cast<acc_t<T>>(g[j]))));
 }
-template <typename T> RA_TARGET_AVX512 void scale_avx512(const T* g, int64_t len, ClipFactor f, T* o) {
-  scale_body<T>(g, len, f, o);
-}
-template <typename T> RA_TARGET_AVX2 void scale_avx2(const T* g, int64_t len, ClipFactor f, T* o) {
-  scale_body<T>(g, len, f, o);
-}
-template <typename T> void scale_base(const T* g, int64_t len, ClipFactor f, T* o) { scale_body<T>(g, len, f, o); }
+RA_CPU_KERNEL(scale, (typename T), (T), (const T* g, int64_t len, ClipFactor f, T* o), (g, len, f, o))
 
 }  // namespace
 
@@ -184,19 +159,14 @@ void clip_rows(const T* G, int64_t n, int64_t d, const acc_t<T>* max_norm, T* ou
     nonfinite[i] = row_nonfinite<kScaled>(t.rows[i].sums);
   }
   const int64_t blocks = (d + kChunkColumns - 1) / kChunkColumns;
-  const Isa isa = cpu_isa();
+  const Isa isa = best_isa();
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < n * blocks; ++task) {
     const int64_t i = task / blocks, b0 = (task % blocks) * kChunkColumns;
     const int64_t len = std::min(kChunkColumns, d - b0);
     const T* g = G + i * d + b0;
     T* o = out + i * d + b0;
-    if (isa == Isa::kAvx512)
-      scale_avx512<T>(g, len, factor[i], o);
-    else if (isa == Isa::kAvx2)
-      scale_avx2<T>(g, len, factor[i], o);
-    else
-      scale_base<T>(g, len, factor[i], o);
+    scale<T>(isa, g, len, factor[i], o);
   }
 }
 

@@ -1,110 +1,87 @@
 // Runtime choice of the x86 vector ISA for the hot loops of the CPU kernels.
 //
 // The default build is portable (no -march=native), which would leave the loops at SSE2. Each hot
-// loop is written once as an always-inline template body; thin wrappers compile that body with
-// `target("avx2")` / `target("avx512f,...")` and cpu_isa() picks one at run time. The bodies use
-// fixed-width lane accumulators, so every ISA performs the same floating-point operations in the
-// same order and the results are bitwise identical whichever wrapper runs.
+// loop is written once, as a function template NAME_body whose first template argument is the
+// Isa it is compiled for; RA_CPU_KERNEL compiles that body three times (AVX-512, AVX2, baseline,
+// with `flatten` so that every helper and the core math are inlined into each copy and run on its
+// instruction set) and NAME(isa, ...) calls the copy for best_isa(). The bodies use fixed-width
+// lanes, so every copy performs the same floating-point operations in the same order and the
+// results are bitwise identical whichever runs (the tests compare every copy, docs/backends.md).
+//
+// ROBUSTAGG_CPU_ISA=avx512|avx2|baseline caps the level, read on every call of an op.
 #pragma once
+#include <cstdlib>
+#include <cstring>
 
 #define RA_ALWAYS_INLINE inline __attribute__((always_inline))
 
 #if defined(__x86_64__) || defined(__i386__)
-#define RA_TARGET_AVX2 __attribute__((target("avx2,f16c")))
-#define RA_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,f16c")))
+#define RA_TARGET_AVX2 __attribute__((target("avx2,f16c"), flatten))
+#define RA_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,f16c"), flatten))
 #else
-#define RA_TARGET_AVX2
-#define RA_TARGET_AVX512
+#define RA_TARGET_AVX2 __attribute__((flatten))
+#define RA_TARGET_AVX512 __attribute__((flatten))
 #endif
 
 namespace robustagg {
 namespace cpu {
 
-enum class Isa { kBase, kAvx2, kAvx512 };
+enum class Isa { baseline = 0, avx2 = 1, avx512 = 2 };
 
-inline Isa detect_isa() {
+// The best instruction set this CPU supports, detected once.
+inline Isa hardware_isa() {
+  static const Isa isa = [] {
 #if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return Isa::kAvx2;
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+      return Isa::avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return Isa::avx2;
 #endif
-  return Isa::kBase;
-}
-
-inline Isa cpu_isa() {
-  static const Isa isa = detect_isa();
+    return Isa::baseline;
+  }();
   return isa;
 }
 
-}  // namespace cpu
-}  // namespace robustagg
-
-#include <cstring>
-#include <type_traits>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-// The 64-byte vectors below are passed only between always-inline functions, so the ABI note
-// GCC gives for 64-byte vector returns outside AVX-512 code does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-namespace robustagg {
-namespace cpu {
-
-// Eight float64 lanes (GNU vector extension, not intrinsics): one AVX-512 register, two AVX2
-// registers or four SSE2 registers, with the same per-lane arithmetic on each.
-typedef double f64x8 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int64_t i64x8 __attribute__((vector_size(64)));
-
-// p[0..7] converted to float64 (16-bit types through float, as acc_t does).
-RA_ALWAYS_INLINE f64x8 load_f64x8(const double* p) {
-  f64x8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-RA_ALWAYS_INLINE f64x8 load_f64x8(const float* p) {
-  f32x8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return __builtin_convertvector(v, f64x8);
-}
-template <typename T> RA_ALWAYS_INLINE f64x8 load_f64x8(const T* p) {
-  f32x8 v;
-  for (int l = 0; l < 8; ++l) v[l] = static_cast<float>(p[l]);
-  return __builtin_convertvector(v, f64x8);
-}
-
-#if defined(__x86_64__)
-// GCC 12 splits the generic float -> double vector conversion into four 256-bit steps; AVX-512
-// has it as one instruction. The conversion is exact, so the results do not depend on which runs.
-// (GCC 12's _mm512_cvtps_pd starts from an undefined vector it fully overwrites: a false warning.)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-RA_TARGET_AVX512 inline f64x8 load_f64x8_avx512(const float* p) {
-  return reinterpret_cast<f64x8>(_mm512_cvtps_pd(_mm256_loadu_ps(p)));
-}
-#pragma GCC diagnostic pop
-#endif
-
-// load_f64x8 through the fastest conversion that `isa` allows.
-template <Isa isa, typename T> RA_ALWAYS_INLINE f64x8 load_f64x8_on(const T* p) {
-#if defined(__x86_64__)
-  if constexpr (isa == Isa::kAvx512 && std::is_same<T, float>::value) return load_f64x8_avx512(p);
-#endif
-  return load_f64x8(p);
-}
-
-
-// Sum of the lanes in a fixed pairwise order.
-RA_ALWAYS_INLINE double fold_f64x8(f64x8 v) {
-  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+// The best instruction set this CPU and ROBUSTAGG_CPU_ISA allow.
+inline Isa best_isa() {
+  Isa cap = Isa::avx512;
+  if (const char* env = std::getenv("ROBUSTAGG_CPU_ISA")) {
+    if (std::strcmp(env, "baseline") == 0) cap = Isa::baseline;
+    if (std::strcmp(env, "avx2") == 0) cap = Isa::avx2;
+  }
+  const Isa hardware = hardware_isa();
+  return hardware < cap ? hardware : cap;
 }
 
 }  // namespace cpu
 }  // namespace robustagg
+
+// Defines NAME_avx512, NAME_avx2 and NAME_baseline from NAME_body<Isa, TARGS...>, and
+// NAME(isa, ...), which returns what the copy for `isa` returns. Usage:
+//   RA_CPU_KERNEL(order_tiles, (typename T, bool kVotes), (T, kVotes),
+//                 (const Job<T>& job, int64_t begin, int64_t end), (job, begin, end))
+// defines order_tiles<T, kVotes>(isa, job, begin, end) over
+//   template <Isa isa, typename T, bool kVotes> void order_tiles_body(const Job<T>&, int64_t, int64_t);
+#define RA_CPU_KERNEL(NAME, TPARAMS, TARGS, PARAMS, ARGS)                                                   \
+  template <RA_UNPAREN TPARAMS>                                                                             \
+  RA_TARGET_AVX512 auto NAME##_avx512 PARAMS {                                                              \
+    return NAME##_body<::robustagg::cpu::Isa::avx512, RA_UNPAREN TARGS> ARGS;                               \
+  }                                                                                                         \
+  template <RA_UNPAREN TPARAMS>                                                                             \
+  RA_TARGET_AVX2 auto NAME##_avx2 PARAMS {                                                                  \
+    return NAME##_body<::robustagg::cpu::Isa::avx2, RA_UNPAREN TARGS> ARGS;                                 \
+  }                                                                                                         \
+  template <RA_UNPAREN TPARAMS>                                                                             \
+  __attribute__((flatten)) auto NAME##_baseline PARAMS {                                                    \
+    return NAME##_body<::robustagg::cpu::Isa::baseline, RA_UNPAREN TARGS> ARGS;                             \
+  }                                                                                                         \
+  template <RA_UNPAREN TPARAMS>                                                                             \
+  auto NAME(::robustagg::cpu::Isa isa, RA_UNPAREN PARAMS) {                                                 \
+    switch (isa) {                                                                                          \
+      case ::robustagg::cpu::Isa::avx512: return NAME##_avx512<RA_UNPAREN TARGS> ARGS;                      \
+      case ::robustagg::cpu::Isa::avx2: return NAME##_avx2<RA_UNPAREN TARGS> ARGS;                          \
+      default: return NAME##_baseline<RA_UNPAREN TARGS> ARGS;                                               \
+    }                                                                                                       \
+  }
+#define RA_UNPAREN(...) __VA_ARGS__

@@ -1,11 +1,8 @@
-// SIMD lanes for the CPU loops: one 64-byte vector of coordinates (16 floats or 8 doubles), as a
-// GCC vector type, so the loops carry no intrinsics and compile for any x86 (or other) target.
-// G is row-major, so the W consecutive coordinates of one row are one contiguous vector.
-//
-// Runtime ISA dispatch: the hot loops are written once and compiled three times through
-// RA_CPU_KERNEL (AVX-512, AVX2, baseline). `flatten` inlines every helper (these lane functions,
-// the core math) into each copy, so each copy runs on its own instruction set.
-// ROBUSTAGG_CPU_ISA=avx512|avx2|baseline caps the level (tests use it to cover every copy).
+// SIMD lanes for the CPU loops: one 64-byte vector of coordinates (16 floats or 8 doubles), and
+// eight float64 lanes for the loops that accumulate in float64, as GCC vector types, so the loops
+// carry no intrinsics and compile for any x86 (or other) target; csrc/cpu/isa.h compiles each
+// loop once per instruction set. G is row-major, so the W consecutive coordinates of one row are
+// one contiguous vector.
 #pragma once
 // Vectors wider than the baseline ABI only cross inlined (flattened) calls, never a real call
 // boundary between differently compiled code. (Include this header first.)
@@ -21,8 +18,12 @@
 #include <new>
 #include <type_traits>
 
-#include "core/common.h"
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
+#include "core/common.h"
+#include "cpu/isa.h"
 
 namespace robustagg::cpu {
 
@@ -153,51 +154,55 @@ class AlignedBuffer {
   V* data_;
 };
 
-enum class Isa { baseline = 0, avx2 = 1, avx512 = 2 };
+// ---- eight float64 lanes, for the kernels that accumulate 16/32-bit data in float64
 
-// The best instruction set this CPU (and ROBUSTAGG_CPU_ISA, if set) allows.
-inline Isa best_isa() {
-  Isa cap = Isa::avx512;
-  if (const char* env = std::getenv("ROBUSTAGG_CPU_ISA")) {
-    if (std::strcmp(env, "baseline") == 0) cap = Isa::baseline;
-    if (std::strcmp(env, "avx2") == 0) cap = Isa::avx2;
-  }
-  __builtin_cpu_init();
-  bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx512 && cap >= Isa::avx512) return Isa::avx512;
-  if (avx2 && cap >= Isa::avx2) return Isa::avx2;
-  return Isa::baseline;
+// Eight float64 lanes: one AVX-512 register, two AVX2 registers or four SSE2 registers, with the
+// same per-lane arithmetic on each.
+typedef double f64x8 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int64_t i64x8 __attribute__((vector_size(64)));
+
+// p[0..7] converted to float64 (16-bit types through float, as acc_t does).
+RA_ALWAYS_INLINE f64x8 load_f64x8(const double* p) {
+  f64x8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+RA_ALWAYS_INLINE f64x8 load_f64x8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return __builtin_convertvector(v, f64x8);
+}
+template <typename T> RA_ALWAYS_INLINE f64x8 load_f64x8(const T* p) {
+  f32x8 v;
+  for (int l = 0; l < 8; ++l) v[l] = static_cast<float>(p[l]);
+  return __builtin_convertvector(v, f64x8);
+}
+
+#if defined(__x86_64__)
+// GCC 12 splits the generic float -> double vector conversion into four 256-bit steps; AVX-512
+// has it as one instruction. The conversion is exact, so the results do not depend on which runs.
+// (GCC 12's _mm512_cvtps_pd starts from an undefined vector it fully overwrites: a false warning.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,f16c"))) inline f64x8 load_f64x8_avx512(
+    const float* p) {
+  return reinterpret_cast<f64x8>(_mm512_cvtps_pd(_mm256_loadu_ps(p)));
+}
+#pragma GCC diagnostic pop
+#endif
+
+// load_f64x8 through the fastest conversion that `isa` allows.
+template <Isa isa, typename T> RA_ALWAYS_INLINE f64x8 load_f64x8_on(const T* p) {
+#if defined(__x86_64__)
+  if constexpr (isa == Isa::avx512 && std::is_same<T, float>::value) return load_f64x8_avx512(p);
+#endif
+  return load_f64x8(p);
+}
+
+// Sum of the lanes in a fixed pairwise order.
+RA_ALWAYS_INLINE double fold_f64x8(f64x8 v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
 }  // namespace robustagg::cpu
-
-// Defines NAME_avx512, NAME_avx2 and NAME_baseline from one body, NAME_body, a function template
-// over TPARAMS, and NAME(isa, ...), which calls the copy for `isa` (from best_isa(), resolved once
-// per call of an op). Usage:
-//   RA_CPU_KERNEL(order_tiles, (typename T, bool kVotes), (T, kVotes),
-//                 (const Job<T>& job, int64_t begin, int64_t end), (job, begin, end))
-#define RA_CPU_KERNEL(NAME, TPARAMS, TARGS, PARAMS, ARGS)                                          \
-  template <RA_UNPAREN TPARAMS>                                                                    \
-  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"), flatten)) void NAME##_avx512      \
-      PARAMS {                                                                                     \
-    NAME##_body<RA_UNPAREN TARGS> ARGS;                                                            \
-  }                                                                                                \
-  template <RA_UNPAREN TPARAMS>                                                                    \
-  __attribute__((target("avx2"), flatten)) void NAME##_avx2 PARAMS {                               \
-    NAME##_body<RA_UNPAREN TARGS> ARGS;                                                            \
-  }                                                                                                \
-  template <RA_UNPAREN TPARAMS>                                                                    \
-  __attribute__((flatten)) void NAME##_baseline PARAMS {                                           \
-    NAME##_body<RA_UNPAREN TARGS> ARGS;                                                            \
-  }                                                                                                \
-  template <RA_UNPAREN TPARAMS>                                                                    \
-  void NAME(::robustagg::cpu::Isa isa, RA_UNPAREN PARAMS) {                                        \
-    switch (isa) {                                                                                 \
-      case ::robustagg::cpu::Isa::avx512: NAME##_avx512<RA_UNPAREN TARGS> ARGS; break;             \
-      case ::robustagg::cpu::Isa::avx2: NAME##_avx2<RA_UNPAREN TARGS> ARGS; break;                 \
-      default: NAME##_baseline<RA_UNPAREN TARGS> ARGS; break;                                      \
-    }                                                                                              \
-  }
-#define RA_UNPAREN(...) __VA_ARGS__

@@ -5,8 +5,7 @@
 // pass-through segment, and gaps no segment covers (Layout.flat's dropped tail). Tasks of all
 // clients run in one OpenMP loop. Every value of the row is read once, so the non-finite check
 // covers the dropped remainder too; with restore=True every output value is written exactly once.
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include "cpu/lanes.h"  // first: it silences -Wpsabi for the vector types
 
 #include <omp.h>
 
@@ -16,7 +15,6 @@
 #include <vector>
 
 #include "core/maxpool.h"
-#include "cpu/isa.h"
 #include "cpu/kernels.h"
 
 namespace robustagg {
@@ -188,7 +186,7 @@ RA_ALWAYS_INLINE bool pool_row_2x2(const T* x0, const T* x1, int64_t cols, T* ou
 
 // Pooled rows [r0, r1) of segment s for every kernel; K = 2 (the paper's setting) selects the
 // vectorized row at compile time, K = 0 means the kernel is only known at run time.
-template <int K, typename T, typename A = acc_t<T>>
+template <Isa, int K, typename T, typename A = acc_t<T>>
 RA_ALWAYS_INLINE bool pool_band_body(const T* g, const PoolSegment& s, int64_t kernel_rt, int64_t r0, int64_t r1,
                                      bool restore, T* out, A* best, int64_t* arg) {
   const int64_t k = K ? K : kernel_rt;
@@ -225,29 +223,10 @@ RA_ALWAYS_INLINE bool pool_band_body(const T* g, const PoolSegment& s, int64_t k
   return bad;
 }
 
-template <int K, typename T, typename A = acc_t<T>>
-RA_TARGET_AVX512 bool pool_band_avx512(const T* g, const PoolSegment& s, int64_t k, int64_t r0, int64_t r1, bool restore,
-                                       T* out, A* best, int64_t* arg) {
-  return pool_band_body<K, T>(g, s, k, r0, r1, restore, out, best, arg);
-}
-template <int K, typename T, typename A = acc_t<T>>
-RA_TARGET_AVX2 bool pool_band_avx2(const T* g, const PoolSegment& s, int64_t k, int64_t r0, int64_t r1, bool restore,
-                                   T* out, A* best, int64_t* arg) {
-  return pool_band_body<K, T>(g, s, k, r0, r1, restore, out, best, arg);
-}
-template <int K, typename T, typename A = acc_t<T>>
-bool pool_band_base(const T* g, const PoolSegment& s, int64_t k, int64_t r0, int64_t r1, bool restore, T* out,
-                    A* best, int64_t* arg) {
-  return pool_band_body<K, T>(g, s, k, r0, r1, restore, out, best, arg);
-}
-
-template <int K, typename T, typename A = acc_t<T>>
-bool pool_band(Isa isa, const T* g, const PoolSegment& s, int64_t k, int64_t r0, int64_t r1, bool restore, T* out,
-               A* best, int64_t* arg) {
-  if (isa == Isa::kAvx512) return pool_band_avx512<K, T>(g, s, k, r0, r1, restore, out, best, arg);
-  if (isa == Isa::kAvx2) return pool_band_avx2<K, T>(g, s, k, r0, r1, restore, out, best, arg);
-  return pool_band_base<K, T>(g, s, k, r0, r1, restore, out, best, arg);
-}
+RA_CPU_KERNEL(pool_band, (int K, typename T), (K, T),
+              (const T* g, const PoolSegment& s, int64_t k, int64_t r0, int64_t r1, bool restore, T* out,
+               acc_t<T>* best, int64_t* arg),
+              (g, s, k, r0, r1, restore, out, best, arg))
 
 }  // namespace
 
@@ -264,7 +243,7 @@ void maxpool_amplify(const T* G, int64_t n, int64_t d, const int64_t* table, int
   const std::vector<Task> tasks = make_tasks(segs, d, kernel);
   const int64_t per_row = tasks.size();
   std::vector<char> bad(n * per_row, 0);
-  const Isa isa = cpu_isa();
+  const Isa isa = best_isa();
   // Scratch for every thread, allocated here: an allocation failure inside the parallel region
   // would terminate the process instead of raising.
   const int threads = omp_get_max_threads();

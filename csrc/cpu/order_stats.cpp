@@ -1,4 +1,5 @@
-// CPU loops for order_mean (so trimmed_mean and median) and the fused invariant (docs/ops.md).
+// CPU loops for order_mean (so trimmed_mean and median), the fused invariant and Bulyan's
+// closest_to_median_mean (docs/ops.md).
 //
 // G is read once, in tiles of W coordinates (one 64-byte vector per row): the n row-vectors of a
 // tile are loaded into `wires` (n x W), then a network runs across the lanes (each
@@ -12,8 +13,10 @@
 //     selections isolate the kept window, only the window is sorted).
 // Both end in the core's ascending sum of the kept values (core/order_stats.h), redone scaled in
 // the rare lanes where it overflowed. The loads also count sign votes (invariant) and detect
-// non-finite rows, so nothing reads G twice.
+// non-finite rows, so nothing reads G twice. closest_to_median_mean sorts every position and then
+// runs core's window search lane by lane.
 #include "cpu/lanes.h"  // first: it silences -Wpsabi for the vector types
+#include "cpu/kernels.h"
 
 #include <omp.h>
 
@@ -37,6 +40,9 @@ constexpr int64_t kTilesPerTask = 64;
 // Tiles ahead that the register-network loop prefetches.
 constexpr int64_t kPrefetchTiles = 4;
 
+// What a tile computes from its sorted values.
+enum class OrderKind { kMean, kInvariant, kClosest };
+
 template <typename T>
 struct OrderJob {
   const T* G;
@@ -44,6 +50,7 @@ struct OrderJob {
   const CompareExchange* net;  // nullptr: selection path
   int steps;
   int64_t min_votes;  // invariant only
+  int64_t beta;       // closest_to_median_mean only
   T* out;
   bool* mask;  // invariant only
 };
@@ -54,10 +61,11 @@ struct OrderScratch {
   AlignedBuffer<typename Lanes<A>::V> wires;
   std::vector<A> columns;      // selection path: W columns of n values
   std::vector<A> lane;         // network paths: one lane's sorted values, for kept_mean_rescaled
+  std::vector<A> kept;         // closest_to_median_mean's tied coordinates: the beta kept values
   std::vector<uint8_t> bad;    // rows seen holding NaN/Inf
 
   explicit OrderScratch(const OrderJob<T>& job)
-      : wires(job.n), columns(job.net ? 0 : job.n * Lanes<A>::W), lane(job.n), bad(job.n, 0) {}
+      : wires(job.n), columns(job.net ? 0 : job.n * Lanes<A>::W), lane(job.n), kept(job.beta), bad(job.n, 0) {}
 };
 
 // kept_mean overflowed (is ±Inf) in some lanes whose values were all finite (check == 0): redo
@@ -79,6 +87,77 @@ inline void flag_nonfinite_rows(const OrderJob<T>& job, int64_t j, int64_t width
   for (int64_t i = 0; i < job.n; ++i) {
     for (int64_t l = 0; l < width; ++l) bad[i] |= is_nonfinite(static_cast<acc_t<T>>(job.G[i * job.d + j + l]));
   }
+}
+
+// closest_to_median_mean of coordinate j from its n sorted values (core/order_stats.h). The median
+// is rounded to T first, as ops.median returns it.
+template <typename T>
+inline acc_t<T> closest_coordinate(const OrderJob<T>& job, int64_t j, const acc_t<T>* sorted, OrderScratch<T>& s) {
+  using A = acc_t<T>;
+  const A center = static_cast<A>(static_cast<T>(sorted_median(sorted, job.n)));
+  const NearestWindow window = nearest_window(sorted, job.n, job.beta, center);
+  if (!window.tied) return kept_mean_finite(sorted, window.begin, window.end);
+  const T* column = job.G + j;
+  return nearest_by_index([&](int64_t i) { return static_cast<A>(column[i * job.d]); }, job.n, job.beta, center,
+                          window, sorted, s.kept.data());
+}
+
+// closest_to_median_mean of one sorted tile, all lanes at once. The window of the beta nearest
+// values starts at a = #{a : |s_a - c| > |s_(a+beta) - c|}: without a tie at its edges, the
+// window [a, a + beta) moves right exactly while its left end is farther than the next value on
+// the right. Its values are added in ascending order like kept_mean. A lane goes through
+// closest_coordinate instead (the exact rule: ties by client row, core's overflow redo) when an
+// excluded neighbour of the window is not strictly farther than its farthest value, or when its
+// median or mean is not finite (NaN/Inf input, or a sum that overflowed).
+//
+// Compiled for AVX-512 only, and with the target on this function itself: GCC lowers the vector
+// operations of a function for its own target before `flatten` inlines it, and for the baseline
+// it lowers these comparisons and selects lane by lane (10x the network's time,
+// benchmarks/NOTES.md). The other copies take every lane through closest_coordinate.
+template <typename T>
+RA_TARGET_AVX512 inline typename Lanes<acc_t<T>>::V closest_lanes(const OrderJob<T>& job, int64_t j, int64_t width,
+                                                 const typename Lanes<acc_t<T>>::V* wires, OrderScratch<T>& s) {
+  using A = acc_t<T>;
+  using L = Lanes<A>;
+  using V = typename L::V;
+  using Mask = typename L::Mask;
+  using Count = typename L::Count;
+  const int64_t n = job.n, beta = job.beta;
+  V center = kept_mean<A>(wires, (n - 1) / 2, n / 2 + 1);
+  if constexpr (!std::is_same_v<T, A>) {
+    for (int l = 0; l < L::W; ++l) center[l] = static_cast<A>(static_cast<T>(center[l]));  // as median returns it
+  }
+  const auto distance = [&](const V& x) {
+    const V gap = x - center;
+    return gap < V{} ? -gap : gap;
+  };
+  Mask begin{};
+  for (int64_t a = 0; a + beta < n; ++a) begin -= distance(wires[a]) > distance(wires[a + beta]);  // true is -1
+  const Mask end = begin + static_cast<Count>(beta);
+  V sum{}, first{}, last{}, before{}, after{};
+  Mask at{};  // r in every lane (a broadcast per step would be built lane by lane)
+  for (int64_t r = 0; r < n; ++r, at += 1) {
+    const V x = wires[r];
+    sum = at == begin ? x : ((at > begin) & (at < end) ? sum + x : sum);
+    first = at == begin ? x : first;
+    last = at == end - 1 ? x : last;
+    before = at == begin - 1 ? x : before;
+    after = at == end ? x : after;
+  }
+  const V mean = sum / static_cast<A>(beta);
+  const V far_left = distance(first), far_right = distance(last);
+  const V farthest = far_left < far_right ? far_right : far_left;
+  const Mask unclear = ((begin > 0) & (distance(before) <= farthest)) |
+                       ((end < static_cast<Count>(n)) & (distance(after) <= farthest)) |
+                       ((center - center) != V{}) | ((mean - mean) != V{});
+  if (!any_nonzero(unclear)) return mean;
+  V out = mean;
+  for (int64_t l = 0; l < width; ++l) {
+    if (unclear[l] == 0) continue;
+    for (int64_t i = 0; i < n; ++i) s.lane[i] = wires[i][l];
+    out[l] = closest_coordinate(job, j + l, s.lane.data(), s);
+  }
+  return out;
 }
 
 // A sorting network fixed at compile time, for n <= S rows padded with +Inf (which sorts last, so
@@ -110,7 +189,7 @@ inline void run_static_network(V* wires) {
 }
 
 // One tile: the order mean of W coordinates, their votes (invariant) and the non-finite check.
-template <typename T, bool kVotes, int S>
+template <Isa isa, typename T, OrderKind kKind, int S>
 inline void order_tile(const OrderJob<T>& job, int64_t j, typename Lanes<acc_t<T>>::V* wires, OrderScratch<T>& s) {
   using A = acc_t<T>;
   using L = Lanes<A>;
@@ -122,33 +201,50 @@ inline void order_tile(const OrderJob<T>& job, int64_t j, typename Lanes<acc_t<T
     const T* p = job.G + i * job.d + j;
     V x = width == L::W ? load_lanes(p) : load_lanes_partial(p, width);
     check += x - x;  // stays 0 unless some value is NaN or Inf
-    if constexpr (kVotes) votes += (x < 0) - (x > 0);  // a true comparison is -1
+    if constexpr (kKind == OrderKind::kInvariant) votes += (x < 0) - (x > 0);  // a true comparison is -1
     wires[i] = x;
   }
-  V mean;
+  V mean{};
+  const bool network = S > 0 || job.net;
   if constexpr (S > 0) {
     for (int64_t i = job.n; i < S; ++i) wires[i] = broadcast<V>(A(INFINITY));
     run_static_network<S>(wires);
-    mean = kept_mean<A>(wires, job.lo, job.hi);
   } else if (job.net) {
     run_network(wires, job.net, job.steps);
+  }
+  if (network && kKind != OrderKind::kClosest) {
     mean = kept_mean<A>(wires, job.lo, job.hi);
+  } else if (network) {
+    if constexpr (isa == Isa::avx512) {
+      mean = closest_lanes(job, j, width, wires, s);
+    } else {
+      for (int64_t l = 0; l < width; ++l) {
+        for (int64_t i = 0; i < job.n; ++i) s.lane[i] = wires[i][l];
+        mean[l] = closest_coordinate(job, j + l, s.lane.data(), s);
+      }
+    }
   } else {
     A* columns = s.columns.data();
     for (int64_t i = 0; i < job.n; ++i) {
       for (int l = 0; l < L::W; ++l) columns[l * job.n + i] = wires[i][l];
     }
-    mean = V{};
-    // core's order_mean_select redoes an overflowed mean itself
-    for (int64_t l = 0; l < width; ++l) mean[l] = order_mean_select(columns + l * job.n, job.n, job.lo, job.hi);
+    for (int64_t l = 0; l < width; ++l) {
+      A* column = columns + l * job.n;
+      if constexpr (kKind == OrderKind::kClosest) {
+        heap_sort(column, job.n);
+        mean[l] = closest_coordinate(job, j + l, column, s);
+      } else {
+        mean[l] = order_mean_select(column, job.n, job.lo, job.hi);  // redoes an overflowed mean itself
+      }
+    }
   }
   // One test per tile for both rare cases: a NaN/Inf value (flag its rows) and a kept mean that
-  // overflowed although its values were finite (redo those lanes).
+  // overflowed although its values were finite (redo those lanes; closest_coordinate did).
   if (any_nonzero(check + (mean - mean))) {
     if (any_nonzero(check)) flag_nonfinite_rows(job, j, width, s.bad.data());
-    if (S > 0 || job.net) rescue_overflowed_lanes(job, wires, check, width, mean, s);
+    if (network && kKind != OrderKind::kClosest) rescue_overflowed_lanes(job, wires, check, width, mean, s);
   }
-  if constexpr (kVotes) {
+  if constexpr (kKind == OrderKind::kInvariant) {
     using Mask = typename L::Mask;
     const Mask keep = invariant_keeps_lanes(votes, broadcast<Mask>(static_cast<typename L::Count>(job.min_votes)));
     mean = keep ? mean : V{};
@@ -158,7 +254,7 @@ inline void order_tile(const OrderJob<T>& job, int64_t j, typename Lanes<acc_t<T
   store_lanes(job.out + j, mean, width);
 }
 
-template <typename T, bool kVotes, int S>
+template <Isa isa, typename T, OrderKind kKind, int S>
 inline void order_tiles_body(const OrderJob<T>& job, int64_t begin, int64_t end, OrderScratch<T>& s) {
   using L = Lanes<acc_t<T>>;
   if constexpr (S > 0) {
@@ -168,17 +264,17 @@ inline void order_tiles_body(const OrderJob<T>& job, int64_t begin, int64_t end,
       if (tile + kPrefetchTiles < end) {
         for (int64_t i = 0; i < job.n; ++i) __builtin_prefetch(job.G + i * job.d + (tile + kPrefetchTiles) * L::W);
       }
-      order_tile<T, kVotes, S>(job, tile * L::W, wires, s);
+      order_tile<isa, T, kKind, S>(job, tile * L::W, wires, s);
     }
   } else {
-    for (int64_t tile = begin; tile < end; ++tile) order_tile<T, kVotes, S>(job, tile * L::W, s.wires.data(), s);
+    for (int64_t tile = begin; tile < end; ++tile) order_tile<isa, T, kKind, S>(job, tile * L::W, s.wires.data(), s);
   }
 }
 
-RA_CPU_KERNEL(order_tiles, (typename T, bool kVotes, int S), (T, kVotes, S),
+RA_CPU_KERNEL(order_tiles, (typename T, OrderKind kKind, int S), (T, kKind, S),
               (const OrderJob<T>& job, int64_t begin, int64_t end, OrderScratch<T>& s), (job, begin, end, s))
 
-template <typename T, bool kVotes, int S>
+template <typename T, OrderKind kKind, int S>
 void order_tiles_parallel(const OrderJob<T>& job, bool* nonfinite) {
   const int64_t tiles = (job.d + Lanes<acc_t<T>>::W - 1) / Lanes<acc_t<T>>::W;
   const Isa isa = best_isa();
@@ -187,21 +283,21 @@ void order_tiles_parallel(const OrderJob<T>& job, bool* nonfinite) {
     OrderScratch<T> scratch(job);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tiles; task += kTilesPerTask) {
-      order_tiles<T, kVotes, S>(isa, job, task, std::min(tiles, task + kTilesPerTask), scratch);
+      order_tiles<T, kKind, S>(isa, job, task, std::min(tiles, task + kTilesPerTask), scratch);
     }
 #pragma omp critical(robustagg_order_nonfinite)
     for (int64_t i = 0; i < job.n; ++i) nonfinite[i] |= scratch.bad[i] != 0;
   }
 }
 
-template <typename T, bool kVotes>
+template <typename T, OrderKind kKind>
 void order_mean_run(OrderJob<T> job, bool* nonfinite) {
   std::fill(nonfinite, nonfinite + job.n, false);
   // Compiled networks for float inputs only: the 16-bit types share the memory-resident network,
   // which keeps the build small.
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    if (job.n <= 20) return order_tiles_parallel<T, kVotes, 20>(job, nonfinite);
-    if (job.n <= 32) return order_tiles_parallel<T, kVotes, 32>(job, nonfinite);
+    if (job.n <= 20) return order_tiles_parallel<T, kKind, 20>(job, nonfinite);
+    if (job.n <= 32) return order_tiles_parallel<T, kKind, 32>(job, nonfinite);
   }
   std::vector<CompareExchange> net;
   if (job.n <= kNetworkMaxRows) {
@@ -212,25 +308,31 @@ void order_mean_run(OrderJob<T> job, bool* nonfinite) {
                               static_cast<int>(job.hi), live.data());
     job.net = net.data();
   }
-  order_tiles_parallel<T, kVotes, 0>(job, nonfinite);
+  order_tiles_parallel<T, kKind, 0>(job, nonfinite);
 }
 
 }  // namespace
 
 template <typename T>
 void order_mean(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, T* out, bool* nonfinite) {
-  order_mean_run<T, false>({G, n, d, lo, hi, nullptr, 0, 0, out, nullptr}, nonfinite);
+  order_mean_run<T, OrderKind::kMean>({G, n, d, lo, hi, nullptr, 0, 0, 0, out, nullptr}, nonfinite);
 }
 
 template <typename T>
 void invariant(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, int64_t min_votes, T* out, bool* mask,
                bool* nonfinite) {
-  order_mean_run<T, true>({G, n, d, lo, hi, nullptr, 0, min_votes, out, mask}, nonfinite);
+  order_mean_run<T, OrderKind::kInvariant>({G, n, d, lo, hi, nullptr, 0, min_votes, 0, out, mask}, nonfinite);
+}
+
+template <typename T>
+void closest_to_median_mean(const T* G, int64_t n, int64_t d, int64_t beta, T* out, bool* nonfinite) {
+  order_mean_run<T, OrderKind::kClosest>({G, n, d, 0, n, nullptr, 0, 0, beta, out, nullptr}, nonfinite);
 }
 
 #define RA_INSTANTIATE(T)                                                                        \
   template void order_mean<T>(const T*, int64_t, int64_t, int64_t, int64_t, T*, bool*);         \
-  template void invariant<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*, bool*, bool*);
+  template void invariant<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*, bool*, bool*); \
+  template void closest_to_median_mean<T>(const T*, int64_t, int64_t, int64_t, T*, bool*);
 RA_FOR_EACH_DTYPE(RA_INSTANTIATE, c10::Half, c10::BFloat16)
 #undef RA_INSTANTIATE
 

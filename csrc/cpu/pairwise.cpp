@@ -8,8 +8,7 @@
 // cancels (csrc/core/pairwise.h) are recomputed from direct differences in one batched pass: that
 // keeps full precision for close rows and gives exactly 0 / 1 only for equal rows. The same pass
 // gives every pair with a float64 row that the Gram matrix cannot hold (core's unsafe rows).
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include "cpu/lanes.h"  // first: it silences -Wpsabi for the vector types
 
 #include <algorithm>
 #include <type_traits>
@@ -17,7 +16,6 @@
 #include <vector>
 
 #include "core/pairwise.h"
-#include "cpu/isa.h"
 #include "cpu/kernels.h"
 
 namespace robustagg {
@@ -31,11 +29,16 @@ constexpr int64_t kDirectBlock = 2048;
 constexpr int64_t kDirectChunks = 64;
 constexpr int64_t kDirectBudget = int64_t(1) << 22;  // partial sums kept by the direct pass
 
-// K[i0.., j0..] += the products of rows i0..i0+BI and j0..j0+BJ of the float64 tile X (len is a
-// multiple of 8, ld the row stride).
-template <int BI, int BJ>
-RA_ALWAYS_INLINE void gram_block_body(const double* X, int64_t ld, int64_t i0, int64_t j0, int64_t len, double* K,
+// Rows per register block: 4x4 blocks fill 16 of the 32 AVX-512 registers; AVX2 and SSE2 have 16
+// and take 2x2.
+constexpr int gram_block_rows(Isa isa) { return isa == Isa::avx512 ? 4 : 2; }
+
+// K[i0.., j0..] += the products of rows i0..i0+B and j0..j0+B of the tile X (float64 for every
+// input; len is a multiple of 8, ld the row stride), B = gram_block_rows(isa).
+template <Isa isa, typename Tile>
+RA_ALWAYS_INLINE void gram_block_body(const Tile* X, int64_t ld, int64_t i0, int64_t j0, int64_t len, double* K,
                                       int64_t ldk) {
+  constexpr int BI = gram_block_rows(isa), BJ = BI;
   f64x8 acc[BI][BJ] = {};
   for (int64_t c = 0; c < len; c += 8) {
     f64x8 a[BI], b[BJ];
@@ -48,18 +51,9 @@ RA_ALWAYS_INLINE void gram_block_body(const double* X, int64_t ld, int64_t i0, i
     for (int j = 0; j < BJ; ++j) K[(i0 + i) * ldk + j0 + j] += fold_f64x8(acc[i][j]);
 }
 
-// 4x4 blocks fill 16 of the 32 AVX-512 registers; AVX2 and SSE2 have 16 and take 2x2.
-RA_TARGET_AVX512 void gram_block_avx512(const double* X, int64_t ld, int64_t i0, int64_t j0, int64_t len, double* K,
-                                        int64_t ldk) {
-  gram_block_body<4, 4>(X, ld, i0, j0, len, K, ldk);
-}
-RA_TARGET_AVX2 void gram_block_avx2(const double* X, int64_t ld, int64_t i0, int64_t j0, int64_t len, double* K,
-                                    int64_t ldk) {
-  gram_block_body<2, 2>(X, ld, i0, j0, len, K, ldk);
-}
-void gram_block_base(const double* X, int64_t ld, int64_t i0, int64_t j0, int64_t len, double* K, int64_t ldk) {
-  gram_block_body<2, 2>(X, ld, i0, j0, len, K, ldk);
-}
+RA_CPU_KERNEL(gram_block, (typename Tile), (Tile),
+              (const Tile* X, int64_t ld, int64_t i0, int64_t j0, int64_t len, double* K, int64_t ldk),
+              (X, ld, i0, j0, len, K, ldk))
 
 // Converts columns [c0, c0+len) of row g to float64, zero-padded to `padded`; true on NaN/Inf.
 template <typename T> bool convert_row(const T* g, int64_t len, int64_t padded, double* x) {
@@ -78,8 +72,8 @@ template <typename T> bool convert_row(const T* g, int64_t len, int64_t padded, 
 // Threads never wait on each other: each owns whole column chunks (their count depends on d and n
 // only) with a private tile and partial K, and the partials are added in chunk order at the end.
 template <typename T> std::vector<double> gram(const T* G, int64_t n, int64_t d, bool* nonfinite, int64_t& ldk) {
-  const Isa isa = cpu_isa();
-  const int block = isa == Isa::kAvx512 ? 4 : 2;
+  const Isa isa = best_isa();
+  const int block = gram_block_rows(isa);
   ldk = (n + block - 1) / block * block;
   const int64_t tiles = (d + kTile - 1) / kTile;
   const int64_t chunks = std::max<int64_t>(1, std::min({kGramChunks, tiles, kGramBudget / (ldk * ldk)}));
@@ -98,12 +92,7 @@ template <typename T> std::vector<double> gram(const T* G, int64_t n, int64_t d,
         const int64_t c0 = t * kTile, len = std::min(kTile, d - c0), padded = (len + 7) / 8 * 8;
         for (int64_t i = 0; i < n; ++i) bad[ch * n + i] |= convert_row(G + i * d + c0, len, padded, X.data() + i * kTile);
         for (const auto& [i0, j0] : blocks) {
-          if (isa == Isa::kAvx512)
-            gram_block_avx512(X.data(), kTile, i0, j0, padded, K, ldk);
-          else if (isa == Isa::kAvx2)
-            gram_block_avx2(X.data(), kTile, i0, j0, padded, K, ldk);
-          else
-            gram_block_base(X.data(), kTile, i0, j0, padded, K, ldk);
+          gram_block<double>(isa, X.data(), kTile, i0, j0, padded, K, ldk);
         }
       }
     }
@@ -125,7 +114,7 @@ struct DirectSums {
   int64_t differ;  // entries with a_c != b_c
 };
 
-template <typename T>
+template <Isa, typename T>
 RA_ALWAYS_INLINE DirectSums direct_body(const T* a, const T* b, int64_t len, double pa, double pb) {
   f64x8 s = {}, t = {};
   i64x8 ne = {};
@@ -148,17 +137,8 @@ RA_ALWAYS_INLINE DirectSums direct_body(const T* a, const T* b, int64_t len, dou
   for (int l = 0; l < 8; ++l) differ += ne[l];
   return DirectSums{fold_f64x8(s), fold_f64x8(t), differ};
 }
-template <typename T>
-RA_TARGET_AVX512 DirectSums direct_avx512(const T* a, const T* b, int64_t len, double pa, double pb) {
-  return direct_body(a, b, len, pa, pb);
-}
-template <typename T>
-RA_TARGET_AVX2 DirectSums direct_avx2(const T* a, const T* b, int64_t len, double pa, double pb) {
-  return direct_body(a, b, len, pa, pb);
-}
-template <typename T> DirectSums direct_base(const T* a, const T* b, int64_t len, double pa, double pb) {
-  return direct_body(a, b, len, pa, pb);
-}
+RA_CPU_KERNEL(direct, (typename T), (T), (const T* a, const T* b, int64_t len, double pa, double pb),
+              (a, b, len, pa, pb))
 
 // The direct sums of the listed pairs, rows scaled by `scale` for the products, in one pass over
 // the columns: fixed column chunks in parallel, each walked in blocks small enough for the rows
@@ -172,7 +152,7 @@ std::vector<DirectSums> direct_pass(const T* G, int64_t d, const std::vector<std
   const int64_t chunks = std::max<int64_t>(1, std::min({kDirectChunks, (d + kDirectBlock - 1) / kDirectBlock,
                                                         kDirectBudget / P}));
   std::vector<DirectSums> part(chunks * P, DirectSums{0.0, 0.0, 0});
-  const Isa isa = cpu_isa();
+  const Isa isa = best_isa();
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t ch = 0; ch < chunks; ++ch) {
     const int64_t c1 = d * (ch + 1) / chunks;
@@ -182,9 +162,7 @@ std::vector<DirectSums> direct_pass(const T* G, int64_t d, const std::vector<std
         const auto [i, j] = pairs[p];
         const T* a = G + i * d + b0;
         const T* b = G + j * d + b0;
-        const DirectSums s = isa == Isa::kAvx512 ? direct_avx512(a, b, len, scale[i], scale[j])
-                             : isa == Isa::kAvx2 ? direct_avx2(a, b, len, scale[i], scale[j])
-                                                 : direct_base(a, b, len, scale[i], scale[j]);
+        const DirectSums s = direct<T>(isa, a, b, len, scale[i], scale[j]);
         DirectSums& acc = part[ch * P + p];
         acc.sqdist += s.sqdist;
         acc.dot += s.dot;

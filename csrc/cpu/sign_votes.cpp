@@ -5,6 +5,7 @@
 // n rows over it, each row a long contiguous run. Non-finite rows are found in the same pass. A
 // coordinate whose weighted sum overflowed is redone from its column (core/sign_votes.h).
 #include "cpu/lanes.h"  // first: it silences -Wpsabi for the vector types
+#include "cpu/kernels.h"
 
 #include <omp.h>
 
@@ -84,7 +85,7 @@ inline acc_t<T> rescued_rlr_mean(const VoteJob<T>& job, int64_t j, acc_t<T> over
   return static_cast<A>(rescued_mean_value(m));
 }
 
-template <typename T, bool kRlr, bool kWeighted>
+template <Isa, typename T, bool kRlr, bool kWeighted>
 inline void vote_chunks_body(const VoteJob<T>& job, int64_t begin, int64_t end, uint8_t* bad) {
   using A = acc_t<T>;
   using L = Lanes<A>;

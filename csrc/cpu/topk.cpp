@@ -191,8 +191,8 @@ void select_topk(int64_t d, int64_t k, Key key, const std::vector<int64_t>& firs
 }
 
 // Pass 1 of topk_ef_step: the error-feedback update, in place, in the arithmetic type.
-template <typename T, typename A = acc_t<T>>
-RA_ALWAYS_INLINE void ef_update_body(const T* u, T* error, T* momentum, A* error_acc, int64_t len, A rho,
+template <Isa, typename T, typename A = acc_t<T>>
+RA_ALWAYS_INLINE void ef_update_block_body(const T* u, T* error, T* momentum, A* error_acc, int64_t len, A rho,
                                      bool use_momentum) {
   const A limit = static_cast<A>(std::numeric_limits<T>::max());
   for (int64_t j = 0; j < len; ++j) {
@@ -203,18 +203,8 @@ RA_ALWAYS_INLINE void ef_update_body(const T* u, T* error, T* momentum, A* error
     if (error_acc) error_acc[j] = e;
   }
 }
-template <typename T, typename A = acc_t<T>>
-RA_TARGET_AVX512 void ef_update_avx512(const T* u, T* e, T* m, A* ea, int64_t len, A rho, bool mom) {
-  ef_update_body<T>(u, e, m, ea, len, rho, mom);
-}
-template <typename T, typename A = acc_t<T>>
-RA_TARGET_AVX2 void ef_update_avx2(const T* u, T* e, T* m, A* ea, int64_t len, A rho, bool mom) {
-  ef_update_body<T>(u, e, m, ea, len, rho, mom);
-}
-template <typename T, typename A = acc_t<T>>
-void ef_update_base(const T* u, T* e, T* m, A* ea, int64_t len, A rho, bool mom) {
-  ef_update_body<T>(u, e, m, ea, len, rho, mom);
-}
+RA_CPU_KERNEL(ef_update_block, (typename T), (T),
+              (const T* u, T* e, T* m, acc_t<T>* ea, int64_t len, acc_t<T> rho, bool mom), (u, e, m, ea, len, rho, mom))
 
 // Pass 1 of topk_ef_step: the update, block by block, with the histogram of the new error's keys
 // taken while the block is still in L1.
@@ -224,7 +214,7 @@ std::vector<int64_t> ef_update_all(const T* u, T* error, T* momentum, A* error_a
   constexpr int64_t kBlock = 2048;
   const int bits = first_bits<A>();
   const Chunks chunks = make_chunks(d);
-  const Isa isa = cpu_isa();
+  const Isa isa = best_isa();
   std::vector<int64_t> hist(size_t(1) << bits, 0);
 #pragma omp parallel
   {
@@ -234,12 +224,7 @@ std::vector<int64_t> ef_update_all(const T* u, T* error, T* momentum, A* error_a
       for (int64_t j = chunks.begin(c); j < chunks.end(c); j += kBlock) {
         const int64_t len = std::min(kBlock, chunks.end(c) - j);
         A* ea = error_acc ? error_acc + j : nullptr;
-        if (isa == Isa::kAvx512)
-          ef_update_avx512<T>(u + j, error + j, momentum + j, ea, len, rho, use_momentum);
-        else if (isa == Isa::kAvx2)
-          ef_update_avx2<T>(u + j, error + j, momentum + j, ea, len, rho, use_momentum);
-        else
-          ef_update_base<T>(u + j, error + j, momentum + j, ea, len, rho, use_momentum);
+        ef_update_block<T>(isa, u + j, error + j, momentum + j, ea, len, rho, use_momentum);
         const A* e = ea ? ea : reinterpret_cast<const A*>(error + j);
         for (int64_t i = 0; i < len; ++i) local[key_bucket<A>(abs_key(e[i]), bits)] += 1;
       }

@@ -142,6 +142,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> invariant(const at::Tensor& G_in,
   return {out, mask, bad};
 }
 
+std::tuple<at::Tensor, at::Tensor> closest_to_median_mean(const at::Tensor& G_in, int64_t beta) {
+  const at::Tensor G = matrix_arg(G_in, "closest_to_median_mean");
+  const int64_t n = G.size(0), d = G.size(1);
+  checks::check_count(beta, 1, n, "closest_to_median_mean", "beta");
+  const c10::cuda::CUDAGuard guard(G.device());
+  at::Tensor out = at::empty({d}, G.options()), bad = row_flags(G);
+  const at::Tensor ws =
+      workspace(cuda::closest_workspace_bytes(n, beta, d, at::elementSize(arithmetic_dtype(G))), G);
+  RA_CUDA_DISPATCH(G.scalar_type(), "closest_to_median_mean", [&] {
+    check_launch(cuda::closest_to_median_mean(ptr<scalar_t>(G), n, d, beta, ptr<scalar_t>(out), bad.data_ptr<bool>(),
+                                              ws.data_ptr(), current_stream()),
+                 "closest_to_median_mean");
+  });
+  return {out, bad};
+}
+
 // ---- client statistics: float64 statistics for every input dtype, as on the CPU
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> client_stats(
@@ -196,12 +212,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_ef_step(const at::Tensor& u_
                                                             at::Tensor& momentum, int64_t k, double rho) {
   const at::Tensor u = vector_arg(u_in, "topk_ef_step", "u");
   const int64_t d = u.size(0);
-  checks::check_k(k, "topk_ef_step");
-  checks::check_real(rho, 0.0, checks::arithmetic_max(u), "topk_ef_step", "rho");
-  checks::check_topk_state(u, error, momentum);
+  checks::check_topk_ef_step(u, error, momentum, k, rho);
   const c10::cuda::CUDAGuard guard(u.device());
-  const int64_t kk = std::min(k, d);
-  at::Tensor indices = at::empty({kk}, u.options().dtype(at::kLong)), values = at::empty({kk}, u.options());
+  at::Tensor indices, values;
+  std::tie(indices, values) = checks::topk_outputs(u, k);
   at::Tensor bad = at::empty({1}, u.options().dtype(at::kBool));
   const at::Tensor ws = workspace(cuda::topk_workspace_bytes(d, at::elementSize(arithmetic_dtype(u))), u);
   bool host_bad = false;
@@ -220,8 +234,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_abs(const at::Tensor& x_in, 
   const int64_t d = x.size(0);
   checks::check_k(k, "topk_abs");
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t kk = std::min(k, d);
-  at::Tensor indices = at::empty({kk}, x.options().dtype(at::kLong)), values = at::empty({kk}, x.options());
+  at::Tensor indices, values;
+  std::tie(indices, values) = checks::topk_outputs(x, k);
   at::Tensor bad = at::empty({1}, x.options().dtype(at::kBool));
   const at::Tensor ws = workspace(cuda::topk_workspace_bytes(d, at::elementSize(arithmetic_dtype(x))), x);
   RA_CUDA_DISPATCH(x.scalar_type(), "topk_abs", [&] {
@@ -283,6 +297,7 @@ TORCH_LIBRARY_IMPL(robustagg, CUDA, m) {
   m.impl("sign_sum", &b::sign_sum);
   m.impl("order_mean", &b::order_mean);
   m.impl("invariant", &b::invariant);
+  m.impl("closest_to_median_mean", &b::closest_to_median_mean);
   m.impl("rlr", &b::rlr);
   m.impl("client_stats", &b::client_stats);
   m.impl("clip_rows", &b::clip_rows);

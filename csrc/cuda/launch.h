@@ -50,6 +50,15 @@ template <typename T>
 cudaError_t invariant(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, int min_votes, T* out,
                       bool* mask, bool* nonfinite, void* workspace, cudaStream_t stream);
 
+// Workspace of closest_to_median_mean: the network and, when shared memory cannot hold them, the
+// threads' slices of n + beta values.
+size_t closest_workspace_bytes(int64_t n, int64_t beta, int64_t d, size_t acc_size);
+
+// Per coordinate, the mean of the beta (1..n) values nearest the median (Bulyan).
+template <typename T>
+cudaError_t closest_to_median_mean(const T* G, int64_t n, int64_t d, int64_t beta, T* out, bool* nonfinite,
+                                   void* workspace, cudaStream_t stream);
+
 // ---- client_stats.cu (docs/ops.md)
 
 size_t client_stats_workspace_bytes(int64_t n, int64_t d);

@@ -1,4 +1,5 @@
-// CUDA kernels of the order statistics (docs/ops.md) and the fused Invariant Aggregator.
+// CUDA kernels of the order statistics (docs/ops.md), the fused Invariant Aggregator and Bulyan's
+// closest_to_median_mean.
 //
 // One thread per coordinate; a warp reads 32 consecutive coordinates of one client row, so loads
 // are coalesced, and each row's non-finite flag and the sign votes come out of the same pass.
@@ -21,6 +22,11 @@
 // coordinate's values were all finite (two 3e38 values in float32), every path redoes it like the
 // CPU kernel with core's kept_mean_rescaled (docs/nonfinite.md): the slice kernel in place, the selection
 // path inside core's order_mean_select, the register kernels through order_mean_redo_kernel.
+//
+// closest_to_median_mean uses the slices for every n: each thread sorts its column (the full network,
+// or heap_sort beyond kNetworkMaxRows) and runs core's window search; the beta slots after the column
+// hold the kept values of a tied coordinate. Any exact sort gives the same result bits there: the
+// window, the sum of its values and its zeros' sign do not depend on where -0 and +0 land.
 #include <vector>
 
 #include "core/order_stats.h"
@@ -272,7 +278,82 @@ cudaError_t order_statistic(const T* G, int64_t n, int64_t d, int64_t lo, int64_
   return launch_slices(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
 }
 
+// ---- closest_to_median_mean
+
+template <typename T>
+__global__ void __launch_bounds__(kSliceMaxThreads)
+    closest_slices_kernel(const T* __restrict__ G, int64_t n, int64_t d, int64_t beta,
+                          const CompareExchange* __restrict__ net, int steps, int64_t stride, acc_t<T>* scratch,
+                          T* __restrict__ out, bool* __restrict__ nonfinite) {
+  using A = acc_t<T>;
+  extern __shared__ unsigned char shared_raw[];
+  const int64_t thread = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  A* v = scratch != nullptr ? scratch + thread * stride
+                            : reinterpret_cast<A*>(shared_raw) + static_cast<int64_t>(threadIdx.x) * stride;
+  A* kept = v + n;
+  for (int64_t j = thread; j < d; j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    for (int64_t i = 0; i < n; ++i) {
+      const A x = load_acc(G + i * d + j);
+      if (is_nonfinite(x)) flag_row(nonfinite, i);
+      v[i] = x;
+    }
+    if (net != nullptr) {
+      run_network(v, net, steps);
+    } else {
+      heap_sort(v, n);
+    }
+    const A center = to_acc(from_acc<T>(sorted_median(v, n)));  // the median as ops.median returns it
+    const NearestWindow window = nearest_window(v, n, beta, center);
+    A mean;
+    if (!window.tied) {
+      mean = kept_mean_finite(v, window.begin, window.end);
+    } else {
+      const T* column = G + j;
+      mean = nearest_by_index([&](int64_t i) { return load_acc(column + i * d); }, n, beta, center, window, v, kept);
+    }
+    out[j] = from_acc<T>(mean);
+  }
+}
+
+// The column and its beta kept slots share one slice; the network needs no more than n + beta wires' room.
+template <typename T>
+cudaError_t launch_closest(const T* G, int64_t n, int64_t d, int64_t beta, T* out, bool* nonfinite, void* workspace,
+                           cudaStream_t stream) {
+  using A = acc_t<T>;
+  const SlicePlan plan = slice_plan(n + beta, d, sizeof(A));
+  if (plan.workspace_bytes > 0 && workspace == nullptr) return cudaErrorInvalidValue;
+  unsigned char* base = static_cast<unsigned char*>(workspace);
+  CompareExchange* net = nullptr;
+  int steps = 0;
+  if (n + beta <= kNetworkMaxRows) {
+    net = reinterpret_cast<CompareExchange*>(base);
+    RA_CUDA_TRY(upload_network(n, 0, n, net, steps, stream));
+  }
+  A* scratch = nullptr;
+  if (plan.shared_bytes > 0) {
+    RA_CUDA_TRY(cudaFuncSetAttribute(closest_slices_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(plan.shared_bytes)));
+  } else {
+    scratch = reinterpret_cast<A*>(base + network_bytes(n + beta));
+  }
+  closest_slices_kernel<T><<<plan.blocks, plan.threads, plan.shared_bytes, stream>>>(
+      G, n, d, beta, net, steps, plan.stride, scratch, out, nonfinite);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+size_t closest_workspace_bytes(int64_t n, int64_t beta, int64_t d, size_t acc_size) {
+  return d < 1 ? 0 : slice_plan(n + beta, d, acc_size).workspace_bytes;
+}
+
+template <typename T>
+cudaError_t closest_to_median_mean(const T* G, int64_t n, int64_t d, int64_t beta, T* out, bool* nonfinite,
+                                   void* workspace, cudaStream_t stream) {
+  if (n < 1 || d < 1 || beta < 1 || beta > n) return cudaErrorInvalidValue;
+  RA_CUDA_TRY(cudaMemsetAsync(nonfinite, 0, n * sizeof(bool), stream));
+  return launch_closest(G, n, d, beta, out, nonfinite, workspace, stream);
+}
 
 size_t order_stats_workspace_bytes(int64_t n, int64_t d, size_t acc_size) {
   if (n <= kRegisterMaxN || (acc_size == sizeof(float) && n <= kRegisterMaxFloatN)) return sizeof(unsigned int);
@@ -296,7 +377,9 @@ cudaError_t invariant(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, 
   template cudaError_t order_mean<T>(const T*, int64_t, int64_t, int64_t, int64_t, T*, bool*, void*,      \
                                      cudaStream_t);                                                       \
   template cudaError_t invariant<T>(const T*, int64_t, int64_t, int64_t, int64_t, int, T*, bool*, bool*, \
-                                    void*, cudaStream_t);
+                                    void*, cudaStream_t);                                                 \
+  template cudaError_t closest_to_median_mean<T>(const T*, int64_t, int64_t, int64_t, T*, bool*, void*,  \
+                                                 cudaStream_t);
 RA_FOR_EACH_DTYPE(RA_INSTANTIATE, __half, __nv_bfloat16)
 #undef RA_INSTANTIATE
 

@@ -7,11 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import ops
-from ..reference import kept_mean
 from .base import Aggregator, Clients, Report, check_int
-
-# Bulyan's last step sorts column blocks of the picked rows; this bounds its extra memory.
-_BULYAN_COLUMNS = 1 << 18
 
 
 def krum_scores(D: torch.Tensor, f: int) -> torch.Tensor:
@@ -116,11 +112,7 @@ class Bulyan(Aggregator):
     2. Per coordinate, average the $\beta = \theta - 2f$ picked values closest to the coordinate
        median of the picked updates (ties in distance go to the lower client index).
 
-    Requires n >= 4f+3. Ignores weights.
-
-    Step 2 chooses a different set of ranks in every coordinate, which no op expresses (an
-    ``order_mean`` keeps the same ranks everywhere); it sorts column blocks of the theta picked
-    rows with torch, so it runs at torch speed on every backend.
+    Requires n >= 4f+3. Ignores weights. Step 2 is ``ops.closest_to_median_mean``.
     """
 
     def __init__(self, f: int, **kw):
@@ -144,20 +136,5 @@ class Bulyan(Aggregator):
             remaining = torch.cat([remaining[:best], remaining[best + 1:]])
         picked = torch.tensor(sorted(picked))
         P = rows.G.index_select(0, picked.to(rows.G.device))
-        med = ops.median(P, nonfinite="propagate", backend=self.backend)
-        out = closest_to_median_mean(P, med, beta)
+        out = ops.closest_to_median_mean(P, beta, nonfinite="propagate", backend=self.backend)
         return out, BulyanReport(selected=rows.ids(picked), beta=beta)
-
-
-def closest_to_median_mean(P: torch.Tensor, med: torch.Tensor, beta: int) -> torch.Tensor:
-    """Per coordinate, the mean of the ``beta`` values of P nearest to ``med`` (stable: lower row first)."""
-    acc = torch.float64 if P.dtype == torch.float64 else torch.float32
-    out = torch.empty(P.shape[1], dtype=P.dtype, device=P.device)
-    for start in range(0, P.shape[1], _BULYAN_COLUMNS):   # column blocks, to bound memory
-        block = P[:, start:start + _BULYAN_COLUMNS].to(acc)
-        gap = (block - med[start:start + _BULYAN_COLUMNS].to(acc)).abs()
-        nearest = torch.sort(gap, dim=0, stable=True).indices[:beta]
-        # kept_mean adds the values in ascending order and redoes a sum that overflows (3e38 rows)
-        kept = torch.sort(block.gather(0, nearest), dim=0).values
-        out[start:start + _BULYAN_COLUMNS] = kept_mean(kept).to(P.dtype)
-    return out

@@ -175,6 +175,18 @@ int emu_invariant(int dtype, const void* G, int64_t n, int64_t d, int64_t lo, in
   });
 }
 
+int emu_closest_to_median_mean(int dtype, const void* G, int64_t n, int64_t d, int64_t beta, void* out,
+                               bool* nonfinite) {
+  const Flags flags{nonfinite, n};
+  return guarded([&] {
+    return dispatch(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      Workspace ws(cuda::closest_workspace_bytes(n, beta, d, sizeof(acc_t<T>)));
+      return cuda::closest_to_median_mean(as<T>(G), n, d, beta, as<T>(out), flags.ptr(), ws.ptr, stream());
+    });
+  });
+}
+
 int emu_client_stats(int dtype, const void* G, int64_t n, int64_t d, int64_t window_start, int64_t window_length,
                      const void* ref, double* norm, double* sign_frac, double* dot, double* ref_norm,
                      double* ref_dist, bool* nonfinite) {

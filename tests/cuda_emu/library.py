@@ -23,6 +23,7 @@ _SIGNATURES = {
     "emu_rlr": [_c_int, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_int, _c_dbl, _c_ptr, _c_ptr],
     "emu_order_mean": [_c_int, _c_ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr],
     "emu_invariant": [_c_int, _c_ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_int, _c_ptr, _c_ptr, _c_ptr],
+    "emu_closest_to_median_mean": [_c_int, _c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr],
     "emu_client_stats": [_c_int, _c_ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_ptr, _c_ptr,
                          _c_ptr, _c_ptr],
     "emu_clip_rows": [_c_int, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_ptr],
@@ -138,6 +139,14 @@ class Emulator:
         self.call("emu_invariant", DTYPE_CODES[G.dtype], _p(G), n, d, lo, hi, min_votes, _p(out), _p(mask), _p(bad))
         _check_bools(mask, bad)
         return out, mask, bad
+
+    def closest_to_median_mean(self, G, beta):
+        G = G.contiguous()
+        n, d = G.shape
+        out, bad = garbage(d, G.dtype), garbage(n, torch.bool)
+        self.call("emu_closest_to_median_mean", DTYPE_CODES[G.dtype], _p(G), n, d, beta, _p(out), _p(bad))
+        _check_bools(bad)
+        return out, bad
 
     def client_stats(self, G, window_start, window_length, ref):
         G = G.contiguous()
