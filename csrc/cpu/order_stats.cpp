@@ -14,7 +14,8 @@
 // Both end in the core's ascending sum of the kept values (core/order_stats.h), redone scaled in
 // the rare lanes where it overflowed. The loads also count sign votes (invariant) and detect
 // non-finite rows, so nothing reads G twice. closest_to_median_mean sorts every position and then
-// runs core's window search lane by lane.
+// finds the window of the beta values nearest the median (closest_lanes: all lanes at once under
+// AVX-512, core's window search lane by lane otherwise).
 #include "cpu/lanes.h"  // first: it silences -Wpsabi for the vector types
 #include "cpu/kernels.h"
 
