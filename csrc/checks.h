@@ -13,6 +13,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 namespace robustagg::checks {
@@ -49,10 +50,12 @@ inline at::Tensor vector_arg(const at::Tensor& x, const char* op, const char* na
   return x.contiguous();
 }
 
-// A per-row vector (weights, max_norm) in G's arithmetic dtype, on G's device.
-inline at::Tensor row_vector_arg(const at::Tensor& v, const at::Tensor& G, const char* op, const char* name) {
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == G.size(0), op, ": ", name, " must have shape (", G.size(0),
-              ",), one per row of G, got ", v.sizes());
+// A per-row vector (weights, max_norm) in G's arithmetic dtype, on G's device: one entry for each
+// of the `count` rows the op reads.
+inline at::Tensor row_vector_arg(const at::Tensor& v, const at::Tensor& G, int64_t count, const char* op,
+                                 const char* name) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == count, op, ": ", name, " must have shape (", count,
+              ",), one per row the op reads, got ", v.sizes());
   return v.to(G.device(), arithmetic_dtype(G)).contiguous();
 }
 
@@ -77,8 +80,8 @@ inline void check_nonnegative(const at::Tensor& v, const char* op, const char* n
 // Returned scaled by a power of two to a largest weight in [0.5, 1): that leaves the weighted mean
 // bit for bit as it is (every product and sum scales exactly), and a weight above 1 times a
 // finite value near the dtype's maximum could overflow (+Inf and -Inf terms would add to NaN).
-inline at::Tensor weights_arg(const at::Tensor& weights, const at::Tensor& G, const char* op) {
-  const at::Tensor w = row_vector_arg(weights, G, op, "weights");
+inline at::Tensor weights_arg(const at::Tensor& weights, const at::Tensor& G, int64_t count, const char* op) {
+  const at::Tensor w = row_vector_arg(weights, G, count, op, "weights");
   check_nonnegative(w, op, "weights");
   const double total = w.sum(at::kDouble).item<double>();
   TORCH_CHECK(total > 0 && total <= arithmetic_max(G), op, ": weights sum to ", total, "; allowed (0, ",
@@ -92,6 +95,37 @@ inline at::Tensor weights_arg(const at::Tensor& weights, const at::Tensor& G, co
 
 // The per-row non-finite flags every matrix op returns.
 inline at::Tensor row_flags(const at::Tensor& G) { return at::empty({G.size(0)}, G.options().dtype(at::kBool)); }
+
+// The optional row selection of the coordinate-wise ops (sign_sum, rlr, order_mean, invariant,
+// closest_to_median_mean): the op computes what it computes on G.index_select(0, rows), reading
+// the selected rows where they lie, so that dropping rows never copies G. Returns the selection as
+// a contiguous int64[m] on G's device, 1 <= m <= n, every entry in [0, n) (repeats are allowed),
+// or an undefined tensor for "every row". The kernels trust the entries for their addresses, so
+// the range is read here; that synchronizes a CUDA stream, over at most n numbers.
+inline at::Tensor rows_arg(const std::optional<at::Tensor>& rows, const at::Tensor& G, const char* op) {
+  if (!rows.has_value()) return at::Tensor();
+  const at::Tensor& r = *rows;
+  const int64_t n = G.size(0);
+  TORCH_CHECK(r.device() == G.device(), op, ": rows must be on G's device ", G.device(), ", got one on ", r.device());
+  TORCH_CHECK(r.scalar_type() == at::kLong && r.dim() == 1, op, ": rows must be a 1-D int64 tensor of row numbers, got ",
+              r.scalar_type(), " of shape ", r.sizes());
+  TORCH_CHECK(r.size(0) >= 1 && r.size(0) <= n, op, ": rows selects m=", r.size(0), " rows; allowed 1 <= m <= n=", n);
+  const auto [low, high] = at::aminmax(r);
+  const int64_t first = low.item<int64_t>(), last = high.item<int64_t>();
+  TORCH_CHECK(first >= 0 && last < n, op, ": rows holds row numbers from ", first, " to ", last, "; allowed [0, ", n - 1,
+              "] for n=", n);
+  return r.contiguous();
+}
+
+// How many rows an op reads: the selection's, else every row of G.
+inline int64_t selected_count(const at::Tensor& rows, const at::Tensor& G) {
+  return rows.defined() ? rows.size(0) : G.size(0);
+}
+
+// The non-finite flags of the rows an op reads, one per selected row, in the selection's order.
+inline at::Tensor row_flags(const at::Tensor& G, const at::Tensor& rows) {
+  return at::empty({selected_count(rows, G)}, G.options().dtype(at::kBool));
+}
 
 inline void check_ranks(int64_t lo, int64_t hi, int64_t n, const char* op) {
   TORCH_CHECK(lo >= 0 && lo < hi && hi <= n, op, ": lo=", lo, ", hi=", hi,

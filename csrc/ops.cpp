@@ -5,6 +5,11 @@
 // NaN or Inf, found in the same pass (docs/nonfinite.md). robustagg/ops.py turns that into the
 // raise / drop / propagate policy; the kernels themselves never raise on non-finite data.
 //
+// The coordinate-wise ops take an optional `rows`: int64[m] row numbers of G, 1 <= m <= n. The op
+// then computes what it computes on G.index_select(0, rows), without copying G: every count,
+// rank and vote threshold refers to the m selected rows, rlr's weights are one per selected row,
+// and `nonfinite` is bool[m], in the selection's order.
+//
 // Argument checking for users lives in robustagg/ops.py; the bindings' checks (TORCH_CHECK) guard
 // the raw pointers against direct torch.ops.robustagg.* calls.
 #include <Python.h>
@@ -18,14 +23,14 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(robustagg, m) {
   // sign votes: sums int32[d]
-  m.def("sign_sum(Tensor G) -> (Tensor sums, Tensor nonfinite)");
+  m.def("sign_sum(Tensor G, Tensor? rows=None) -> (Tensor sums, Tensor nonfinite)");
   // order statistics: mean of sorted positions lo..hi-1 per coordinate
-  m.def("order_mean(Tensor G, int lo, int hi) -> (Tensor out, Tensor nonfinite)");
+  m.def("order_mean(Tensor G, int lo, int hi, Tensor? rows=None) -> (Tensor out, Tensor nonfinite)");
   // fused invariant: mask = |sign_sum| >= min_votes; out = mask ? order_mean(lo, hi) : 0.
   // ops.invariant turns tau/strict into the exact integer vote threshold min_votes.
-  m.def("invariant(Tensor G, int lo, int hi, int min_votes) -> (Tensor out, Tensor mask, Tensor nonfinite)");
+  m.def("invariant(Tensor G, int lo, int hi, int min_votes, Tensor? rows=None) -> (Tensor out, Tensor mask, Tensor nonfinite)");
   // fused robust learning rate; weights float[n] in the compute dtype, or None for all-ones.
-  m.def("rlr(Tensor G, Tensor? weights, int theta, float server_lr) -> (Tensor out, Tensor nonfinite)");
+  m.def("rlr(Tensor G, Tensor? weights, int theta, float server_lr, Tensor? rows=None) -> (Tensor out, Tensor nonfinite)");
   // client statistics, float64; dot, ref_norm and ref_dist (||G_i - ref||) are empty
   // tensors when ref is None.
   m.def("client_stats(Tensor G, int window_start, int window_length, Tensor? ref) -> "
@@ -45,5 +50,5 @@ TORCH_LIBRARY(robustagg, m) {
   m.def("pairwise_sqdist(Tensor G) -> (Tensor out, Tensor nonfinite)");
   m.def("pairwise_cosine(Tensor G) -> (Tensor out, Tensor nonfinite)");
   // Bulyan's coordinate step: per coordinate, the mean of the beta values nearest the median.
-  m.def("closest_to_median_mean(Tensor G, int beta) -> (Tensor out, Tensor nonfinite)");
+  m.def("closest_to_median_mean(Tensor G, int beta, Tensor? rows=None) -> (Tensor out, Tensor nonfinite)");
 }

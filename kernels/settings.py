@@ -15,6 +15,8 @@ import os
 import torch
 import triton
 
+from .._dtypes import acc_dtype  # noqa: F401  (the one definition, re-exported to the kernels)
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # The sorting network keeps the whole [BLOCK_D, N_PAD] tile in registers; 4096 values over 4 warps is
@@ -30,11 +32,6 @@ def next_pow2(x: int) -> int:
 
 def is_fp64(t: torch.Tensor) -> bool:
     return t.dtype == torch.float64
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Arithmetic dtype per storage dtype: float64 for float64, float32 for the others."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def column_settings(n: int) -> tuple[int, int, int]:

@@ -132,3 +132,30 @@ def check_weights(owner: str, weights, n: int, device: torch.device | None = Non
             raise ValueError(f"{owner}: weights must be finite, >= 0 and not all 0; got min={low} max={high}")
     w = torch.ldexp(w, -torch.frexp(w.max()).exponent)
     return w.to(device=device, dtype=dtype).contiguous()
+
+
+def check_rows(op: str, rows, n: int, device: torch.device) -> torch.Tensor | None:
+    """A row selection (``rows=`` of the coordinate-wise ops) as a contiguous int64 tensor of row
+    numbers of G on ``device``: 1-D, 1 <= m <= n entries, each in [0, n); repeats are allowed.
+    None stays None (every row). The range is read on the host except while tracing
+    (``values_checked()``)."""
+    if rows is None:
+        return None
+    if isinstance(rows, torch.Tensor):
+        r = rows.detach()
+    else:
+        try:
+            r = torch.as_tensor(rows)
+        except (TypeError, ValueError, RuntimeError):
+            r = None
+        if r is not None and r.numel() == 0:
+            r = r.to(torch.int64)   # an empty sequence comes out as float32
+    if r is None or r.dtype not in _INTEGER_DTYPES or r.dim() != 1:
+        raise TypeError(f"{op}: rows must be a 1-D integer tensor or sequence of row numbers of G, got {rows!r}")
+    if not 1 <= r.shape[0] <= n:
+        raise ValueError(f"{op}: rows selects m={r.shape[0]} rows; allowed 1 <= m <= n={n}")
+    if values_checked():
+        first, last = torch.stack(torch.aminmax(r)).tolist()
+        if first < 0 or last >= n:
+            raise ValueError(f"{op}: rows holds row numbers from {first} to {last}; allowed [0, {n - 1}] for n={n}")
+    return r.to(device=device, dtype=torch.int64).contiguous()

@@ -57,28 +57,28 @@ class RawOp:
 
 # ---------------------------------------------------------------- fake implementations
 
-def _rows_flag(G):
-    return G.new_empty(G.shape[0], dtype=torch.bool)
+def _rows_flag(G, rows=None):
+    return G.new_empty(G.shape[0] if rows is None else rows.shape[0], dtype=torch.bool)
 
 
-def _sign_sum(G):
-    return G.new_empty(G.shape[1], dtype=torch.int32), _rows_flag(G)
+def _sign_sum(G, rows=None):
+    return G.new_empty(G.shape[1], dtype=torch.int32), _rows_flag(G, rows)
 
 
-def _order_mean(G, lo, hi):
-    return G.new_empty(G.shape[1]), _rows_flag(G)
+def _order_mean(G, lo, hi, rows=None):
+    return G.new_empty(G.shape[1]), _rows_flag(G, rows)
 
 
-def _closest_to_median_mean(G, beta):
-    return G.new_empty(G.shape[1]), _rows_flag(G)
+def _closest_to_median_mean(G, beta, rows=None):
+    return G.new_empty(G.shape[1]), _rows_flag(G, rows)
 
 
-def _invariant(G, lo, hi, min_votes):
-    return G.new_empty(G.shape[1]), G.new_empty(G.shape[1], dtype=torch.bool), _rows_flag(G)
+def _invariant(G, lo, hi, min_votes, rows=None):
+    return G.new_empty(G.shape[1]), G.new_empty(G.shape[1], dtype=torch.bool), _rows_flag(G, rows)
 
 
-def _rlr(G, weights, theta, server_lr):
-    return G.new_empty(G.shape[1]), _rows_flag(G)
+def _rlr(G, weights, theta, server_lr, rows=None):
+    return G.new_empty(G.shape[1]), _rows_flag(G, rows)
 
 
 def _client_stats(G, window_start, window_length, ref):

@@ -22,26 +22,38 @@ def _nonfinite_rows(G: Tensor) -> Tensor:
     return ~torch.isfinite(G).all(dim=1)
 
 
-def sign_sum(G: Tensor) -> Tensors2:
-    return reference.sign_sum(G), _nonfinite_rows(G)
+def _selected(G: Tensor, rows: Optional[Tensor]) -> Tensor:
+    """The rows a coordinate-wise op reads (all of G when ``rows`` is None). This backend copies
+    them; the compiled kernels read them in place."""
+    return G if rows is None else G.index_select(0, rows)
 
 
-def order_mean(G: Tensor, lo: int, hi: int) -> Tensors2:
-    return reference.order_mean(G, lo, hi), _nonfinite_rows(G)
+def sign_sum(G: Tensor, rows: Optional[Tensor] = None) -> Tensors2:
+    X = _selected(G, rows)
+    return reference.sign_sum(X), _nonfinite_rows(X)
 
 
-def closest_to_median_mean(G: Tensor, beta: int) -> Tensors2:
-    return reference.closest_to_median_mean(G, beta), _nonfinite_rows(G)
+def order_mean(G: Tensor, lo: int, hi: int, rows: Optional[Tensor] = None) -> Tensors2:
+    X = _selected(G, rows)
+    return reference.order_mean(X, lo, hi), _nonfinite_rows(X)
 
 
-def invariant(G: Tensor, lo: int, hi: int, min_votes: int) -> Tensors3:
-    mask = reference.sign_sum(G).abs() >= min_votes
-    out = torch.where(mask, reference.order_mean(G, lo, hi), torch.zeros((), dtype=G.dtype, device=G.device))
-    return out, mask, _nonfinite_rows(G)
+def closest_to_median_mean(G: Tensor, beta: int, rows: Optional[Tensor] = None) -> Tensors2:
+    X = _selected(G, rows)
+    return reference.closest_to_median_mean(X, beta), _nonfinite_rows(X)
 
 
-def rlr(G: Tensor, weights: Optional[Tensor], theta: int, server_lr: float) -> Tensors2:
-    return reference.rlr(G, theta, weights, server_lr), _nonfinite_rows(G)
+def invariant(G: Tensor, lo: int, hi: int, min_votes: int, rows: Optional[Tensor] = None) -> Tensors3:
+    X = _selected(G, rows)
+    mask = reference.sign_sum(X).abs() >= min_votes
+    out = torch.where(mask, reference.order_mean(X, lo, hi), torch.zeros((), dtype=X.dtype, device=X.device))
+    return out, mask, _nonfinite_rows(X)
+
+
+def rlr(G: Tensor, weights: Optional[Tensor], theta: int, server_lr: float, rows: Optional[Tensor] = None
+        ) -> Tensors2:
+    X = _selected(G, rows)
+    return reference.rlr(X, theta, weights, server_lr), _nonfinite_rows(X)
 
 
 def client_stats(G: Tensor, window_start: int, window_length: int, ref: Optional[Tensor]

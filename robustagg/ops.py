@@ -9,10 +9,12 @@ Every op takes ``G`` of shape (n, d): row i is client i, column j coordinate j. 
 * applies the non-finite policy (docs/nonfinite.md, robustagg/_policy.py): ``nonfinite="raise"``
   (default) raises ``NonFiniteUpdateError``, ``"drop"`` computes on the finite rows only,
   ``"propagate"`` skips the check. The kernels find non-finite rows in the same pass that computes
-  the result; under ``"drop"`` a coordinate-wise op runs again on the surviving rows, while
-  per-client ops just give the dropped rows NaN outputs. Under ``"propagate"`` a compiled op reads
-  no tensor on the host (while tracing, the values of ``weights``, ``ref`` and a tensor
-  ``max_norm`` go unchecked), so that it compiles into one graph.
+  the result; under ``"drop"`` a coordinate-wise op runs again on the surviving rows, which the
+  kernels read in place (G is not copied), while per-client ops just give the dropped rows NaN
+  outputs. ``return_nonfinite=True`` also returns which rows held NaN or Inf. Under
+  ``"propagate"`` a compiled op reads no tensor on the host (while tracing, the values of
+  ``weights``, ``ref``, ``rows`` and a tensor ``max_norm`` go unchecked), so that it compiles into
+  one graph.
 
 Supported dtypes are float16, bfloat16, float32 and float64; arithmetic is float32 (float64 for
 float64). Results have G's dtype, except counts (int32), indices (int64), masks (bool) and the
@@ -32,8 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from . import _backend, reference
-from ._checks import (check_bool, check_float, check_int, check_matrix, check_multiplier, check_vector, check_weights,
-                      values_checked)
+from ._checks import (check_bool, check_float, check_int, check_matrix, check_multiplier, check_rows, check_vector,
+                      check_weights, values_checked)
 from ._dtypes import acc_dtype, dtype_max
 from ._policy import check_policy, coordinatewise, per_client
 from .layout import Layout
@@ -45,39 +47,61 @@ __all__ = [
 ]
 
 
+# ---------------------------------------------------------------- coordinate-wise ops
+#
+# Each takes ``rows``: row numbers of G to compute on (default every row), read in place. The
+# result is that of the op on ``G[rows]``, and weights stay one per row of G.
+# ``return_nonfinite=True`` also returns bool[n] over G's rows: the rows read that hold NaN or Inf
+# (under "drop", the rows the op dropped).
+
+def _reduce(op, G, rows, nonfinite, backend, run, raw_op=None):
+    """The policy over the checked row selection: (result list, nonfinite flags over G's rows)."""
+    rows = check_rows(op, rows, G.shape[0], G.device)
+    return coordinatewise(op, G, nonfinite, backend, run, raw_op=raw_op, rows=rows)
+
+
+def _returned(op, outputs, nonfinite, return_nonfinite: bool):
+    """An op's outputs (a tensor or a tuple), with the nonfinite flags appended when asked for."""
+    return_nonfinite = check_bool(op, "return_nonfinite", return_nonfinite)
+    if not return_nonfinite:
+        return outputs
+    return (*outputs, nonfinite) if isinstance(outputs, tuple) else (outputs, nonfinite)
+
+
 # ---------------------------------------------------------------- sign votes
 
-def sign_sum(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
+def sign_sum(G, *, rows=None, nonfinite="raise", return_nonfinite=False, backend=None) -> torch.Tensor:
     r"""$s_j = \sum_i \operatorname{sign}(G_{ij})$, with sign(±0) = 0. Returns int32[d]."""
     G = check_matrix(G, "sign_sum")
-    (out,) = coordinatewise("sign_sum", G, nonfinite, backend, lambda fn, X, rows, kept=None: fn(X))
-    return out
+    (out,), bad = _reduce("sign_sum", G, rows, nonfinite, backend, lambda fn, X, sel: fn(X, sel.rows))
+    return _returned("sign_sum", out, bad, return_nonfinite)
 
 
-def sign_agreement(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
+def sign_agreement(G, *, rows=None, nonfinite="raise", return_nonfinite=False, backend=None) -> torch.Tensor:
     r"""$|s_j| / n$, the Invariant Aggregator's AND-mask sign consistency, in G's dtype.
 
-    Under ``nonfinite="drop"`` n counts the finite rows.
+    n counts the rows read (the finite ones under ``nonfinite="drop"``).
     """
     G = check_matrix(G, "sign_agreement")
 
-    def run(fn, X, rows, kept=None):
-        s, bad = fn(X)
-        return (s.abs().to(acc_dtype(G.dtype)) / rows.n).to(G.dtype), bad
+    def run(fn, X, sel):
+        s, bad = fn(X, sel.rows)
+        return (s.abs().to(acc_dtype(G.dtype)) / sel.n).to(G.dtype), bad
 
-    (agreement,) = coordinatewise("sign_agreement", G, nonfinite, backend, run, raw_op="sign_sum")
-    return agreement
+    (agreement,), bad = _reduce("sign_agreement", G, rows, nonfinite, backend, run, raw_op="sign_sum")
+    return _returned("sign_agreement", agreement, bad, return_nonfinite)
 
 
 # ---------------------------------------------------------------- order statistics
 
-def _order_bounds(op, lo, hi, rows):
-    lo = check_int(op, "lo", lo, 0, rows.n - 1, rows.why())
-    hi = check_int(op, "hi", hi, lo + 1, rows.n, f" (lo={lo} < hi <= n){rows.why()}")
+def _order_bounds(op, lo, hi, sel):
+    lo = check_int(op, "lo", lo, 0, sel.n - 1, sel.why())
+    hi = check_int(op, "hi", hi, lo + 1, sel.n, f" (lo={lo} < hi <= n){sel.why()}")
     return lo, hi
 
 
-def order_mean(G, lo: int, hi: int, *, nonfinite="raise", backend=None) -> torch.Tensor:
+def order_mean(G, lo: int, hi: int, *, rows=None, nonfinite="raise", return_nonfinite=False,
+               backend=None) -> torch.Tensor:
     r"""Per coordinate, the mean of the sorted values at positions lo..hi-1:
     $\frac{1}{hi-lo}\sum_{r=lo}^{hi-1} G_{(r),j}$ with $0 \le lo < hi \le n$.
 
@@ -86,21 +110,21 @@ def order_mean(G, lo: int, hi: int, *, nonfinite="raise", backend=None) -> torch
     op = "order_mean"
     G = check_matrix(G, op)
 
-    def run(fn, X, rows, kept=None):
-        a, b = _order_bounds(op, lo, hi, rows)
-        return fn(X, a, b)
+    def run(fn, X, sel):
+        return fn(X, *_order_bounds(op, lo, hi, sel), sel.rows)
 
-    (out,) = coordinatewise(op, G, nonfinite, backend, run)
-    return out
-
-
-def _trim_bounds(op, trim, rows):
-    trim = check_int(op, "trim", trim, 0, (rows.n - 1) // 2,
-                      f": n - 2*trim must be >= 1 so that a value is left{rows.why()}")
-    return trim, rows.n - trim
+    (out,), bad = _reduce(op, G, rows, nonfinite, backend, run)
+    return _returned(op, out, bad, return_nonfinite)
 
 
-def trimmed_mean(G, trim: int, *, nonfinite="raise", backend=None) -> torch.Tensor:
+def _trim_bounds(op, trim, sel):
+    trim = check_int(op, "trim", trim, 0, (sel.n - 1) // 2,
+                      f": n - 2*trim must be >= 1 so that a value is left{sel.why()}")
+    return trim, sel.n - trim
+
+
+def trimmed_mean(G, trim: int, *, rows=None, nonfinite="raise", return_nonfinite=False,
+                 backend=None) -> torch.Tensor:
     r"""Coordinate-wise trimmed mean: drop the ``trim`` smallest and largest values, average the rest.
 
     ``trim=0`` is the plain mean. Needs n - 2*trim >= 1 (on the finite rows under ``"drop"``).
@@ -108,37 +132,38 @@ def trimmed_mean(G, trim: int, *, nonfinite="raise", backend=None) -> torch.Tens
     op = "trimmed_mean"
     G = check_matrix(G, op)
 
-    def run(fn, X, rows, kept=None):
-        return fn(X, *_trim_bounds(op, trim, rows))
+    def run(fn, X, sel):
+        return fn(X, *_trim_bounds(op, trim, sel), sel.rows)
 
-    (out,) = coordinatewise(op, G, nonfinite, backend, run, raw_op="order_mean")
-    return out
+    (out,), bad = _reduce(op, G, rows, nonfinite, backend, run, raw_op="order_mean")
+    return _returned(op, out, bad, return_nonfinite)
 
 
-def median(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
+def median(G, *, rows=None, nonfinite="raise", return_nonfinite=False, backend=None) -> torch.Tensor:
     r"""Coordinate-wise median, numpy-style: the mean of the two middle values for even n
     (``torch.median`` returns the lower one)."""
     G = check_matrix(G, "median")
 
-    def run(fn, X, rows, kept=None):
-        return fn(X, (rows.n - 1) // 2, rows.n // 2 + 1)
+    def run(fn, X, sel):
+        return fn(X, (sel.n - 1) // 2, sel.n // 2 + 1, sel.rows)
 
-    (out,) = coordinatewise("median", G, nonfinite, backend, run, raw_op="order_mean")
-    return out
+    (out,), bad = _reduce("median", G, rows, nonfinite, backend, run, raw_op="order_mean")
+    return _returned("median", out, bad, return_nonfinite)
 
 
-def closest_to_median_mean(G, beta: int, *, nonfinite="raise", backend=None) -> torch.Tensor:
+def closest_to_median_mean(G, beta: int, *, rows=None, nonfinite="raise", return_nonfinite=False,
+                           backend=None) -> torch.Tensor:
     r"""Bulyan's coordinate step (El Mhamdi et al. 2018): per coordinate, the mean of the ``beta``
-    values nearest the coordinate median (as ``median`` returns it), ties in distance to the lower
-    row. Needs 1 <= beta <= n (the finite rows under ``"drop"``); G is read once."""
+    values nearest the coordinate median (as ``median`` returns it), ties in distance to the row
+    read first. Needs 1 <= beta <= n (the finite rows under ``"drop"``); G is read once."""
     op = "closest_to_median_mean"
     G = check_matrix(G, op)
 
-    def run(fn, X, rows, kept=None):
-        return fn(X, check_int(op, "beta", beta, 1, rows.n, rows.why()))
+    def run(fn, X, sel):
+        return fn(X, check_int(op, "beta", beta, 1, sel.n, sel.why()), sel.rows)
 
-    (out,) = coordinatewise(op, G, nonfinite, backend, run)
-    return out
+    (out,), bad = _reduce(op, G, rows, nonfinite, backend, run)
+    return _returned(op, out, bad, return_nonfinite)
 
 
 # ---------------------------------------------------------------- invariant aggregation
@@ -155,8 +180,8 @@ def _min_votes(tau: float, n: int, strict: bool) -> int:
     return v
 
 
-def invariant(G, tau: float, trim: int, strict: bool = True, *, return_mask: bool = False,
-              nonfinite="raise", backend=None):
+def invariant(G, tau: float, trim: int, strict: bool = True, *, return_mask: bool = False, rows=None,
+              nonfinite="raise", return_nonfinite=False, backend=None):
     r"""Invariant Aggregator (Wang et al. 2024): $\mathrm{out}_j = [a_j > \tau]\cdot\mathrm{trimmed\_mean}_j$
     with $a_j = |s_j|/n$ (``>=`` when ``strict=False``). G is read once.
 
@@ -169,16 +194,16 @@ def invariant(G, tau: float, trim: int, strict: bool = True, *, return_mask: boo
     tau = check_float(op, "tau", tau, 0.0, 1.0)
     strict = check_bool(op, "strict", strict)
 
-    def run(fn, X, rows, kept=None):
-        lo, hi = _trim_bounds(op, trim, rows)
-        return fn(X, lo, hi, _min_votes(tau, rows.n, strict))
+    def run(fn, X, sel):
+        lo, hi = _trim_bounds(op, trim, sel)
+        return fn(X, lo, hi, _min_votes(tau, sel.n, strict), sel.rows)
 
-    out, mask = coordinatewise(op, G, nonfinite, backend, run)
-    return (out, mask) if return_mask else out
+    (out, mask), bad = _reduce(op, G, rows, nonfinite, backend, run)
+    return _returned(op, (out, mask) if return_mask else out, bad, return_nonfinite)
 
 
-def invariant_ranks(G, tau: float, lo: int, hi: int, strict: bool = True, *, return_mask: bool = False,
-                    nonfinite="raise", backend=None):
+def invariant_ranks(G, tau: float, lo: int, hi: int, strict: bool = True, *, return_mask: bool = False, rows=None,
+                    nonfinite="raise", return_nonfinite=False, backend=None):
     """``invariant`` with explicit kept ranks lo..hi-1 instead of a symmetric trim.
 
     The authors' released code keeps ranks int(0.45n)..int(0.55n)-1.
@@ -188,39 +213,40 @@ def invariant_ranks(G, tau: float, lo: int, hi: int, strict: bool = True, *, ret
     tau = check_float(op, "tau", tau, 0.0, 1.0)
     strict = check_bool(op, "strict", strict)
 
-    def run(fn, X, rows, kept=None):
-        a, b = _order_bounds(op, lo, hi, rows)
-        return fn(X, a, b, _min_votes(tau, rows.n, strict))
+    def run(fn, X, sel):
+        a, b = _order_bounds(op, lo, hi, sel)
+        return fn(X, a, b, _min_votes(tau, sel.n, strict), sel.rows)
 
-    out, mask = coordinatewise(op, G, nonfinite, backend, run, raw_op="invariant")
-    return (out, mask) if return_mask else out
+    (out, mask), bad = _reduce(op, G, rows, nonfinite, backend, run, raw_op="invariant")
+    return _returned(op, (out, mask) if return_mask else out, bad, return_nonfinite)
 
 
 # ---------------------------------------------------------------- robust learning rate
 
-def rlr(G, theta: int, weights=None, server_lr: float = 1.0, *, nonfinite="raise", backend=None):
+def rlr(G, theta: int, weights=None, server_lr: float = 1.0, *, rows=None, nonfinite="raise",
+        return_nonfinite=False, backend=None):
     r"""Robust learning rate (Ozdayi et al. 2021): $\mathrm{out}_j = \eta_j\,\bar g_j$ with
     $\bar g = \sum_i w_i G_i / \sum_i w_i$ and $\eta_j = +\mathrm{lr}$ if $|s_j| \ge \theta$ else
-    $-\mathrm{lr}$. ``theta`` is a vote count in 0..n; ``weights`` are the clients' sample counts
-    (finite, >= 0, not all 0; under torch.compile their values are taken as given)."""
+    $-\mathrm{lr}$. ``theta`` is a vote count in 0..n; ``weights`` are the clients' sample counts,
+    one per row of G (finite, >= 0, not all 0 on the rows read; under torch.compile their values
+    are taken as given)."""
     op = "rlr"
     G = check_matrix(G, op)
-    n = G.shape[0]
-    w = None if weights is None else check_weights(op, weights, n, G.device, acc_dtype(G.dtype),
+    w = None if weights is None else check_weights(op, weights, G.shape[0], G.device, acc_dtype(G.dtype),
                                                    check_values=values_checked())
     server_lr = check_multiplier(op, "server_lr", server_lr, G.dtype)
 
-    def run(fn, X, rows, kept=None):
-        th = check_int(op, "theta", theta, 0, rows.n, f" (a vote count){rows.why()}")
-        if w is None or kept is None:
-            return fn(X, w, th, server_lr)
-        wk = w.index_select(0, kept)
-        if float(wk.sum()) <= 0:
-            raise ValueError(f"{op}: the weights of the finite rows sum to 0{rows.why()}")
-        return fn(X, wk, th, server_lr)
+    def run(fn, X, sel):
+        th = check_int(op, "theta", theta, 0, sel.n, f" (a vote count){sel.why()}")
+        if w is None or sel.rows is None:
+            return fn(X, w, th, server_lr, sel.rows)
+        read = w.index_select(0, sel.rows)
+        if values_checked() and float(read.sum()) <= 0:
+            raise ValueError(f"{op}: the weights of the rows read sum to 0{sel.why()}")
+        return fn(X, read, th, server_lr, sel.rows)
 
-    (out,) = coordinatewise(op, G, nonfinite, backend, run)
-    return out
+    (out,), bad = _reduce(op, G, rows, nonfinite, backend, run)
+    return _returned(op, out, bad, return_nonfinite)
 
 
 # ---------------------------------------------------------------- client statistics
@@ -334,7 +360,7 @@ def _clip_bounds(op, max_norm, G, check_values: bool) -> torch.Tensor:
     return torch.full((n,), value, dtype=acc, device=G.device)
 
 
-def clip_rows(G, max_norm, *, nonfinite="raise", backend=None) -> torch.Tensor:
+def clip_rows(G, max_norm, *, nonfinite="raise", return_nonfinite=False, backend=None) -> torch.Tensor:
     r"""$G_i \cdot \min(1, c_i/\|G_i\|)$ with $c$ a scalar or an [n] tensor; a zero row stays zero.
 
     The bounds must be finite and >= 0; under torch.compile the values of a tensor ``max_norm``
@@ -342,8 +368,8 @@ def clip_rows(G, max_norm, *, nonfinite="raise", backend=None) -> torch.Tensor:
     op = "clip_rows"
     G = check_matrix(G, op)
     bound = _clip_bounds(op, max_norm, G, check_values=values_checked())
-    (out,), _ = per_client(op, G, nonfinite, backend, lambda fn, X: fn(X, bound), row_outputs=(0,))
-    return out
+    (out,), bad = per_client(op, G, nonfinite, backend, lambda fn, X: fn(X, bound), row_outputs=(0,))
+    return _returned(op, out, bad, return_nonfinite)
 
 
 # ---------------------------------------------------------------- top-k with error feedback
@@ -409,7 +435,7 @@ def topk_abs(x, k: int, *, nonfinite="raise", backend=None):
 # ---------------------------------------------------------------- max-pool amplification
 
 def maxpool_amplify(G, layout: Layout, kernel: int = 2, restore: bool = False, *, nonfinite="raise",
-                    backend=None) -> torch.Tensor:
+                    return_nonfinite=False, backend=None) -> torch.Tensor:
     r"""AGRAmplifier's max-pooling (Gong et al. 2024): every pooled segment is viewed as a (rows, cols)
     matrix and max-pooled with a ``kernel x kernel`` window, stride ``kernel``, floor mode, over
     raw signed values; 0-D/1-D segments pass through. Returns [n, d_amp], or [n, d] with
@@ -429,22 +455,22 @@ def maxpool_amplify(G, layout: Layout, kernel: int = 2, restore: bool = False, *
     kernel = check_int(op, "kernel", kernel, 1, max(dims + [2]) if dims else None, why)
     table = layout.segment_table(d, kernel, restore).to(G.device)
     width = d if restore else layout.pooled_width(d, kernel)
-    (out,), _ = per_client(op, G, nonfinite, backend, lambda fn, X: fn(X, table, kernel, restore, width),
-                            row_outputs=(0,))
-    return out
+    (out,), bad = per_client(op, G, nonfinite, backend, lambda fn, X: fn(X, table, kernel, restore, width),
+                              row_outputs=(0,))
+    return _returned(op, out, bad, return_nonfinite)
 
 
 # ---------------------------------------------------------------- pairwise geometry
 
-def pairwise_sqdist(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
+def pairwise_sqdist(G, *, nonfinite="raise", return_nonfinite=False, backend=None) -> torch.Tensor:
     r"""$D_{ij} = \|G_i - G_j\|^2$, [n, n]; exactly 0 for identical rows, symmetric, zero diagonal."""
     G = check_matrix(G, "pairwise_sqdist")
-    (out,), _ = per_client("pairwise_sqdist", G, nonfinite, backend, lambda fn, X: fn(X), (), matrix_outputs=(0,))
-    return out
+    (out,), bad = per_client("pairwise_sqdist", G, nonfinite, backend, lambda fn, X: fn(X), (), matrix_outputs=(0,))
+    return _returned("pairwise_sqdist", out, bad, return_nonfinite)
 
 
-def pairwise_cosine(G, *, nonfinite="raise", backend=None) -> torch.Tensor:
+def pairwise_cosine(G, *, nonfinite="raise", return_nonfinite=False, backend=None) -> torch.Tensor:
     r"""$C_{ij} = \cos(G_i, G_j)$, [n, n]; exactly 1 for identical non-zero rows, 0 for zero rows."""
     G = check_matrix(G, "pairwise_cosine")
-    (out,), _ = per_client("pairwise_cosine", G, nonfinite, backend, lambda fn, X: fn(X), (), matrix_outputs=(0,))
-    return out
+    (out,), bad = per_client("pairwise_cosine", G, nonfinite, backend, lambda fn, X: fn(X), (), matrix_outputs=(0,))
+    return _returned("pairwise_cosine", out, bad, return_nonfinite)

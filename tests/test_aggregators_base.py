@@ -9,7 +9,7 @@ import torch
 from aggregator_formulas import X64, clipped, close, fedavg_ref, rand_G, trimmed_ref
 from conftest import DEVICE
 
-from robustagg import NonFiniteUpdateError
+from robustagg import NonFiniteUpdateError, _backend
 from robustagg import aggregators as A
 from robustagg.layout import Layout
 
@@ -95,6 +95,35 @@ def test_nonfinite_client_is_dropped_and_reported(index):
     assert agg.last_report.rejected_nonfinite == [4, 11]
     if agg.last_report.selected is not None:
         assert not {4, 11} & set(agg.last_report.selected)
+
+
+@pytest.mark.parametrize("index", range(26))
+def test_nonfinite_drop_never_copies_the_kept_rows(index, monkeypatch):
+    """After a client is dropped the ops read the kept rows of the caller's G in place: no op is
+    ever handed a matrix of some of G's rows (only G itself, or one vector as a reference), and
+    the coordinate-wise ops get the kept rows as ``rows``."""
+    G = rand_G(14, 60, seed=3)
+    G[4, 7] = float("nan")
+    agg = all_aggregators(G[0].clone())[index]
+    if isinstance(agg, (A.CosDen, A.EuDen, A.MgDen, A.FLTrustAmp)):
+        agg.layout = Layout.flat(6)
+    shapes, selections = [], []
+    real = _backend.raw_op
+
+    def spy(op, chosen):
+        fn = real(op, chosen)
+
+        def recorded(X, *args):
+            shapes.append(tuple(X.shape))
+            selections.extend(a.tolist() for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.int64)
+            return fn(X, *args)
+        return recorded
+
+    monkeypatch.setattr(_backend, "raw_op", spy)
+    agg(G)
+    assert agg.last_report.rejected_nonfinite == [4]
+    assert {s[0] for s in shapes if len(s) == 2 and s[1] == 60} <= {14, 1}
+    assert all(4 not in rows for rows in selections)
 
 
 def test_nonfinite_drop_gives_the_same_result_as_removing_the_rows():

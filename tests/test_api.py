@@ -194,6 +194,111 @@ def test_sign_agreement_counts_only_finite_rows_under_drop():
     assert agreement.tolist() == [1.0, 1.0, 1.0]
 
 
+# ---------------------------------------------------------------- row selections and flags
+
+_BACKENDS = [b for b, state in robustagg.available_backends().items() if state == "available"
+             and _backend._unavailable_reason(b, "order_mean", DEVICE) is None]
+
+# Every coordinate-wise op, called on G with rows= or on a copy of those rows (weights per row of G).
+_SELECTING = {
+    "sign_sum": lambda G, w, **kw: robustagg.sign_sum(G, **kw),
+    "sign_agreement": lambda G, w, **kw: robustagg.sign_agreement(G, **kw),
+    "order_mean": lambda G, w, **kw: robustagg.order_mean(G, 1, 3, **kw),
+    "trimmed_mean": lambda G, w, **kw: robustagg.trimmed_mean(G, 1, **kw),
+    "median": lambda G, w, **kw: robustagg.median(G, **kw),
+    "closest_to_median_mean": lambda G, w, **kw: robustagg.closest_to_median_mean(G, 2, **kw),
+    "invariant": lambda G, w, **kw: robustagg.invariant(G, 0.3, 1, return_mask=True, **kw),
+    "invariant_ranks": lambda G, w, **kw: robustagg.invariant_ranks(G, 0.3, 1, 3, return_mask=True, **kw),
+    "rlr": lambda G, w, **kw: robustagg.rlr(G, 2, weights=w, server_lr=0.5, **kw),
+}
+
+
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+@pytest.mark.parametrize("name", list(_SELECTING))
+def test_rows_give_the_op_on_those_rows_bitwise(name, backend):
+    G = _G(9, 37, dtype=torch.float64 if backend == "torch" else torch.float32)
+    G[0, 5] = math.nan                     # a row the selection leaves out changes nothing
+    w = torch.arange(1.0, 10.0, dtype=torch.float64)
+    rows = [6, 2, 2, 8, 4]                 # unordered, with a repeat
+    op = _SELECTING[name]
+    got = _as_tuple(op(G, w, rows=rows, backend=backend))
+    expected = _as_tuple(op(G[rows], w[rows], backend=backend))
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+@pytest.mark.parametrize("name", list(_SELECTING))
+def test_drop_reruns_on_the_finite_rows_of_G_in_place(name, backend, monkeypatch):
+    """The second pass of "drop" reads the kept rows of the caller's G, not a copy of them."""
+    G = _G(8, 29)
+    G[3, 4] = math.nan
+    w = torch.arange(1.0, 9.0, dtype=torch.float64)
+    calls = []
+    real = _backend.raw_op
+
+    def spy(op, chosen):
+        fn = real(op, chosen)
+
+        def recorded(X, *args):
+            calls.append((X.data_ptr(), args[-1]))
+            return fn(X, *args)
+        return recorded
+
+    monkeypatch.setattr(_backend, "raw_op", spy)
+    out, flags = (lambda r: (r[:-1], r[-1]))(_as_tuple(_SELECTING[name](G, w, nonfinite="drop", return_nonfinite=True,
+                                                                         backend=backend)))
+    monkeypatch.undo()
+    kept = [0, 1, 2, 4, 5, 6, 7]
+    assert [ptr for ptr, _ in calls] == [G.data_ptr(), G.data_ptr()]
+    assert calls[0][1] is None and calls[1][1].tolist() == kept
+    assert flags.tolist() == [i == 3 for i in range(8)]
+    for a, b in zip(out, _as_tuple(_SELECTING[name](G[kept], w[kept], backend=backend)), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_return_nonfinite_flags_the_rows_of_G_under_every_policy():
+    G = _poisoned()
+    expected = [i in (2, 5) for i in range(8)]
+    for policy in ("drop", "propagate"):
+        _, flags = robustagg.median(G, nonfinite=policy, return_nonfinite=True, backend="torch")
+        assert flags.tolist() == expected
+    _, flags = robustagg.median(G, rows=[0, 5, 7], nonfinite="drop", return_nonfinite=True, backend="torch")
+    assert flags.tolist() == [i == 5 for i in range(8)]   # row 2 was not read
+    _, flags = robustagg.median(_G(), return_nonfinite=True, backend="torch")
+    assert not flags.any()
+    for op in (robustagg.pairwise_sqdist, robustagg.pairwise_cosine,
+               lambda X, **kw: robustagg.clip_rows(X, 1.0, **kw),
+               lambda X, **kw: robustagg.maxpool_amplify(X, Layout.from_shapes([(13,)]), **kw)):
+        M, flags = op(G, nonfinite="drop", return_nonfinite=True, backend="torch")
+        assert flags.tolist() == expected and torch.isnan(M[2]).all()
+
+
+@pytest.mark.parametrize("rows, exc, match", [
+    ([0, 8], ValueError, r"rows holds row numbers from 0 to 8; allowed \[0, 7\] for n=8"),
+    ([-1], ValueError, r"rows holds row numbers from -1 to -1"),
+    ([], ValueError, r"rows selects m=0 rows; allowed 1 <= m <= n=8"),
+    (list(range(8)) + [0], ValueError, r"rows selects m=9 rows"),
+    ([[0, 1]], TypeError, r"rows must be a 1-D integer tensor"),
+    ([0.5], TypeError, r"rows must be a 1-D integer tensor"),
+    ("0", TypeError, r"rows must be a 1-D integer tensor"),
+])
+def test_bad_rows_are_rejected(rows, exc, match):
+    with pytest.raises(exc, match=match):
+        robustagg.median(_G(8), rows=rows)
+
+
+def test_params_refer_to_the_selected_rows():
+    with pytest.raises(ValueError, match=r"trim=2 is out of range; allowed in \[0, 1\].*n=3 rows"):
+        robustagg.trimmed_mean(_G(8), 2, rows=[0, 1, 2])
+    with pytest.raises(ValueError, match="the weights of the rows read sum to 0"):
+        robustagg.rlr(_G(4), 0, weights=[0.0, 0.0, 1.0, 1.0], rows=[0, 1])
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 20, 33, 100, 257])
 @pytest.mark.parametrize("tau", [0.0, 0.2, 0.25, 0.5, 0.6, 1 / 3, 0.999, 1.0])
 @pytest.mark.parametrize("strict", [True, False])
@@ -252,6 +357,18 @@ def _segments(*rows):
     (lambda G: RAW.invariant(G, 0, 5, 7), r"invariant: min_votes=7 is out of range; allowed \[0, 6\]"),
     (lambda G: RAW.rlr(G, None, 6, 1.0), r"rlr: theta=6 is out of range; allowed \[0, 5\]"),
     (lambda G: RAW.rlr(G, torch.ones(4, device=G.device), 1, 1.0), r"rlr: weights must have shape \(5,\)"),
+    (lambda G: RAW.order_mean(G, 0, 1, torch.tensor([0, 5], device=G.device)),
+     r"order_mean: rows holds row numbers from 0 to 5; allowed \[0, 4\] for n=5"),
+    (lambda G: RAW.sign_sum(G, torch.zeros(0, dtype=torch.int64, device=G.device)),
+     r"sign_sum: rows selects m=0 rows; allowed 1 <= m <= n=5"),
+    (lambda G: RAW.closest_to_median_mean(G, 1, torch.zeros(6, dtype=torch.int64, device=G.device)),
+     r"closest_to_median_mean: rows selects m=6 rows; allowed 1 <= m <= n=5"),
+    (lambda G: RAW.invariant(G, 0, 1, 0, torch.zeros(1, device=G.device)),
+     r"invariant: rows must be a 1-D int64 tensor of row numbers, got Float"),
+    (lambda G: RAW.order_mean(G, 0, 3, torch.tensor([0, 1], device=G.device)),
+     r"order_mean: lo=0, hi=3 are out of range; allowed 0 <= lo < hi <= n=2"),
+    (lambda G: RAW.rlr(G, torch.ones(5, device=G.device), 1, 1.0, torch.tensor([0, 1], device=G.device)),
+     r"rlr: weights must have shape \(2,\), one per row the op reads"),
     (lambda G: RAW.client_stats(G, 7, 1, None), r"client_stats: window_start=7 is out of range; allowed \[0, 6\]"),
     (lambda G: RAW.client_stats(G, 2, 6, None), r"client_stats: window_length=6 is out of range; allowed \[1, 5\]"),
     (lambda G: RAW.client_stats(G, 0, 1, G[0, :6]), r"client_stats: ref must be \(7,\)"),

@@ -94,7 +94,7 @@ def test_every_report_field_is_documented():
 
 
 # Keyword arguments every op or aggregator takes, described once at the top of its page.
-COMMON = {"ops.md": {"nonfinite", "backend"},
+COMMON = {"ops.md": {"nonfinite", "backend", "rows", "return_nonfinite"},
           "aggregators.md": set(inspect.signature(robustagg.aggregators.Aggregator.__init__).parameters)}
 
 

@@ -40,6 +40,14 @@ RA_HD A saturate(A x, A limit) {
   return x > limit ? limit : (x < -limit ? -limit : x);
 }
 
+// Row i of the rows a coordinate-wise op reads (docs/ops.md, the `rows` argument): row rows[i] of G
+// when the op was given a row selection, row i when rows is null. A selection is read in place, so
+// dropping rows never copies G.
+template <typename T>
+RA_HD const T* selected_row(const T* G, const int64_t* rows, int64_t i, int64_t d) {
+  return G + (rows ? rows[i] : i) * d;
+}
+
 // Power-of-two scales for float64 values whose squares or products would overflow or underflow
 // (docs/nonfinite.md): |x| * 2^-600 <= 2^424 for every float64, and a value below 2^-450 times 2^600 is a
 // normal number whose square is one too. Multiplying by a power of two is exact in that range.

@@ -29,28 +29,33 @@ at::Tensor vector_arg(const at::Tensor& x, const char* op, const char* name) {
 }
 
 // ---- sign votes (csrc/cpu/sign_votes.cpp)
+//
+// The coordinate-wise ops read the rows `rows` selects (checks::rows_arg), n of them, in place.
 
-std::tuple<at::Tensor, at::Tensor> sign_sum(const at::Tensor& G_in) {
-  const at::Tensor G = matrix_arg(G_in, "sign_sum");
-  at::Tensor sums = at::empty({G.size(1)}, G.options().dtype(at::kInt)), bad = row_flags(G);
+const int64_t* rows_ptr(const at::Tensor& rows) { return rows.defined() ? rows.const_data_ptr<int64_t>() : nullptr; }
+
+std::tuple<at::Tensor, at::Tensor> sign_sum(const at::Tensor& G_in, const std::optional<at::Tensor>& rows_in) {
+  const at::Tensor G = matrix_arg(G_in, "sign_sum"), rows = checks::rows_arg(rows_in, G, "sign_sum");
+  at::Tensor sums = at::empty({G.size(1)}, G.options().dtype(at::kInt)), bad = row_flags(G, rows);
   RA_CPU_DISPATCH(G.scalar_type(), "sign_sum", [&] {
-    cpu::sign_sum<scalar_t>(G.const_data_ptr<scalar_t>(), G.size(0), G.size(1), sums.mutable_data_ptr<int32_t>(),
-                            bad.mutable_data_ptr<bool>());
+    cpu::sign_sum<scalar_t>(G.const_data_ptr<scalar_t>(), rows_ptr(rows), bad.size(0), G.size(1),
+                            sums.mutable_data_ptr<int32_t>(), bad.mutable_data_ptr<bool>());
   });
   return {sums, bad};
 }
 
 std::tuple<at::Tensor, at::Tensor> rlr(const at::Tensor& G_in, const std::optional<at::Tensor>& weights_in,
-                                       int64_t theta, double server_lr) {
-  const at::Tensor G = matrix_arg(G_in, "rlr");
-  checks::check_count(theta, 0, G.size(0), "rlr", "theta");
+                                       int64_t theta, double server_lr, const std::optional<at::Tensor>& rows_in) {
+  const at::Tensor G = matrix_arg(G_in, "rlr"), rows = checks::rows_arg(rows_in, G, "rlr");
+  at::Tensor out = at::empty({G.size(1)}, G.options()), bad = row_flags(G, rows);
+  const int64_t n = bad.size(0);
+  checks::check_count(theta, 0, n, "rlr", "theta");
   checks::check_real(server_lr, -checks::arithmetic_max(G), checks::arithmetic_max(G), "rlr", "server_lr");
   at::Tensor weights;
-  if (weights_in.has_value()) weights = checks::weights_arg(*weights_in, G, "rlr");
-  at::Tensor out = at::empty({G.size(1)}, G.options()), bad = row_flags(G);
+  if (weights_in.has_value()) weights = checks::weights_arg(*weights_in, G, n, "rlr");
   RA_CPU_DISPATCH(G.scalar_type(), "rlr", [&] {
     using A = acc_t<scalar_t>;
-    cpu::rlr<scalar_t>(G.const_data_ptr<scalar_t>(), G.size(0), G.size(1),
+    cpu::rlr<scalar_t>(G.const_data_ptr<scalar_t>(), rows_ptr(rows), n, G.size(1),
                        weights.defined() ? weights.const_data_ptr<A>() : nullptr, theta, server_lr,
                        out.mutable_data_ptr<scalar_t>(), bad.mutable_data_ptr<bool>());
   });
@@ -59,39 +64,43 @@ std::tuple<at::Tensor, at::Tensor> rlr(const at::Tensor& G_in, const std::option
 
 // ---- order statistics (csrc/cpu/order_stats.cpp)
 
-std::tuple<at::Tensor, at::Tensor> order_mean(const at::Tensor& G_in, int64_t lo, int64_t hi) {
-  const at::Tensor G = matrix_arg(G_in, "order_mean");
-  checks::check_ranks(lo, hi, G.size(0), "order_mean");
-  at::Tensor out = at::empty({G.size(1)}, G.options()), bad = row_flags(G);
+std::tuple<at::Tensor, at::Tensor> order_mean(const at::Tensor& G_in, int64_t lo, int64_t hi,
+                                              const std::optional<at::Tensor>& rows_in) {
+  const at::Tensor G = matrix_arg(G_in, "order_mean"), rows = checks::rows_arg(rows_in, G, "order_mean");
+  at::Tensor out = at::empty({G.size(1)}, G.options()), bad = row_flags(G, rows);
+  checks::check_ranks(lo, hi, bad.size(0), "order_mean");
   RA_CPU_DISPATCH(G.scalar_type(), "order_mean", [&] {
-    cpu::order_mean<scalar_t>(G.const_data_ptr<scalar_t>(), G.size(0), G.size(1), lo, hi,
+    cpu::order_mean<scalar_t>(G.const_data_ptr<scalar_t>(), rows_ptr(rows), bad.size(0), G.size(1), lo, hi,
                               out.mutable_data_ptr<scalar_t>(), bad.mutable_data_ptr<bool>());
   });
   return {out, bad};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> invariant(const at::Tensor& G_in, int64_t lo, int64_t hi,
-                                                         int64_t min_votes) {
-  const at::Tensor G = matrix_arg(G_in, "invariant");
-  checks::check_ranks(lo, hi, G.size(0), "invariant");
-  checks::check_count(min_votes, 0, G.size(0) + 1, "invariant", "min_votes");
-  at::Tensor out = at::empty({G.size(1)}, G.options()), bad = row_flags(G);
+                                                         int64_t min_votes, const std::optional<at::Tensor>& rows_in) {
+  const at::Tensor G = matrix_arg(G_in, "invariant"), rows = checks::rows_arg(rows_in, G, "invariant");
+  at::Tensor out = at::empty({G.size(1)}, G.options()), bad = row_flags(G, rows);
   at::Tensor mask = at::empty({G.size(1)}, G.options().dtype(at::kBool));
+  const int64_t n = bad.size(0);
+  checks::check_ranks(lo, hi, n, "invariant");
+  checks::check_count(min_votes, 0, n + 1, "invariant", "min_votes");
   RA_CPU_DISPATCH(G.scalar_type(), "invariant", [&] {
-    cpu::invariant<scalar_t>(G.const_data_ptr<scalar_t>(), G.size(0), G.size(1), lo, hi, min_votes,
+    cpu::invariant<scalar_t>(G.const_data_ptr<scalar_t>(), rows_ptr(rows), n, G.size(1), lo, hi, min_votes,
                              out.mutable_data_ptr<scalar_t>(), mask.mutable_data_ptr<bool>(),
                              bad.mutable_data_ptr<bool>());
   });
   return {out, mask, bad};
 }
 
-std::tuple<at::Tensor, at::Tensor> closest_to_median_mean(const at::Tensor& G_in, int64_t beta) {
-  const at::Tensor G = matrix_arg(G_in, "closest_to_median_mean");
-  checks::check_count(beta, 1, G.size(0), "closest_to_median_mean", "beta");
-  at::Tensor out = at::empty({G.size(1)}, G.options()), bad = row_flags(G);
+std::tuple<at::Tensor, at::Tensor> closest_to_median_mean(const at::Tensor& G_in, int64_t beta,
+                                                          const std::optional<at::Tensor>& rows_in) {
+  constexpr const char* op = "closest_to_median_mean";
+  const at::Tensor G = matrix_arg(G_in, op), rows = checks::rows_arg(rows_in, G, op);
+  at::Tensor out = at::empty({G.size(1)}, G.options()), bad = row_flags(G, rows);
+  checks::check_count(beta, 1, bad.size(0), op, "beta");
   RA_CPU_DISPATCH(G.scalar_type(), "closest_to_median_mean", [&] {
-    cpu::closest_to_median_mean<scalar_t>(G.const_data_ptr<scalar_t>(), G.size(0), G.size(1), beta,
-                                          out.mutable_data_ptr<scalar_t>(), bad.mutable_data_ptr<bool>());
+    cpu::closest_to_median_mean<scalar_t>(G.const_data_ptr<scalar_t>(), rows_ptr(rows), bad.size(0), G.size(1),
+                                          beta, out.mutable_data_ptr<scalar_t>(), bad.mutable_data_ptr<bool>());
   });
   return {out, bad};
 }
@@ -123,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> clip_rows(const at::Tensor& G_in, const at::Tensor& max_norm_in) {
   const at::Tensor G = matrix_arg(G_in, "clip_rows");
-  const at::Tensor max_norm = checks::row_vector_arg(max_norm_in, G, "clip_rows", "max_norm");
+  const at::Tensor max_norm = checks::row_vector_arg(max_norm_in, G, G.size(0), "clip_rows", "max_norm");
   checks::check_nonnegative(max_norm, "clip_rows", "max_norm");
   at::Tensor out = at::empty_like(G), bad = row_flags(G);
   RA_CPU_DISPATCH(G.scalar_type(), "clip_rows", [&] {

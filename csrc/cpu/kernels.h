@@ -2,6 +2,10 @@
 // calls these with raw, contiguous pointers; T is c10::Half, c10::BFloat16, float or double, and A
 // the arithmetic type acc_t<T> (csrc/core/common.h). Every function reports non-finite input in
 // the same pass as its result and never throws on NaN/Inf.
+//
+// The coordinate-wise kernels (sign votes, order statistics) read n rows of G, given by `rows`:
+// row i is row rows[i] of G, or row i itself when rows is null (core's selected_row). Their
+// nonfinite flags and rlr's weights have one entry per row read.
 #pragma once
 #include <cstdint>
 
@@ -12,25 +16,27 @@ namespace cpu {
 
 // docs/ops.md; sums is int32[d].
 template <typename T>
-void sign_sum(const T* G, int64_t n, int64_t d, int32_t* sums, bool* nonfinite);
+void sign_sum(const T* G, const int64_t* rows, int64_t n, int64_t d, int32_t* sums, bool* nonfinite);
 
 // docs/ops.md; weights is A[n], or null for all-ones.
 template <typename T>
-void rlr(const T* G, int64_t n, int64_t d, const acc_t<T>* weights, int64_t theta, double server_lr, T* out,
-         bool* nonfinite);
+void rlr(const T* G, const int64_t* rows, int64_t n, int64_t d, const acc_t<T>* weights, int64_t theta,
+         double server_lr, T* out, bool* nonfinite);
 
 // docs/ops.md: the mean of sorted positions lo..hi-1 per coordinate.
 template <typename T>
-void order_mean(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, T* out, bool* nonfinite);
+void order_mean(const T* G, const int64_t* rows, int64_t n, int64_t d, int64_t lo, int64_t hi, T* out,
+                bool* nonfinite);
 
 // out = (|sign_sum| >= min_votes) ? order_mean(lo, hi) : 0, with the mask in `mask`.
 template <typename T>
-void invariant(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, int64_t min_votes, T* out, bool* mask,
-               bool* nonfinite);
+void invariant(const T* G, const int64_t* rows, int64_t n, int64_t d, int64_t lo, int64_t hi, int64_t min_votes,
+               T* out, bool* mask, bool* nonfinite);
 
 // docs/ops.md: per coordinate, the mean of the beta (1..n) values nearest the median.
 template <typename T>
-void closest_to_median_mean(const T* G, int64_t n, int64_t d, int64_t beta, T* out, bool* nonfinite);
+void closest_to_median_mean(const T* G, const int64_t* rows, int64_t n, int64_t d, int64_t beta, T* out,
+                            bool* nonfinite);
 
 // docs/ops.md, every statistic in float64. ref may be null (then dot, ref_norm and ref_dist are
 // not written). frac is [n, 3].

@@ -47,13 +47,16 @@ enum class OrderKind { kMean, kInvariant, kClosest };
 template <typename T>
 struct OrderJob {
   const T* G;
-  int64_t n, d, lo, hi;
+  const int64_t* rows;  // the selected rows of G, nullptr: every row
+  int64_t n, d, lo, hi;  // n: the number of rows read
   const CompareExchange* net;  // nullptr: selection path
   int steps;
   int64_t min_votes;  // invariant only
   int64_t beta;       // closest_to_median_mean only
   T* out;
   bool* mask;  // invariant only
+
+  const T* row(int64_t i) const { return selected_row(G, rows, i, d); }
 };
 
 template <typename T>
@@ -86,7 +89,7 @@ inline void rescue_overflowed_lanes(const OrderJob<T>& job, const typename Lanes
 template <typename T>
 inline void flag_nonfinite_rows(const OrderJob<T>& job, int64_t j, int64_t width, uint8_t* bad) {
   for (int64_t i = 0; i < job.n; ++i) {
-    for (int64_t l = 0; l < width; ++l) bad[i] |= is_nonfinite(static_cast<acc_t<T>>(job.G[i * job.d + j + l]));
+    for (int64_t l = 0; l < width; ++l) bad[i] |= is_nonfinite(static_cast<acc_t<T>>(job.row(i)[j + l]));
   }
 }
 
@@ -98,8 +101,7 @@ inline acc_t<T> closest_coordinate(const OrderJob<T>& job, int64_t j, const acc_
   const A center = static_cast<A>(static_cast<T>(sorted_median(sorted, job.n)));
   const NearestWindow window = nearest_window(sorted, job.n, job.beta, center);
   if (!window.tied) return kept_mean_finite(sorted, window.begin, window.end);
-  const T* column = job.G + j;
-  return nearest_by_index([&](int64_t i) { return static_cast<A>(column[i * job.d]); }, job.n, job.beta, center,
+  return nearest_by_index([&](int64_t i) { return static_cast<A>(job.row(i)[j]); }, job.n, job.beta, center,
                           window, sorted, s.kept.data());
 }
 
@@ -199,7 +201,7 @@ inline void order_tile(const OrderJob<T>& job, int64_t j, typename Lanes<acc_t<T
   V check{};
   typename L::Mask votes{};
   for (int64_t i = 0; i < job.n; ++i) {
-    const T* p = job.G + i * job.d + j;
+    const T* p = job.row(i) + j;
     V x = width == L::W ? load_lanes(p) : load_lanes_partial(p, width);
     check += x - x;  // stays 0 unless some value is NaN or Inf
     if constexpr (kKind == OrderKind::kInvariant) votes += (x < 0) - (x > 0);  // a true comparison is -1
@@ -263,7 +265,7 @@ inline void order_tiles_body(const OrderJob<T>& job, int64_t begin, int64_t end,
     for (int64_t tile = begin; tile < end; ++tile) {
       // while the network of this tile runs, the rows of a later tile are on their way
       if (tile + kPrefetchTiles < end) {
-        for (int64_t i = 0; i < job.n; ++i) __builtin_prefetch(job.G + i * job.d + (tile + kPrefetchTiles) * L::W);
+        for (int64_t i = 0; i < job.n; ++i) __builtin_prefetch(job.row(i) + (tile + kPrefetchTiles) * L::W);
       }
       order_tile<isa, T, kKind, S>(job, tile * L::W, wires, s);
     }
@@ -315,25 +317,29 @@ void order_mean_run(OrderJob<T> job, bool* nonfinite) {
 }  // namespace
 
 template <typename T>
-void order_mean(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, T* out, bool* nonfinite) {
-  order_mean_run<T, OrderKind::kMean>({G, n, d, lo, hi, nullptr, 0, 0, 0, out, nullptr}, nonfinite);
+void order_mean(const T* G, const int64_t* rows, int64_t n, int64_t d, int64_t lo, int64_t hi, T* out,
+                bool* nonfinite) {
+  order_mean_run<T, OrderKind::kMean>({G, rows, n, d, lo, hi, nullptr, 0, 0, 0, out, nullptr}, nonfinite);
 }
 
 template <typename T>
-void invariant(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, int64_t min_votes, T* out, bool* mask,
-               bool* nonfinite) {
-  order_mean_run<T, OrderKind::kInvariant>({G, n, d, lo, hi, nullptr, 0, min_votes, 0, out, mask}, nonfinite);
+void invariant(const T* G, const int64_t* rows, int64_t n, int64_t d, int64_t lo, int64_t hi, int64_t min_votes,
+               T* out, bool* mask, bool* nonfinite) {
+  order_mean_run<T, OrderKind::kInvariant>({G, rows, n, d, lo, hi, nullptr, 0, min_votes, 0, out, mask},
+                                           nonfinite);
 }
 
 template <typename T>
-void closest_to_median_mean(const T* G, int64_t n, int64_t d, int64_t beta, T* out, bool* nonfinite) {
-  order_mean_run<T, OrderKind::kClosest>({G, n, d, 0, n, nullptr, 0, 0, beta, out, nullptr}, nonfinite);
+void closest_to_median_mean(const T* G, const int64_t* rows, int64_t n, int64_t d, int64_t beta, T* out,
+                            bool* nonfinite) {
+  order_mean_run<T, OrderKind::kClosest>({G, rows, n, d, 0, n, nullptr, 0, 0, beta, out, nullptr}, nonfinite);
 }
 
 #define RA_INSTANTIATE(T)                                                                        \
-  template void order_mean<T>(const T*, int64_t, int64_t, int64_t, int64_t, T*, bool*);         \
-  template void invariant<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*, bool*, bool*); \
-  template void closest_to_median_mean<T>(const T*, int64_t, int64_t, int64_t, T*, bool*);
+  template void order_mean<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, int64_t, T*, bool*);        \
+  template void invariant<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, T*, bool*, \
+                             bool*);                                                                           \
+  template void closest_to_median_mean<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, T*, bool*);
 RA_FOR_EACH_DTYPE(RA_INSTANTIATE, c10::Half, c10::BFloat16)
 #undef RA_INSTANTIATE
 

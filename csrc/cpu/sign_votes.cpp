@@ -27,13 +27,16 @@ template <typename T>
 struct VoteJob {
   using A = acc_t<T>;
   const T* G;
-  int64_t n, d;
-  const A* weights;  // rlr, nullptr: all ones
+  const int64_t* rows;  // the selected rows of G, nullptr: every row
+  int64_t n, d;         // n: the number of rows read
+  const A* weights;     // rlr, one per row read; nullptr: all ones
   A weight_total;
   int64_t theta;
   A server_lr;
   int32_t* sums;  // sign_sum
   T* out;         // rlr
+
+  const T* row(int64_t i) const { return selected_row(G, rows, i, d); }
 };
 
 // Adds R consecutive rows (from row i) into the chunk's votes and sums. Each accumulator takes the
@@ -45,10 +48,10 @@ inline void add_rows(const VoteJob<T>& job, int64_t i, int64_t j0, int64_t width
   using A = acc_t<T>;
   using L = Lanes<A>;
   using V = typename L::V;
-  const T* rows[R];
+  const T* starts[R];
   V w[R], check[R];
   for (int r = 0; r < R; ++r) {
-    rows[r] = job.G + (i + r) * job.d + j0;
+    starts[r] = job.row(i + r) + j0;
     w[r] = broadcast<V>(kWeighted ? job.weights[i + r] : A(1));
     check[r] = V{};
   }
@@ -58,7 +61,7 @@ inline void add_rows(const VoteJob<T>& job, int64_t i, int64_t j0, int64_t width
     typename L::Mask vote = votes[v];
     V sum = sums[v];
     for (int r = 0; r < R; ++r) {
-      const T* p = rows[r] + v * L::W;
+      const T* p = starts[r] + v * L::W;
       V x = left >= L::W ? load_lanes(p) : load_lanes_partial(p, left);
       check[r] += x - x;           // stays 0 unless some value is NaN or Inf
       vote += (x < 0) - (x > 0);   // a true comparison is -1
@@ -77,7 +80,7 @@ inline acc_t<T> rescued_rlr_mean(const VoteJob<T>& job, int64_t j, acc_t<T> over
   using A = acc_t<T>;
   RescuedMean m{};
   for (int64_t i = 0; i < job.n; ++i) {
-    const A x = static_cast<A>(job.G[i * job.d + j]);
+    const A x = static_cast<A>(job.row(i)[j]);
     if (is_nonfinite(x)) return overflowed;
     const double w = job.weights ? static_cast<double>(job.weights[i]) : 1.0;
     rescued_mean_add(m, i, w / static_cast<double>(job.weight_total), static_cast<double>(x));
@@ -151,19 +154,19 @@ void vote_run(const VoteJob<T>& job, bool* nonfinite) {
 }  // namespace
 
 template <typename T>
-void sign_sum(const T* G, int64_t n, int64_t d, int32_t* sums, bool* nonfinite) {
-  vote_run<T, false, false>({G, n, d, nullptr, acc_t<T>(0), 0, acc_t<T>(0), sums, nullptr}, nonfinite);
+void sign_sum(const T* G, const int64_t* rows, int64_t n, int64_t d, int32_t* sums, bool* nonfinite) {
+  vote_run<T, false, false>({G, rows, n, d, nullptr, acc_t<T>(0), 0, acc_t<T>(0), sums, nullptr}, nonfinite);
 }
 
 // weights: n values in the accumulator type, or nullptr for all ones. The total is added in
 // ascending row order, as the CUDA kernels do (core/sign_votes.h).
 template <typename T>
-void rlr(const T* G, int64_t n, int64_t d, const acc_t<T>* weights, int64_t theta, double server_lr, T* out,
-         bool* nonfinite) {
+void rlr(const T* G, const int64_t* rows, int64_t n, int64_t d, const acc_t<T>* weights, int64_t theta,
+         double server_lr, T* out, bool* nonfinite) {
   using A = acc_t<T>;
   A total = A(0);
   for (int64_t i = 0; i < n; ++i) total = total + (weights ? weights[i] : A(1));
-  const VoteJob<T> job{G, n, d, weights, total, theta, static_cast<A>(server_lr), nullptr, out};
+  const VoteJob<T> job{G, rows, n, d, weights, total, theta, static_cast<A>(server_lr), nullptr, out};
   if (weights) {
     vote_run<T, true, true>(job, nonfinite);
   } else {
@@ -172,8 +175,8 @@ void rlr(const T* G, int64_t n, int64_t d, const acc_t<T>* weights, int64_t thet
 }
 
 #define RA_INSTANTIATE(T)                                                                        \
-  template void sign_sum<T>(const T*, int64_t, int64_t, int32_t*, bool*);                       \
-  template void rlr<T>(const T*, int64_t, int64_t, const acc_t<T>*, int64_t, double, T*, bool*);
+  template void sign_sum<T>(const T*, const int64_t*, int64_t, int64_t, int32_t*, bool*);       \
+  template void rlr<T>(const T*, const int64_t*, int64_t, int64_t, const acc_t<T>*, int64_t, double, T*, bool*);
 RA_FOR_EACH_DTYPE(RA_INSTANTIATE, c10::Half, c10::BFloat16)
 #undef RA_INSTANTIATE
 

@@ -69,10 +69,11 @@ class _Density(Aggregator):
             raise ValueError(f"{self.name}: layout={lay!r} with kernel={self.kernel} pools the d={rows.G.shape[1]} "
                              "coordinates to none; give a layout with a segment of at least kernel x kernel")
         cos = ops.pairwise_cosine(P, nonfinite="propagate", backend=self.backend).double().cpu()
+        cos = rows.local_pairs(cos)   # P pools every row of G
         out = {"cos": cos} if "cos" in self.measures else {}
         if "euclid" in self.measures:
             # ||P_i/N_i - P_j/N_j||^2 = (a_i - a_j)^2 + 2 a_i a_j (1 - cos_ij) with a_i = ||P_i|| / N_i
-            pooled = ops.client_stats(P, nonfinite="propagate", backend=self.backend).norm.cpu()
+            pooled = rows.local(ops.client_stats(P, nonfinite="propagate", backend=self.backend).norm).cpu()
             a = torch.where(norm > 0, pooled / norm, torch.zeros_like(norm))
             sq = (a[:, None] - a[None, :]) ** 2 + 2 * a[:, None] * a[None, :] * (1 - cos)
             out["euclid"] = sq.clamp_min(0).sqrt()
@@ -203,4 +204,4 @@ class FLTrustAmp(FLTrust):
         P = ops.maxpool_amplify(rows.G, lay, self.kernel, nonfinite="propagate", backend=self.backend)
         p0 = ops.maxpool_amplify(root[None, :], lay, self.kernel, backend=self.backend)[0]
         pooled = ops.client_stats(P, ref=p0, nonfinite="propagate", backend=self.backend)
-        return pooled.cosine.cpu(), norm, root_norm
+        return rows.local(pooled.cosine).cpu(), norm, root_norm

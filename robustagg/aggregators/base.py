@@ -38,23 +38,36 @@ class Report:
 class Clients:
     """The rows still in play during one aggregation, with their original indices and weights.
 
-    Each method runs one op over G under the aggregator's non-finite policy. The ops find
-    non-finite rows in the same pass as their result (docs/nonfinite.md); under ``"drop"`` those rows
-    leave ``G``, ``index`` and ``weights`` here, so later ops see only finite rows.
+    ``G`` is the caller's (n, d) matrix and stays whole: ``index`` lists the rows still in play
+    (their original client numbers, ascending), and every op reads just those rows in place
+    (``selection``), so dropping a client never copies G. Each method runs one op over the rows
+    under the aggregator's non-finite policy. The ops report the non-finite rows they find in the
+    same pass as their result (docs/nonfinite.md); under ``"drop"`` those rows leave ``index`` and
+    the weights, so later ops see only finite rows.
+
+    "Local" positions 0..n-1 number the rows in play, in the order of ``index``.
     """
 
     def __init__(self, G: torch.Tensor, weights: torch.Tensor | None, policy: str, backend: str | None):
         self.G = G
-        self.weights = weights
         self.n_total = G.shape[0]
         self.index = torch.arange(G.shape[0])
+        self.selection: torch.Tensor | None = None   # index on G's device once a row was dropped
         self.rejected: list[int] = []
         self.policy = policy
         self.backend = backend
+        self.weights_by_row = weights                # one per row of G, or None
 
     @property
     def n(self) -> int:
-        return self.G.shape[0]
+        return self.index.numel()
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        """The weights of the rows in play (local order), or None."""
+        if self.weights_by_row is None or self.selection is None:
+            return self.weights_by_row
+        return self.weights_by_row.index_select(0, self.selection)
 
     def ids(self, local: torch.Tensor) -> list[int]:
         """Original client indices of local rows (an index tensor or a bool mask)."""
@@ -71,65 +84,84 @@ class Clients:
         return [i for i in range(self.n_total) if i not in rejected]
 
     def weights_or_ones(self) -> torch.Tensor:
-        if self.weights is None:
+        if self.weights_by_row is None:
             return torch.ones(self.n, dtype=torch.float64, device=self.G.device)
         return self.weights
 
+    def rows_of(self, local: torch.Tensor) -> torch.Tensor:
+        """The rows of G (an int64 tensor on G's device) at local positions ``local``."""
+        local = local.to(self.G.device)
+        return local if self.selection is None else self.selection[local]
+
+    def local(self, per_row: torch.Tensor) -> torch.Tensor:
+        """The entries of a tensor with one entry per row of G (dim 0) that belong to the rows in play."""
+        if self.selection is None:
+            return per_row
+        return per_row.index_select(0, self.selection.to(per_row.device))
+
+    def local_pairs(self, M: torch.Tensor) -> torch.Tensor:
+        """The block of an [n_total, n_total] matrix over pairs of rows of G that are both in play."""
+        if self.selection is None:
+            return M
+        index = self.selection.to(M.device)
+        return M.index_select(0, index).index_select(1, index)
+
+    def spread(self, coef: torch.Tensor) -> torch.Tensor:
+        """Local coefficients as one per row of G, 0 on the rows out of play."""
+        if self.selection is None:
+            return coef
+        return coef.new_zeros(self.n_total).index_put_((self.selection.to(coef.device),), coef)
+
     def drop(self, bad: torch.Tensor) -> torch.Tensor:
-        """Remove the local rows flagged in ``bad`` (bool[n]); returns the kept local indices."""
-        bad = bad.to(self.G.device)
-        original = self.ids(bad.cpu())
+        """Remove the local rows flagged in ``bad`` (bool[n]); returns the kept local positions."""
+        bad = bad.cpu()
+        original = self.ids(bad)
         if self.policy == "raise":
             raise NonFiniteUpdateError(original, "aggregator")
-        kept = (~bad).nonzero().flatten()
-        if kept.numel() == 0:
+        if bool(bad.all()):
             raise ValueError(f"all n={self.n} client rows hold NaN or Inf; no finite row is left to aggregate")
         self.rejected += original
-        self.G = self.G.index_select(0, kept)
-        self.index = self.index[kept.cpu()]
-        if self.weights is not None:
-            self.weights = self.weights[kept]
-            if float(self.weights.sum()) <= 0:
-                raise ValueError(f"the weights of the finite clients {self.all_ids()} sum to 0; "
-                                 "at least one finite client needs a weight > 0")
-        return kept
+        self.index = self.index[~bad]
+        self.selection = self.index.to(self.G.device)
+        if self.weights_by_row is not None and float(self.weights.sum()) <= 0:
+            raise ValueError(f"the weights of the finite clients {self.all_ids()} sum to 0; "
+                             "at least one finite client needs a weight > 0")
+        return (~bad).nonzero().flatten()
 
     def run(self, op, *args, **kwargs):
-        """A coordinate-wise op over the rows; ``args`` may be callables of this object (re-read after a drop)."""
-        def call(policy):
+        """A coordinate-wise op over the rows in play; ``args`` may be callables of this object,
+        re-read after a drop (a trim that depends on n)."""
+        def call(**flags):
             resolved = [a(self) if callable(a) else a for a in args]
             named = {k: (v(self) if callable(v) else v) for k, v in kwargs.items()}
-            return op(self.G, *resolved, nonfinite=policy, backend=self.backend, **named)
+            return op(self.G, *resolved, rows=self.selection, backend=self.backend, **named, **flags)
 
-        if self.policy == "propagate":
-            return call("propagate")
-        try:
-            return call("raise")
-        except NonFiniteUpdateError as err:
-            bad = torch.zeros(self.n, dtype=torch.bool)
-            bad[err.clients] = True
-            self.drop(bad)
-            return call("propagate")
+        if self.policy != "drop":
+            return call(nonfinite=self.policy)
+        *out, bad = call(nonfinite="propagate", return_nonfinite=True)
+        if not bool(bad.any()):
+            return out[0] if len(out) == 1 else tuple(out)
+        self.drop(self.local(bad))
+        return call(nonfinite="propagate")
 
     def stats(self, window=None, ref=None) -> ops.ClientStats:
-        """``client_stats`` over the rows; its ``finite`` flag screens them in the same pass."""
+        """``client_stats`` over the rows in play; its ``finite`` flag screens them in the same pass."""
         stats = ops.client_stats(self.G, window, ref, nonfinite="propagate", backend=self.backend)
+        if self.selection is not None:
+            stats = stats.select(self.selection)
         if self.policy == "propagate" or bool(stats.finite.all()):
             return stats
-        return stats.select(self.drop(~stats.finite))
+        bad = ~stats.finite
+        return stats.select(self.drop(bad).to(stats.finite.device))
 
     def pairwise(self, op) -> torch.Tensor:
-        """An [n, n] op (pairwise_sqdist / pairwise_cosine) over the rows.
-
-        Under ``"drop"`` the op gives non-finite rows a NaN diagonal, which screens them without
-        another pass over G.
-        """
-        policy = "propagate" if self.policy == "propagate" else "drop"
-        M = op(self.G, nonfinite=policy, backend=self.backend)
-        bad = M.diagonal().isnan()
-        if policy == "propagate" or not bool(bad.any()):
+        """An [n, n] op (pairwise_sqdist / pairwise_cosine) over the rows in play; the op's flags
+        screen them in the same pass."""
+        M, bad = op(self.G, nonfinite="propagate", return_nonfinite=True, backend=self.backend)
+        M, bad = self.local_pairs(M), self.local(bad)
+        if self.policy == "propagate" or not bool(bad.any()):
             return M
-        kept = self.drop(bad)
+        kept = self.drop(bad).to(M.device)
         return M[kept][:, kept]
 
     def weighted_mean(self, coef: torch.Tensor) -> torch.Tensor:
@@ -139,13 +171,7 @@ class Clients:
 
         ``rlr`` with theta=0 sets lr=+1 on every coordinate: it is the fused weighted mean.
         """
-        coef = coef.to(device=self.G.device, dtype=torch.float64)
-        start = self.index
-
-        def current(rows):
-            return coef[torch.searchsorted(start, rows.index).to(coef.device)]
-
-        return self.run(ops.rlr, 0, weights=current)
+        return self.run(ops.rlr, 0, weights=self.spread(coef.to(device=self.G.device, dtype=torch.float64)))
 
     def combine(self, coef: torch.Tensor) -> torch.Tensor:
         r"""$\sum_i c_i G_i$ for coefficients $c \ge 0$ aligned with the current (screened) rows.

@@ -20,7 +20,7 @@ class FedAvg(Aggregator):
 
     def aggregate(self, rows: Clients, layout):
         # rlr with theta = 0 sets lr = +1 everywhere: the fused weighted mean, one pass over G.
-        out = rows.run(ops.rlr, 0, weights=lambda r: r.weights)
+        out = rows.run(ops.rlr, 0, weights=rows.weights_by_row)
         return out, Report(selected=rows.all_ids())
 
 

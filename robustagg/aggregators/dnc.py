@@ -63,7 +63,7 @@ class DnC(Aggregator):
     def sample(self, rows: Clients) -> torch.Tensor:
         """The sampled columns of the finite rows (float64, CPU); rows non-finite there are dropped."""
         cols = sample_columns(rows.G.shape[1], self.subsample_dim, self.generator)
-        X = rows.G.index_select(1, cols.to(rows.G.device)).double().cpu()
+        X = rows.local(rows.G.index_select(1, cols.to(rows.G.device))).double().cpu()
         bad = ~torch.isfinite(X).all(dim=1)
         if bool(bad.any()) and rows.policy != "propagate":
             kept = rows.drop(bad)

@@ -89,7 +89,7 @@ class Krum(MultiKrum):
         scores = krum_scores(D, self.f)
         best = best_first(scores)[:1]
         # The winner is one row of G: copy it instead of a weighted pass over every row.
-        out = rows.G[best.to(rows.G.device)].reshape(-1).clone()
+        out = rows.G[rows.rows_of(best)].reshape(-1).clone()
         return out, KrumReport(selected=rows.ids(best), scores=dict(zip(rows.all_ids(), scores.tolist())))
 
 
@@ -135,6 +135,6 @@ class Bulyan(Aggregator):
             picked.append(int(remaining[best]))
             remaining = torch.cat([remaining[:best], remaining[best + 1:]])
         picked = torch.tensor(sorted(picked))
-        P = rows.G.index_select(0, picked.to(rows.G.device))
-        out = ops.closest_to_median_mean(P, beta, nonfinite="propagate", backend=self.backend)
+        out = ops.closest_to_median_mean(rows.G, beta, rows=rows.rows_of(picked), nonfinite="propagate",
+                                         backend=self.backend)   # reads the picked rows in place
         return out, BulyanReport(selected=rows.ids(picked), beta=beta)

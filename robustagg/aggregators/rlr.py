@@ -79,7 +79,7 @@ class RobustLR(Aggregator):
             votes = rows.run(ops.sign_sum)   # screens the rows before the median reads them
             G = rows.G if scale is None else ops.clip_rows(rows.G, self.clip, nonfinite="propagate",
                                                            backend=self.backend)
-            base = ops.median(G, nonfinite="propagate", backend=self.backend)
+            base = ops.median(G, rows=rows.selection, nonfinite="propagate", backend=self.backend)
         else:
             # a positive clip factor never changes a sign
             votes = rows.run(ops.sign_sum)
@@ -106,9 +106,9 @@ class RobustLR(Aggregator):
         """One rlr pass. Clipping scales rows by a positive factor, which keeps their signs, so the
         clipped mean is rlr with weights w_i*scale_i, times sum(w*scale)/sum(w)."""
         if scale is None:
-            return rows.run(ops.rlr, self.theta, weights=lambda r: r.weights, server_lr=self.server_lr)
+            return rows.run(ops.rlr, self.theta, weights=rows.weights_by_row, server_lr=self.server_lr)
         w = rows.weights_or_ones()
         ws = w * scale
-        out = ops.rlr(rows.G, self.theta, weights=ws, server_lr=self.server_lr, nonfinite="propagate",
-                      backend=self.backend)
+        out = ops.rlr(rows.G, self.theta, weights=rows.spread(ws), server_lr=self.server_lr, rows=rows.selection,
+                      nonfinite="propagate", backend=self.backend)
         return out * float(ws.sum() / w.sum())

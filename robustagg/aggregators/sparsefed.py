@@ -78,7 +78,7 @@ class SparseFed(Aggregator):
         d = rows.G.shape[1]
         check_multiplier(self.name, "lr", self.lr, rows.G.dtype)
         if self.clip is None:
-            u, clipped = rows.run(ops.rlr, 0, weights=lambda r: r.weights), None
+            u, clipped = rows.run(ops.rlr, 0, weights=rows.weights_by_row), None
         else:
             scale = clip_factor(rows.stats().norm, self.clip)   # screens the rows
             w = rows.weights_or_ones()
