@@ -1,6 +1,9 @@
-"""Device helpers shared by the kernel families."""
+"""Helpers shared by the kernel families: device functions, and the host-side check of the row
+selection that the coordinate-wise ops take."""
+import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 # Power-of-two scales of core/common.h (kScaleDown, kScaleUp) for float64 values whose squares or
 # products would overflow or underflow (docs/nonfinite.md): |x| * 2^-600 <= 2^424 for every float64, and a
@@ -61,3 +64,44 @@ def to_storage(x, dtype: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def source_rows(rows, row_ok, row_ids, HAS_ROWS: tl.constexpr):
+    """The rows of G that positions ``rows`` of the selection read, as int64: row_ids[rows] with a
+    row selection (masked positions read row 0, whose loads are masked too), else ``rows``."""
+    if HAS_ROWS:
+        return tl.load(row_ids + rows, mask=row_ok, other=0)
+    else:
+        return rows.to(tl.int64)
+
+
+def row_selection(G: torch.Tensor, rows, op: str):
+    """(row_ids, m, HAS_ROWS) for a kernel that reads the rows ``rows`` of G where they lie.
+
+    ``rows`` gets csrc/checks.h rows_arg's checks, with the same messages: int64[m] on G's device,
+    1 <= m <= n, every entry in [0, n). The kernels take their addresses from the entries, so an
+    eager call reads their range on the host (a sync, as the C++ bindings do). A traced call
+    (torch.compile runs this on fake tensors) cannot read values; there the range becomes an
+    assert in the graph (on a GPU, a device-side assert). Without rows, row_ids is G itself, a
+    pointer the kernel never reads.
+    """
+    n = G.shape[0]
+    if rows is None:
+        return G, n, False
+    if rows.device != G.device:
+        raise RuntimeError(f"{op}: rows must be on G's device {G.device}, got one on {rows.device}")
+    if rows.dtype != torch.int64 or rows.dim() != 1:
+        raise RuntimeError(f"{op}: rows must be a 1-D int64 tensor of row numbers, got {rows.dtype} of shape "
+                           f"{list(rows.shape)}")
+    m = rows.shape[0]
+    if not 1 <= m <= n:
+        raise RuntimeError(f"{op}: rows selects m={m} rows; allowed 1 <= m <= n={n}")
+    if is_fake(rows):
+        torch._assert_async(((rows >= 0) & (rows < n)).all(),
+                            f"{op}: rows holds a row number outside the allowed [0, {n - 1}] for n={n}")
+    else:
+        first, last = torch.stack(torch.aminmax(rows)).tolist()
+        if first < 0 or last >= n:
+            raise RuntimeError(f"{op}: rows holds row numbers from {first} to {last}; allowed [0, {n - 1}] for n={n}")
+    return rows.contiguous(), m, True

@@ -24,12 +24,16 @@ invariant variant also counts sign votes from the same tile and zeroes coordinat
 its median, ties in distance to the lower row. Both paths find the median (rounded to the storage
 dtype, as ``median`` returns it) and the beta-th smallest distance g; the kept values are those
 nearer than g, then the rows at distance g in row order (a running count) until beta are kept.
+
+With a row selection (``rows``, int64[m]) every kernel reads row rows[i] of G where the plain one
+reads row i, and n is m: the result is that of the same op on G.index_select(0, rows) without the
+copy, ties going to the lower position in the selection.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .common import flag_rows, nonfinite, sign_of, to_acc, to_storage
+from .common import flag_rows, nonfinite, row_selection, sign_of, source_rows, to_acc, to_storage
 from .settings import MAX_SORT_N, is_fp64, select_settings, sort_settings
 
 
@@ -78,23 +82,25 @@ def _kept_mean_finite(mean, rescaled_sum, lowest, highest, count, rescale_up, co
 
 
 @triton.jit
-def _load_tile(G, flags, n, d, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr):
+def _load_tile(G, row_ids, flags, n, d, HAS_ROWS: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+               IS_FP64: tl.constexpr):
     """This program's [BLOCK_D, N_PAD] tile of G (columns x rows, padded with +inf, which sorts last)
     in the arithmetic dtype, with its rows' non-finite flags set."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     rows = tl.arange(0, N_PAD)
     col_ok = cols < d
     valid = col_ok[:, None] & (rows < n)[None, :]
-    x = to_acc(tl.load(G + rows.to(tl.int64)[None, :] * d + cols[:, None], mask=valid, other=float("inf")), IS_FP64)
+    src = source_rows(rows, rows < n, row_ids, HAS_ROWS)
+    x = to_acc(tl.load(G + src[None, :] * d + cols[:, None], mask=valid, other=float("inf")), IS_FP64)
     flag_rows(x, rows, valid, flags, 0)
     return cols, rows, col_ok, valid, x
 
 
 @triton.jit
-def _order_mean_kernel(G, out, mask_out, flags, n, d, lo, hi, min_votes, rescale_down, rescale_up,
-                       N_PAD: tl.constexpr, LOG_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr,
-                       INVARIANT: tl.constexpr):
-    cols, rows, col_ok, valid, x = _load_tile(G, flags, n, d, N_PAD, BLOCK_D, IS_FP64)
+def _order_mean_kernel(G, row_ids, out, mask_out, flags, n, d, lo, hi, min_votes, rescale_down, rescale_up,
+                       HAS_ROWS: tl.constexpr, N_PAD: tl.constexpr, LOG_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       IS_FP64: tl.constexpr, INVARIANT: tl.constexpr):
+    cols, rows, col_ok, valid, x = _load_tile(G, row_ids, flags, n, d, HAS_ROWS, N_PAD, BLOCK_D, IS_FP64)
     # Sorting in the arithmetic dtype: exact for 16-bit inputs, and one code path for all dtypes
     # (the interpreter also compares raw bfloat16 wrongly).
     ranked = _sort_rows(x, LOG_N)
@@ -147,8 +153,8 @@ def _zero_keys(BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr):
 
 
 @triton.jit
-def _count_below(G, cols, col_ok, n, d, bound_a, bound_b, center, IS_FP64: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DISTANCE: tl.constexpr):
+def _count_below(G, row_ids, cols, col_ok, n, d, bound_a, bound_b, center, HAS_ROWS: tl.constexpr,
+                 IS_FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DISTANCE: tl.constexpr):
     """Per column, how many keys are < bound_a and how many are < bound_b; the keys are of the
     values, or with DISTANCE of their distances |x - center|."""
     below_a = tl.zeros([BLOCK_D], dtype=tl.int32)
@@ -156,7 +162,8 @@ def _count_below(G, cols, col_ok, n, d, bound_a, bound_b, center, IS_FP64: tl.co
     for start in range(0, n, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         valid = (rows < n)[:, None] & col_ok[None, :]
-        x = to_acc(tl.load(G + rows.to(tl.int64)[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+        src = source_rows(rows, rows < n, row_ids, HAS_ROWS)
+        x = to_acc(tl.load(G + src[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
         if DISTANCE:
             x = tl.abs(x - center[None, :])
         key = _sortable_key(x, IS_FP64)
@@ -166,8 +173,9 @@ def _count_below(G, cols, col_ok, n, d, bound_a, bound_b, center, IS_FP64: tl.co
 
 
 @triton.jit
-def _keys_at_ranks(G, cols, col_ok, n, d, rank_a, rank_b, center, KEY_BITS: tl.constexpr, IS_FP64: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DISTANCE: tl.constexpr):
+def _keys_at_ranks(G, row_ids, cols, col_ok, n, d, rank_a, rank_b, center, HAS_ROWS: tl.constexpr,
+                   KEY_BITS: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DISTANCE: tl.constexpr):
     """Per column, the keys at ranks rank_a and rank_b (of the values, or of |x - center|)."""
     key_a = _zero_keys(BLOCK_D, IS_FP64)
     key_b = key_a
@@ -176,22 +184,22 @@ def _keys_at_ranks(G, cols, col_ok, n, d, rank_a, rank_b, center, KEY_BITS: tl.c
         bit = (key_a * 0 + 1) << (key_a * 0 + (KEY_BITS - 1 - step))
         try_a = key_a | bit
         try_b = key_b | bit
-        below_a, below_b = _count_below(G, cols, col_ok, n, d, try_a, try_b, center, IS_FP64, BLOCK_N, BLOCK_D,
-                                        DISTANCE)
+        below_a, below_b = _count_below(G, row_ids, cols, col_ok, n, d, try_a, try_b, center, HAS_ROWS, IS_FP64,
+                                        BLOCK_N, BLOCK_D, DISTANCE)
         key_a = tl.where(below_a <= rank_a, try_a, key_a)
         key_b = tl.where(below_b <= rank_b, try_b, key_b)
     return key_a, key_b
 
 
 @triton.jit
-def _order_mean_select_kernel(G, out, mask_out, flags, n, d, lo, hi, min_votes, rescale_down, rescale_up,
-                              KEY_BITS: tl.constexpr, IS_FP64: tl.constexpr, INVARIANT: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _order_mean_select_kernel(G, row_ids, out, mask_out, flags, n, d, lo, hi, min_votes, rescale_down, rescale_up,
+                              HAS_ROWS: tl.constexpr, KEY_BITS: tl.constexpr, IS_FP64: tl.constexpr,
+                              INVARIANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < d
     no_center = to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), IS_FP64)
-    key_lo, key_hi = _keys_at_ranks(G, cols, col_ok, n, d, lo, hi - 1, no_center, KEY_BITS, IS_FP64, BLOCK_N,
-                                    BLOCK_D, False)
+    key_lo, key_hi = _keys_at_ranks(G, row_ids, cols, col_ok, n, d, lo, hi - 1, no_center, HAS_ROWS, KEY_BITS,
+                                    IS_FP64, BLOCK_N, BLOCK_D, False)
     # One more pass: values strictly between the two boundary keys (plain and rescaled), boundary
     # counts, votes, flags.
     inner = to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), IS_FP64)
@@ -203,7 +211,8 @@ def _order_mean_select_kernel(G, out, mask_out, flags, n, d, lo, hi, min_votes, 
     for start in range(0, n, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         valid = (rows < n)[:, None] & col_ok[None, :]
-        x = to_acc(tl.load(G + rows.to(tl.int64)[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+        src = source_rows(rows, rows < n, row_ids, HAS_ROWS)
+        x = to_acc(tl.load(G + src[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
         flag_rows(x, rows, valid, flags, 1)
         key = _sortable_key(x, IS_FP64)
         between = valid & (key > key_lo[None, :]) & (key < key_hi[None, :])
@@ -232,9 +241,10 @@ def _order_mean_select_kernel(G, out, mask_out, flags, n, d, lo, hi, min_votes, 
     tl.store(out + cols, to_storage(mean, out.dtype.element_ty), mask=col_ok)
 
 
-def _order_mean_launch(G, lo, hi, min_votes, invariant, launch):
+def _order_mean_launch(G, lo, hi, min_votes, rows, invariant, launch):
     G = G.contiguous()
-    n, d = G.shape
+    d = G.shape[1]
+    row_ids, n, has_rows = row_selection(G, rows, "invariant" if invariant else "order_mean")
     out = torch.empty(d, dtype=G.dtype, device=G.device)
     mask = torch.empty(d if invariant else 0, dtype=torch.int8, device=G.device)
     flags = torch.zeros(n, dtype=torch.int32, device=G.device)
@@ -244,26 +254,29 @@ def _order_mean_launch(G, lo, hi, min_votes, invariant, launch):
     if n <= MAX_SORT_N:
         n_pad, block_d, warps = sort_settings(n)
         launch(_order_mean_kernel)[(triton.cdiv(d, block_d),)](
-            G, out, mask, flags, n, d, lo, hi, min_votes, rescale_down, rescale_up, N_PAD=n_pad,
-            LOG_N=n_pad.bit_length() - 1, BLOCK_D=block_d, IS_FP64=is_fp64(G), INVARIANT=invariant, num_warps=warps)
+            G, row_ids, out, mask, flags, n, d, lo, hi, min_votes, rescale_down, rescale_up, HAS_ROWS=has_rows,
+            N_PAD=n_pad, LOG_N=n_pad.bit_length() - 1, BLOCK_D=block_d, IS_FP64=is_fp64(G), INVARIANT=invariant,
+            num_warps=warps)
     else:
         block_n, block_d, warps = select_settings()
         launch(_order_mean_select_kernel)[(triton.cdiv(d, block_d),)](
-            G, out, mask, flags, n, d, lo, hi, min_votes, rescale_down, rescale_up,
+            G, row_ids, out, mask, flags, n, d, lo, hi, min_votes, rescale_down, rescale_up, HAS_ROWS=has_rows,
             KEY_BITS=64 if is_fp64(G) else 32, IS_FP64=is_fp64(G), INVARIANT=invariant, BLOCK_N=block_n,
             BLOCK_D=block_d, num_warps=warps)
     return out, mask.bool(), flags.bool()
 
 
-def order_mean_forward(G, lo: int, hi: int, launch=lambda k: k):
-    """(mean of sorted ranks lo..hi-1 per column, bool[n] non-finite rows)."""
-    out, _, flags = _order_mean_launch(G, lo, hi, 0, False, launch)
+def order_mean_forward(G, lo: int, hi: int, rows=None, launch=lambda k: k):
+    """(mean of sorted ranks lo..hi-1 per column, bool[m] non-finite rows) of the m rows ``rows``
+    of G (all n when None)."""
+    out, _, flags = _order_mean_launch(G, lo, hi, 0, rows, False, launch)
     return out, flags
 
 
-def invariant_forward(G, lo: int, hi: int, min_votes: int, launch=lambda k: k):
-    """(mask * order_mean, mask = |sign_sum| >= min_votes, bool[n] non-finite rows)."""
-    return _order_mean_launch(G, lo, hi, min_votes, True, launch)
+def invariant_forward(G, lo: int, hi: int, min_votes: int, rows=None, launch=lambda k: k):
+    """(mask * order_mean, mask = |sign_sum| >= min_votes, bool[m] non-finite rows) of the m rows
+    ``rows`` of G (all n when None)."""
+    return _order_mean_launch(G, lo, hi, min_votes, rows, True, launch)
 
 
 @triton.jit
@@ -282,9 +295,10 @@ def _median_center(a, b, two: tl.constexpr, out_dtype: tl.constexpr):
 
 
 @triton.jit
-def _closest_kernel(G, out, flags, n, d, beta, rescale_down, rescale_up, N_PAD: tl.constexpr, LOG_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr, TWO_MIDDLE: tl.constexpr):
-    cols, rows, col_ok, valid, x = _load_tile(G, flags, n, d, N_PAD, BLOCK_D, IS_FP64)
+def _closest_kernel(G, row_ids, out, flags, n, d, beta, rescale_down, rescale_up, HAS_ROWS: tl.constexpr,
+                    N_PAD: tl.constexpr, LOG_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP64: tl.constexpr,
+                    TWO_MIDDLE: tl.constexpr):
+    cols, rows, col_ok, valid, x = _load_tile(G, row_ids, flags, n, d, HAS_ROWS, N_PAD, BLOCK_D, IS_FP64)
     ranked = _sort_rows(x, LOG_N)
     a = tl.max(tl.where((rows == (n - 1) // 2)[None, :], ranked, -float("inf")), axis=1)
     b = tl.max(tl.where((rows == n // 2)[None, :], ranked, -float("inf")), axis=1)
@@ -305,24 +319,25 @@ def _closest_kernel(G, out, flags, n, d, beta, rescale_down, rescale_up, N_PAD: 
 
 
 @triton.jit
-def _closest_select_kernel(G, out, flags, n, d, beta, rescale_down, rescale_up, KEY_BITS: tl.constexpr,
-                           IS_FP64: tl.constexpr, TWO_MIDDLE: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
+def _closest_select_kernel(G, row_ids, out, flags, n, d, beta, rescale_down, rescale_up, HAS_ROWS: tl.constexpr,
+                           KEY_BITS: tl.constexpr, IS_FP64: tl.constexpr, TWO_MIDDLE: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < d
     zero = to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), IS_FP64)
-    key_a, key_b = _keys_at_ranks(G, cols, col_ok, n, d, (n - 1) // 2, n // 2, zero, KEY_BITS, IS_FP64, BLOCK_N,
-                                  BLOCK_D, False)
+    key_a, key_b = _keys_at_ranks(G, row_ids, cols, col_ok, n, d, (n - 1) // 2, n // 2, zero, HAS_ROWS, KEY_BITS,
+                                  IS_FP64, BLOCK_N, BLOCK_D, False)
     center = _median_center(_value_of_key(key_a, IS_FP64), _value_of_key(key_b, IS_FP64), TWO_MIDDLE,
                             out.dtype.element_ty)
-    key_g, _ = _keys_at_ranks(G, cols, col_ok, n, d, beta - 1, beta - 1, center, KEY_BITS, IS_FP64, BLOCK_N,
-                              BLOCK_D, True)
+    key_g, _ = _keys_at_ranks(G, row_ids, cols, col_ok, n, d, beta - 1, beta - 1, center, HAS_ROWS, KEY_BITS,
+                              IS_FP64, BLOCK_N, BLOCK_D, True)
     farthest = _value_of_key(key_g, IS_FP64)
     nearer_count = tl.zeros([BLOCK_D], dtype=tl.int32)
     for start in range(0, n, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         valid = (rows < n)[:, None] & col_ok[None, :]
-        x = to_acc(tl.load(G + rows.to(tl.int64)[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+        src = source_rows(rows, rows < n, row_ids, HAS_ROWS)
+        x = to_acc(tl.load(G + src[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
         nearer_count += tl.sum((valid & (tl.abs(x - center[None, :]) < farthest[None, :])).to(tl.int32), axis=0)
     # Keep the nearer values and, in row order, the first ties until beta are kept.
     ties_left = beta - nearer_count
@@ -334,7 +349,8 @@ def _closest_select_kernel(G, out, flags, n, d, beta, rescale_down, rescale_up, 
     for start in range(0, n, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         valid = (rows < n)[:, None] & col_ok[None, :]
-        x = to_acc(tl.load(G + rows.to(tl.int64)[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+        src = source_rows(rows, rows < n, row_ids, HAS_ROWS)
+        x = to_acc(tl.load(G + src[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
         flag_rows(x, rows, valid, flags, 1)
         gap = tl.abs(x - center[None, :])
         tied = valid & (gap == farthest[None, :])
@@ -349,10 +365,12 @@ def _closest_select_kernel(G, out, flags, n, d, beta, rescale_down, rescale_up, 
     tl.store(out + cols, to_storage(mean, out.dtype.element_ty), mask=col_ok)
 
 
-def closest_to_median_mean_forward(G, beta: int, launch=lambda k: k):
-    """(mean of the beta values nearest the median per column, bool[n] non-finite rows)."""
+def closest_to_median_mean_forward(G, beta: int, rows=None, launch=lambda k: k):
+    """(mean of the beta values nearest the median per column, bool[m] non-finite rows) of the m
+    rows ``rows`` of G (all n when None)."""
     G = G.contiguous()
-    n, d = G.shape
+    d = G.shape[1]
+    row_ids, n, has_rows = row_selection(G, rows, "closest_to_median_mean")
     out = torch.empty(d, dtype=G.dtype, device=G.device)
     flags = torch.zeros(n, dtype=torch.int32, device=G.device)
     m = max(0, 2 * beta - 1).bit_length()   # core kept_mean_rescaled's 2^m >= 2 beta
@@ -361,11 +379,13 @@ def closest_to_median_mean_forward(G, beta: int, launch=lambda k: k):
     if n <= MAX_SORT_N:
         n_pad, block_d, warps = sort_settings(n)
         launch(_closest_kernel)[(triton.cdiv(d, block_d),)](
-            G, out, flags, n, d, beta, rescale_down, rescale_up, N_PAD=n_pad, LOG_N=n_pad.bit_length() - 1,
-            BLOCK_D=block_d, IS_FP64=is_fp64(G), TWO_MIDDLE=two_middle, num_warps=warps)
+            G, row_ids, out, flags, n, d, beta, rescale_down, rescale_up, HAS_ROWS=has_rows, N_PAD=n_pad,
+            LOG_N=n_pad.bit_length() - 1, BLOCK_D=block_d, IS_FP64=is_fp64(G), TWO_MIDDLE=two_middle,
+            num_warps=warps)
     else:
         block_n, block_d, warps = select_settings()
         launch(_closest_select_kernel)[(triton.cdiv(d, block_d),)](
-            G, out, flags, n, d, beta, rescale_down, rescale_up, KEY_BITS=64 if is_fp64(G) else 32,
-            IS_FP64=is_fp64(G), TWO_MIDDLE=two_middle, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+            G, row_ids, out, flags, n, d, beta, rescale_down, rescale_up, HAS_ROWS=has_rows,
+            KEY_BITS=64 if is_fp64(G) else 32, IS_FP64=is_fp64(G), TWO_MIDDLE=two_middle, BLOCK_N=block_n,
+            BLOCK_D=block_d, num_warps=warps)
     return out, flags.bool()

@@ -2,7 +2,8 @@
 
 Both stream G once by column blocks: a program owns BLOCK_D coordinates and walks the n rows
 BLOCK_N at a time, so every load is a contiguous stretch of one row (coalesced along d) and the
-per-coordinate sums stay in registers. Non-finite rows are flagged in the same pass. rlr also
+per-coordinate sums stay in registers. With a row selection (``rows``) the walk goes over the
+selected rows, read where they lie in G. Non-finite rows are flagged in the same pass. rlr also
 keeps, in float64, the weighted mean that replaces the plain one where that overflowed (docs/nonfinite.md);
 on a GPU the second sum is cheaper than a branch and a second read of the column.
 """
@@ -10,33 +11,37 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import flag_rows, nonfinite, sign_of, to_acc, to_storage
+from .common import flag_rows, nonfinite, row_selection, sign_of, source_rows, to_acc, to_storage
 from .settings import acc_dtype, column_settings, is_fp64
 
 
 @triton.jit
-def _sign_sum_kernel(G, sums, flags, n, d, IS_FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _sign_sum_kernel(G, row_ids, sums, flags, n, d, HAS_ROWS: tl.constexpr, IS_FP64: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < d
     votes = tl.zeros([BLOCK_D], dtype=tl.int32)
     for start in range(0, n, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         valid = (rows < n)[:, None] & col_ok[None, :]
-        x = to_acc(tl.load(G + rows.to(tl.int64)[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+        src = source_rows(rows, rows < n, row_ids, HAS_ROWS)
+        x = to_acc(tl.load(G + src[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
         votes += tl.sum(sign_of(x), axis=0)
         flag_rows(x, rows, valid, flags, 1)
     tl.store(sums + cols, votes, mask=col_ok)
 
 
-def sign_sum_forward(G: torch.Tensor, launch=lambda k: k):
-    """(int32[d] sums of signs, bool[n] non-finite rows)."""
+def sign_sum_forward(G: torch.Tensor, rows=None, launch=lambda k: k):
+    """(int32[d] sums of signs, bool[m] non-finite rows) of the m rows ``rows`` of G (all n when None)."""
     G = G.contiguous()
-    n, d = G.shape
+    d = G.shape[1]
+    row_ids, n, has_rows = row_selection(G, rows, "sign_sum")
     sums = torch.empty(d, dtype=torch.int32, device=G.device)
     flags = torch.zeros(n, dtype=torch.int32, device=G.device)
     block_n, block_d, warps = column_settings(n)
     launch(_sign_sum_kernel)[(triton.cdiv(d, block_d),)](
-        G, sums, flags, n, d, IS_FP64=is_fp64(G), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+        G, row_ids, sums, flags, n, d, HAS_ROWS=has_rows, IS_FP64=is_fp64(G), BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=warps)
     return sums, flags.bool()
 
 
@@ -50,8 +55,8 @@ def _row_weights(weights, rows, row_ok, HAS_WEIGHTS: tl.constexpr, IS_FP64: tl.c
 
 
 @triton.jit
-def _rlr_kernel(G, weights, server_lr, out, flags, n, d, theta, HAS_WEIGHTS: tl.constexpr,
-                IS_FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rlr_kernel(G, row_ids, weights, server_lr, out, flags, n, d, theta, HAS_ROWS: tl.constexpr,
+                HAS_WEIGHTS: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < d
     # The total weight W comes first (the same sums in the same order as the mean's divisor always
@@ -71,7 +76,8 @@ def _rlr_kernel(G, weights, server_lr, out, flags, n, d, theta, HAS_WEIGHTS: tl.
         rows = start + tl.arange(0, BLOCK_N)
         row_ok = rows < n
         valid = row_ok[:, None] & col_ok[None, :]
-        x = to_acc(tl.load(G + rows.to(tl.int64)[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+        src = source_rows(rows, row_ok, row_ids, HAS_ROWS)
+        x = to_acc(tl.load(G + src[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
         w = _row_weights(weights, rows, row_ok, HAS_WEIGHTS, IS_FP64)
         total += tl.sum(w[:, None] * x, axis=0)
         # core RescuedMean: sum_i (w_i / W) x_i in float64, where no term exceeds its |x_i|.
@@ -96,10 +102,12 @@ def _rlr_kernel(G, weights, server_lr, out, flags, n, d, theta, HAS_WEIGHTS: tl.
     tl.store(out + cols, to_storage(lr * avg, out.dtype.element_ty), mask=col_ok)
 
 
-def rlr_forward(G, weights, theta: int, server_lr: float, launch=lambda k: k):
-    """(sign-thresholded lr times the weighted mean, bool[n] non-finite rows)."""
+def rlr_forward(G, weights, theta: int, server_lr: float, rows=None, launch=lambda k: k):
+    """(sign-thresholded lr times the weighted mean, bool[m] non-finite rows) of the m rows ``rows``
+    of G (all n when None); weights, if given, are one per selected row."""
     G = G.contiguous()
-    n, d = G.shape
+    d = G.shape[1]
+    row_ids, n, has_rows = row_selection(G, rows, "rlr")
     acc = acc_dtype(G.dtype)
     out = torch.empty(d, dtype=G.dtype, device=G.device)
     flags = torch.zeros(n, dtype=torch.int32, device=G.device)
@@ -108,6 +116,6 @@ def rlr_forward(G, weights, theta: int, server_lr: float, launch=lambda k: k):
     w = weights.to(acc).contiguous() if has_weights else lr
     block_n, block_d, warps = column_settings(n)
     launch(_rlr_kernel)[(triton.cdiv(d, block_d),)](
-        G, w, lr, out, flags, n, d, theta, HAS_WEIGHTS=has_weights, IS_FP64=is_fp64(G),
+        G, row_ids, w, lr, out, flags, n, d, theta, HAS_ROWS=has_rows, HAS_WEIGHTS=has_weights, IS_FP64=is_fp64(G),
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
     return out, flags.bool()

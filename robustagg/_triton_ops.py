@@ -67,8 +67,10 @@ def _launcher(op: RawOp):
     if not op.triton_traceable:
         return forward
 
-    def launch(*args):
-        return forward(*args, _WRAP)
+    # By keyword: the dispatcher passes a trailing defaulted argument (rows=None) only when the
+    # caller gave it, so a positional wrap_triton would land in its place.
+    def launch(*args, **kwargs):
+        return forward(*args, **kwargs, launch=_WRAP)
 
     launch.__signature__ = op.signature()   # triton_op infers the schema from it
     return launch

@@ -1,7 +1,8 @@
 """Triton-specific tests: every Triton op against robustagg.reference, the kernels' own edge cases
 (tile and block boundaries, the radix-select path for n > 256, ties in the top-k radix select,
-segment tables), huge and tiny finite values (docs/nonfinite.md: no finite input may give Inf/NaN where the
-exact result is finite), the registration as torch.ops.robustagg_triton.*, and determinism.
+segment tables, row selections read in place), huge and tiny finite values (docs/nonfinite.md: no finite
+input may give Inf/NaN where the exact result is finite), the registration as torch.ops.robustagg_triton.*,
+and determinism.
 
 Without a GPU these run under TRITON_INTERPRET=1 on CPU tensors (conftest sets it), which is slow:
 shapes stay small, and each case targets one kernel path.
@@ -45,9 +46,10 @@ except ImportError:  # no triton: every test below is skipped
     COLUMN_BLOCK, SORT_BLOCK_N5, ROW_BLOCK, FLAT_BLOCK, HISTOGRAM_STEPS, PAIR_BLOCK = 512, 256, 1024, 1024, 8, 16
 ALL_OPS = sorted(name for name, op in RAW_OPS.items() if op.triton_launcher)
 N_VALUES = [1, 2, 3, 5, 20, 33, 64, 100, 257]
-ALL_KERNELS = ["_sign_sum_kernel", "_rlr_kernel", "_order_mean_kernel", "_order_mean_select_kernel",
-               "_client_stats_kernel", "_clip_rows_kernel", "_ef_update_kernel", "_histogram_kernel",
-               "_pick_digit_kernel", "_count_kernel", "_select_kernel", "_maxpool_kernel", "_pairwise_kernel"]
+ALL_KERNELS = ["_sign_sum_kernel", "_rlr_kernel", "_order_mean_kernel", "_order_mean_select_kernel", "_closest_kernel",
+               "_closest_select_kernel", "_client_stats_kernel", "_clip_rows_kernel", "_ef_update_kernel",
+               "_histogram_kernel", "_pick_digit_kernel", "_count_kernel", "_select_kernel", "_maxpool_kernel",
+               "_pairwise_kernel"]
 
 
 def _ops():
@@ -351,6 +353,182 @@ def test_per_client_ops_drop_gives_nan_rows():
     assert torch.isnan(D[2]).all() and torch.isnan(D[:, 6]).all() and torch.isfinite(D[0, [0, 1, 3]]).all()
     with pytest.raises(NonFiniteUpdateError):
         robustagg.clip_rows(G, 1.0, backend=T)
+
+
+# ---------------------------------------------------------------- row selections
+
+TORCH_RAW = torch.ops.robustagg_torch
+SELECTING_OPS = ["closest_to_median_mean", "invariant", "order_mean", "rlr", "sign_sum"]
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t):
+    """t with floats as their bit patterns, so that torch.equal compares NaNs too."""
+    return t.view(_BITS[t.element_size()]) if t.is_floating_point() else t
+
+
+def _selection_case(n, m, d, dtype, seed=0):
+    """(G, rows): m >= 4 of G's n rows, m - 1 distinct in random order plus a repeat of one of them.
+    Row ``skipped`` holds a NaN (column 1) and an Inf (column 2) but is not selected; one selected row
+    holds a NaN in column 0, so columns 1.. stay clean. The values are multiples of 1/8 in [-5, 5],
+    exact in every dtype, so that closest_to_median_mean picks the same values as the float64
+    reference (tests/test_closest_to_median_mean.py) and ties in distance are common."""
+    g = torch.Generator().manual_seed(seed)
+    G = (torch.randint(-40, 41, (n, d), generator=g).double() / 8).to(dtype)
+    order = torch.randperm(n, generator=g)
+    skipped, distinct = order[0], order[1:m]
+    G[skipped, 1], G[skipped, 2] = float("nan"), float("inf")
+    G[distinct[(m - 1) // 2], 0] = float("nan")
+    at = int(torch.randint(0, m, (1,), generator=g))
+    rows = torch.cat([distinct[:at], distinct[-1:], distinct[at:]])
+    return G.to(DEVICE), rows.to(DEVICE)
+
+
+def _selection_args(name, m):
+    """The op's arguments after G, for m selected rows (Bulyan's beta = m - 2f, trimmed ranks)."""
+    f = m // 4
+    return {"sign_sum": (), "order_mean": (f, m - f), "invariant": (f, m - f, m // 3),
+            "closest_to_median_mean": (m - 2 * f,),
+            "rlr": (torch.linspace(0.5, 2.0, m).to(DEVICE), m // 2, 0.5)}[name]
+
+
+def _reference_args(args):
+    return tuple(to_reference(a) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _check_selection(name, G, rows, args, dtype):
+    """The op on the selection: bitwise the op on G.index_select(0, rows), and on the clean columns
+    the torch backend on the float64 selection; the flags are the selected rows' own, in order."""
+    op = getattr(RAW, name)
+    selected = op(G, *args, rows)
+    copied = op(G.index_select(0, rows), *args)
+    assert len(selected) == len(copied)
+    for a, b in zip(selected, copied):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+    expected = getattr(TORCH_RAW, name)(to_reference(G), *_reference_args(args), rows.cpu())
+    assert torch.equal(selected[-1].cpu(), expected[-1])
+    assert selected[-1].sum() == 1  # the skipped row's NaN and Inf are not read
+    for a, b in zip(selected[:-1], expected[:-1]):
+        if a.is_floating_point():
+            assert_close(a[1:], b[1:], dtype)
+        else:
+            assert torch.equal(a[1:].cpu(), b[1:].to(a.dtype))
+    return selected
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", SELECTING_OPS)
+def test_row_selection_equals_the_op_on_the_selected_copy(name, dtype):
+    # m = 15 of 20 rows: the one-tile sort of the order statistics, across two column blocks
+    G, rows = _selection_case(20, 15, COLUMN_BLOCK + 1, dtype, seed=1)
+    _check_selection(name, G, rows, _selection_args(name, 15), dtype)
+
+
+@pytest.mark.parametrize("name,dtype", [("order_mean", dtype) for dtype in DTYPES] +
+                         [("invariant", torch.float32), ("closest_to_median_mean", torch.float32)])
+def test_row_selection_on_the_radix_select_path(name, dtype):
+    # m = 258 of 270 rows: beyond MAX_SORT_N, where every pass over the column re-reads the selection
+    G, rows = _selection_case(270, 258, 5, dtype, seed=2)
+    _check_selection(name, G, rows, _selection_args(name, 258), dtype)
+
+
+@pytest.mark.parametrize("m,path", [(200, "sort"), (257, "select")])
+def test_row_selection_picks_the_path_by_the_selected_count(m, path):
+    # of 300 rows (the radix select's side of MAX_SORT_N), m <= 256 selected rows fit the one-tile sort
+    from robustagg.triton_kernels import order_stats
+    G, rows = torch.zeros(300, 3), torch.arange(m)
+    kernels = {"sort": ["_order_mean_kernel", "_closest_kernel"],
+               "select": ["_order_mean_select_kernel", "_closest_select_kernel"]}[path]
+    rec = _LaunchRecorder()
+    _, flags = order_stats.order_mean_forward(G, 1, m - 1, rows, launch=rec)
+    _, closest_flags = order_stats.closest_to_median_mean_forward(G, 5, rows, launch=rec)
+    assert [kernel.fn.__name__ for kernel, _, _ in rec.calls] == kernels
+    assert [args[kernel.arg_names.index("n")] for kernel, args, _ in rec.calls] == [m, m]
+    assert flags.shape == closest_flags.shape == (m,)
+
+
+@pytest.mark.parametrize("name", SELECTING_OPS)
+def test_row_selection_of_one_row(name):
+    G = _randn(6, 9, torch.float32, seed=4)
+    rows = torch.tensor([4], device=DEVICE)
+    args = {"order_mean": (0, 1), "invariant": (0, 1, 1), "closest_to_median_mean": (1,),
+            "rlr": (None, 1, 1.0)}.get(name, ())
+    out = getattr(RAW, name)(G, *args, rows)
+    assert out[-1].cpu().tolist() == [False]
+    if name == "sign_sum":
+        assert torch.equal(out[0].cpu(), reference.sign_sum(G[4:5].cpu()))
+    else:
+        assert torch.equal(out[0], G[4])  # the one value of each column, unanimous, with lr 1
+
+
+def test_row_selection_ties_in_distance_go_to_the_lower_position():
+    # per column the median is 0 and the values -1 and 1 are equally near: beta = 2 keeps the 0 and
+    # whichever of them comes first in the selection, not in G
+    G = torch.tensor([[-1.0], [0.0], [1.0]]).to(DEVICE)
+    for rows, mean in [([0, 1, 2], -0.5), ([2, 1, 0], 0.5), ([1, 2, 0], 0.5)]:
+        out, _ = RAW.closest_to_median_mean(G, 2, torch.tensor(rows, device=DEVICE))
+        assert out.cpu().tolist() == [mean], rows
+
+
+def test_row_selection_by_keyword_and_every_row_selected():
+    G, rows = _selection_case(7, 7, 11, torch.float32, seed=5)
+    every = torch.arange(7, device=DEVICE)
+    for name in SELECTING_OPS:
+        args = _selection_args(name, 7)
+        op = getattr(RAW, name)
+        assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(op(G, *args, rows=rows), op(G, *args, rows)))
+        assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(op(G, *args, every), op(G, *args))), name
+
+
+@pytest.mark.parametrize("name", SELECTING_OPS)
+def test_opcheck_with_rows(name):
+    G, rows = _randn(9, 40, torch.float32, seed=6), torch.tensor([7, 0, 3, 3, 8, 1], device=DEVICE)
+    torch.library.opcheck(_ops().OPS[name], (G, *_selection_args(name, 6), rows))
+
+
+def test_row_selection_traced_on_fake_tensors_checks_the_range_in_the_graph():
+    # torch.compile traces a triton_op's launcher on fake tensors, whose values cannot be read there
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from robustagg.triton_kernels.common import row_selection
+    traced = make_fx(lambda G, rows: row_selection(G, rows, "order_mean")[0], tracing_mode="fake")(
+        torch.zeros(5, 3), torch.tensor([0, 4]))
+    assert torch.equal(traced(torch.zeros(5, 3), torch.tensor([4, 1])), torch.tensor([4, 1]))
+    with pytest.raises(RuntimeError, match=r"order_mean: rows holds a row number outside the allowed \[0, 4\] for n=5"):
+        traced(torch.zeros(5, 3), torch.tensor([0, 5]))
+
+
+BAD_ROWS = {  # rows for G of 5 rows, and the message's tail
+    "int32": (torch.tensor([0, 1, 2], dtype=torch.int32),
+              r"rows must be a 1-D int64 tensor of row numbers, got torch.int32 of shape \[3\]"),
+    "2-D": (torch.tensor([[0, 1, 2]]), r"rows must be a 1-D int64 tensor of row numbers, got torch.int64 of shape "
+                                       r"\[1, 3\]"),
+    "empty": (torch.zeros(0, dtype=torch.int64), r"rows selects m=0 rows; allowed 1 <= m <= n=5"),
+    "more than n": (torch.tensor([0, 1, 2, 3, 4, 0]), r"rows selects m=6 rows; allowed 1 <= m <= n=5"),
+    "n": (torch.tensor([3, 5, 1]), r"rows holds row numbers from 1 to 5; allowed \[0, 4\] for n=5"),
+    "negative": (torch.tensor([2, -1]), r"rows holds row numbers from -1 to 2; allowed \[0, 4\] for n=5"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+@pytest.mark.parametrize("name", SELECTING_OPS)
+def test_row_selection_rejects_bad_rows(name, case):
+    # the kernels take their addresses from rows: csrc/checks.h rows_arg's checks and messages,
+    # before anything is launched
+    rows, message = BAD_ROWS[case]
+    args = {"rlr": (None, 1, 1.0)}.get(name, _selection_args(name, 1))
+    with pytest.raises(RuntimeError, match=f"{name}: {message}"):
+        getattr(RAW, name)(_randn(5, 7, torch.float32), *args, rows.to(DEVICE))
+
+
+@pytest.mark.parametrize("name", SELECTING_OPS)
+def test_row_selection_rejects_rows_on_another_device(name):
+    # the launcher itself: the dispatcher would send a CPU G with meta rows to the fake
+    from robustagg.triton_kernels import order_stats, sign_votes
+    module, launcher = RAW_OPS[name].triton_launcher.split(".")
+    forward = getattr({"order_stats": order_stats, "sign_votes": sign_votes}[module], launcher)
+    args = {"rlr": (None, 1, 1.0)}.get(name, _selection_args(name, 1))
+    with pytest.raises(RuntimeError, match=rf"{name}: rows must be on G's device {DEVICE}.*, got one on meta"):
+        forward(_randn(5, 7, torch.float32), *args, torch.zeros(2, dtype=torch.int64, device="meta"))
 
 
 # ---------------------------------------------------------------- client statistics, clipping
@@ -850,10 +1028,21 @@ def _record_launches(dtype):
     from robustagg.triton_kernels import client_stats, maxpool, order_stats, pairwise, sign_votes, topk
     rec = _LaunchRecorder()
     G, v = torch.zeros(20, 300, dtype=dtype), torch.zeros(3000, dtype=dtype)
-    sign_votes.sign_sum_forward(G, rec)
-    sign_votes.rlr_forward(G, torch.ones(20), 3, 1.0, rec)
-    order_stats.order_mean_forward(G, 1, 5, rec)
-    order_stats.invariant_forward(torch.zeros(300, 5, dtype=dtype), 1, 5, 3, rec)
+    sign_votes.sign_sum_forward(G, launch=rec)
+    sign_votes.rlr_forward(G, torch.ones(20), 3, 1.0, launch=rec)
+    order_stats.order_mean_forward(G, 1, 5, launch=rec)
+    big = torch.zeros(300, 5, dtype=dtype)
+    order_stats.invariant_forward(big, 1, 5, 3, launch=rec)
+    order_stats.closest_to_median_mean_forward(G, 3, launch=rec)
+    order_stats.closest_to_median_mean_forward(big, 3, launch=rec)
+    # a row selection: the kernels' HAS_ROWS variants, on both sides of MAX_SORT_N
+    rows, big_rows = torch.tensor([3, 0, 3]), torch.arange(299, -1, -1)
+    sign_votes.sign_sum_forward(G, rows, launch=rec)
+    sign_votes.rlr_forward(G, torch.ones(3), 3, 1.0, rows, launch=rec)
+    order_stats.order_mean_forward(G, 1, 2, rows, launch=rec)
+    order_stats.invariant_forward(big, 1, 5, 3, big_rows, launch=rec)
+    order_stats.closest_to_median_mean_forward(G, 2, rows, launch=rec)
+    order_stats.closest_to_median_mean_forward(big, 3, big_rows, launch=rec)
     client_stats.client_stats_forward(G, 0, 10, v[:300], rec)
     client_stats.clip_rows_forward(G, torch.ones(20), rec)
     topk.topk_abs_forward(v, 10, rec)
