@@ -21,7 +21,9 @@ tests/test_cuda_parity.py (the GPU version of these tests):
 * top-k and max-pool: the same selection and bits as the CPU backend (saturated top-k state too);
 * everything else: within conftest.RESOLUTION of robustagg.reference on float64 inputs; float64
   statistics of 1e200 and 1e-200 rows relatively (atol 0), as they sit far below every atol;
-* non-finite row flags equal to the CPU backend's.
+* non-finite row flags equal to the CPU backend's;
+* the coordinate-wise ops on a row selection (`rows`): bit for bit the same emulated op on the
+  gathered copy G.index_select(0, rows), flags included, on every kernel path.
 
 Shared memory (static and dynamic) and workspaces start every block as garbage bytes, as on a
 GPU, so reading what no thread wrote shows up too. Two sanitizer builds of the same kernels run
@@ -596,6 +598,140 @@ def test_invariant_other_dtypes(emu, n, dtype):
     assert torch.equal(mask, ref_mask)
     assert_close(out, ref_out, dtype, f"invariant {dtype}")
     assert_bitwise(out, CPU.invariant(G, trim, n - trim, min_votes)[0], "invariant vs cpu")
+
+
+# ---------------------------------------------------------------- row selections
+#
+# The coordinate-wise ops take `rows` (csrc/ops.cpp): the op on G.index_select(0, rows), with the
+# selected rows read where they lie (common.cuh's selected_row). Each case compares the op on a
+# selection with the same emulated op on the gathered copy, bit for bit, outputs and flags, on the
+# path the kernels take for the selected count m. The selection is shuffled, repeats a row, leaves
+# out an all-NaN row and takes a row with a NaN; the two runs use different schedules.
+
+def selection(n: int, m: int, seed: int) -> tuple[torch.Tensor, int]:
+    """(rows, left_out): int64[m] row numbers of n > m rows, shuffled, with one repeat when m >= 2,
+    and the row they leave out, m // 2: one that a kernel reading rows 0..m-1 instead would read."""
+    left_out = m // 2
+    others = torch.tensor([r for r in range(n) if r != left_out])
+    rows = others[torch.randperm(n - 1, generator=torch.Generator().manual_seed(seed))[:m]]
+    if m >= 2:
+        rows[m // 2] = rows[0]
+    return rows, left_out
+
+
+def poisoned(G: torch.Tensor, rows: torch.Tensor, left_out: int) -> torch.Tensor:
+    """G with the row the selection leaves out all NaN, and a NaN in the last column of the last
+    selected row."""
+    G = G.clone()
+    G[left_out] = float("nan")
+    G[rows[-1], -1] = float("nan")
+    return G
+
+
+def assert_selection_is_the_copy(emu, op, G, rows, *args):
+    """The emulated op on G's selected rows equals the emulated op on their copy; returns its outputs."""
+    selected = emulate(emu, op, G, *args, rows, schedules=(DESCENDING | WARP_EAGER,))
+    copied = emulate(emu, op, G.index_select(0, rows), *args, schedules=(ASCENDING,))
+    for i, (a, b) in enumerate(zip(selected, copied)):
+        assert_bitwise(a, b, f"{op} output {i} on rows {rows[:8].tolist()}... vs on their copy")
+    return selected
+
+
+def assert_selected_flags(bad: torch.Tensor, G: torch.Tensor, rows: torch.Tensor):
+    """One flag per selected row, in the selection's order: exactly the rows holding NaN/Inf."""
+    assert torch.equal(bad, ~torch.isfinite(G.double()).all(dim=1)[rows]), bad
+    assert bad[-1] and bad.numel() == rows.numel()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 9, 70])
+def test_sign_sum_and_rlr_on_a_row_selection(emu, m, dtype):
+    rows, left_out = selection(m + 2, m, 70 + m)
+    G = poisoned(awkward(m + 2, 300, 71 + m, dtype), rows, left_out)
+    _, bad = assert_selection_is_the_copy(emu, "sign_sum", G, rows)
+    assert_selected_flags(bad, G, rows)
+    weights = torch.rand(m, generator=torch.Generator().manual_seed(m)) * 10 + 0.5
+    for w, theta, lr in ((None, m // 2, 1.0), (weights, m // 3, 0.3)):
+        _, bad = assert_selection_is_the_copy(emu, "rlr", G, rows, w, theta, lr)
+        assert_selected_flags(bad, G, rows)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rlr_on_a_row_selection_redoes_an_overflowing_sum(emu, dtype, weighted):
+    # The redo (rescued_rlr_mean) reads its column again: the selected rows, with the selected weights.
+    m = 18
+    rows, left_out = selection(m + 2, m, 72)
+    columns = torch.cat([overflowing_columns(m + 2, dtype), awkward(m + 2, 3, 73, dtype)], dim=1)
+    G = poisoned(columns, rows, left_out)
+    w = torch.linspace(1.0, 100.0, m) if weighted else None
+    out, _ = assert_selection_is_the_copy(emu, "rlr", G, rows, w, 0, 1.0)
+    assert torch.isfinite(out[1]), "the column of huge values is redone"
+
+
+# m: every register network (1 to 64 wires, and 128 for 16/32-bit data), the shared-memory slices
+# (65 and 129 float64 values, 129 float32 ones), the global workspace with the network (800) and
+# with selection (2049).
+SELECTED_ORDER_COUNTS = [1, 2, 3, 7, 9, 17, 33, 65, 129, 800, 2049]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", SELECTED_ORDER_COUNTS)
+def test_order_mean_and_invariant_on_a_row_selection(emu, m, dtype):
+    rows, left_out = selection(m + 2, m, 80 + m)
+    G = poisoned(awkward(m + 2, 3 if m > 200 else 40, 81 + m, dtype), rows, left_out)
+    for lo, hi in sorted({((m - 1) // 2, m // 2 + 1), (m // 4, m - m // 4), (0, m)}):
+        _, bad = assert_selection_is_the_copy(emu, "order_mean", G, rows, lo, hi)
+        assert_selected_flags(bad, G, rows)
+    _, _, bad = assert_selection_is_the_copy(emu, "invariant", G, rows, m // 4, m - m // 4, m // 3)
+    assert_selected_flags(bad, G, rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("m", [18, 100])
+def test_order_mean_on_a_row_selection_redoes_an_overflowing_sum(emu, m, dtype):
+    # The register kernels' redo kernel copies the column again: the selected rows (float64 at 100
+    # rows takes the slices, which redo in place).
+    rows, left_out = selection(m + 2, m, 82)
+    columns = torch.cat([overflowing_columns(m + 2, dtype), awkward(m + 2, 3, 83, dtype)], dim=1)
+    G = poisoned(columns, rows, left_out)
+    for lo, hi in ((0, m), (1, m - 1)):
+        out, _ = assert_selection_is_the_copy(emu, "order_mean", G, rows, lo, hi)
+        assert torch.isfinite(out[1]), f"the column of huge values is redone, lo={lo} hi={hi}"
+    out, _, _ = assert_selection_is_the_copy(emu, "invariant", G, rows, 1, m - 1, 2)
+    assert torch.isfinite(out[1])
+
+
+# (m, beta): one row; the network in shared memory; in the global workspace (m + beta = 800 values
+# per slice); heap sort (m + beta > 2048).
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, beta", [(1, 1), (9, 3), (30, 10), (500, 300), (1700, 500)])
+def test_closest_to_median_mean_on_a_row_selection(emu, m, beta, dtype):
+    # Small integers in every other column tie at the window's edge: the client order, the
+    # selection's, decides there (core's nearest_by_index reads the column again).
+    rows, left_out = selection(m + 2, m, 90 + m)
+    d = 4 if m > 200 else 60
+    G = awkward(m + 2, d, 91 + m, dtype)
+    ties = torch.randint(-3, 4, (m + 2, d // 2), generator=torch.Generator().manual_seed(m)).to(dtype)
+    G[:, ::2] = ties
+    G = poisoned(G, rows, left_out)
+    _, bad = assert_selection_is_the_copy(emu, "closest_to_median_mean", G, rows, beta)
+    assert_selected_flags(bad, G, rows)
+    if m > 1:
+        # the tie break must go to the selection's order, not to G's row numbers
+        reversed_rows = rows.flip(0)
+        assert_selection_is_the_copy(emu, "closest_to_median_mean", G, reversed_rows, beta)
+
+
+def test_a_selection_of_every_row_in_order_is_the_op_on_g(emu):
+    G = with_bad_rows(awkward(9, 50, 95))
+    every = torch.arange(9)
+    for op, args in (("sign_sum", ()), ("rlr", (torch.rand(9) + 1, 4, 0.5)), ("order_mean", (2, 7)),
+                     ("invariant", (2, 7, 3)), ("closest_to_median_mean", (4,))):
+        on_rows = emulate(emu, op, G, *args, every, schedules=(ASCENDING,))
+        on_g = emulate(emu, op, G, *args, schedules=(ASCENDING,))
+        for i, (a, b) in enumerate(zip(on_rows, on_g)):
+            assert_bitwise(a, b, f"{op} output {i}")
 
 
 # ---------------------------------------------------------------- client_stats, clip_rows

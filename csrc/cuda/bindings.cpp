@@ -67,37 +67,44 @@ void check_rows_fit_int(int64_t n, const char* op) {
   TORCH_CHECK(n < INT_MAX, op, ": n=", n, " rows is too many for the cuda backend; allowed < ", INT_MAX);
 }
 
+// The coordinate-wise ops (sign votes, order statistics) read the n rows `rows` selects
+// (checks::rows_arg) where they lie in G, or every row when it is undefined (nullptr for the
+// launcher); each count, rank, weight vector, flag vector and workspace is sized by that n.
+const int64_t* rows_ptr(const at::Tensor& rows) { return rows.defined() ? rows.const_data_ptr<int64_t>() : nullptr; }
+
 // ---- sign votes
 
-std::tuple<at::Tensor, at::Tensor> sign_sum(const at::Tensor& G_in) {
+std::tuple<at::Tensor, at::Tensor> sign_sum(const at::Tensor& G_in, const std::optional<at::Tensor>& rows_in) {
   const at::Tensor G = matrix_arg(G_in, "sign_sum");
-  const int64_t n = G.size(0), d = G.size(1);
-  check_rows_fit_int(n, "sign_sum");
   const c10::cuda::CUDAGuard guard(G.device());
-  at::Tensor sums = at::empty({d}, G.options().dtype(at::kInt)), bad = row_flags(G);
+  const at::Tensor rows = checks::rows_arg(rows_in, G, "sign_sum");
+  const int64_t n = checks::selected_count(rows, G), d = G.size(1);
+  check_rows_fit_int(n, "sign_sum");
+  at::Tensor sums = at::empty({d}, G.options().dtype(at::kInt)), bad = row_flags(G, rows);
   RA_CUDA_DISPATCH(G.scalar_type(), "sign_sum", [&] {
-    check_launch(cuda::sign_sum(ptr<scalar_t>(G), n, d, sums.data_ptr<int32_t>(), bad.data_ptr<bool>(),
-                                current_stream()),
+    check_launch(cuda::sign_sum(ptr<scalar_t>(G), rows_ptr(rows), n, d, sums.data_ptr<int32_t>(),
+                                bad.data_ptr<bool>(), current_stream()),
                  "sign_sum");
   });
   return {sums, bad};
 }
 
 std::tuple<at::Tensor, at::Tensor> rlr(const at::Tensor& G_in, const std::optional<at::Tensor>& weights_in,
-                                       int64_t theta, double server_lr) {
+                                       int64_t theta, double server_lr, const std::optional<at::Tensor>& rows_in) {
   const at::Tensor G = matrix_arg(G_in, "rlr");
-  const int64_t n = G.size(0), d = G.size(1);
+  const c10::cuda::CUDAGuard guard(G.device());
+  const at::Tensor rows = checks::rows_arg(rows_in, G, "rlr");
+  const int64_t n = checks::selected_count(rows, G), d = G.size(1);
   check_rows_fit_int(n, "rlr");
   checks::check_count(theta, 0, n, "rlr", "theta");
   checks::check_real(server_lr, -checks::arithmetic_max(G), checks::arithmetic_max(G), "rlr", "server_lr");
-  const c10::cuda::CUDAGuard guard(G.device());
   at::Tensor weights;
-  if (weights_in.has_value()) weights = checks::weights_arg(*weights_in, G, "rlr");
-  at::Tensor out = at::empty({d}, G.options()), bad = row_flags(G);
+  if (weights_in.has_value()) weights = checks::weights_arg(*weights_in, G, n, "rlr");
+  at::Tensor out = at::empty({d}, G.options()), bad = row_flags(G, rows);
   RA_CUDA_DISPATCH(G.scalar_type(), "rlr", [&] {
     using A = acc_t<scalar_t>;
-    check_launch(cuda::rlr(ptr<scalar_t>(G), weights.defined() ? weights.data_ptr<A>() : nullptr, n, d,
-                           static_cast<int>(theta), static_cast<A>(server_lr), ptr<scalar_t>(out),
+    check_launch(cuda::rlr(ptr<scalar_t>(G), rows_ptr(rows), weights.defined() ? weights.data_ptr<A>() : nullptr, n,
+                           d, static_cast<int>(theta), static_cast<A>(server_lr), ptr<scalar_t>(out),
                            bad.data_ptr<bool>(), current_stream()),
                  "rlr");
   });
@@ -106,54 +113,59 @@ std::tuple<at::Tensor, at::Tensor> rlr(const at::Tensor& G_in, const std::option
 
 // ---- order statistics
 
-std::tuple<at::Tensor, at::Tensor> order_mean(const at::Tensor& G_in, int64_t lo, int64_t hi) {
+std::tuple<at::Tensor, at::Tensor> order_mean(const at::Tensor& G_in, int64_t lo, int64_t hi,
+                                              const std::optional<at::Tensor>& rows_in) {
   const at::Tensor G = matrix_arg(G_in, "order_mean");
-  const int64_t n = G.size(0), d = G.size(1);
+  const c10::cuda::CUDAGuard guard(G.device());
+  const at::Tensor rows = checks::rows_arg(rows_in, G, "order_mean");
+  const int64_t n = checks::selected_count(rows, G), d = G.size(1);
   check_rows_fit_int(n, "order_mean");
   checks::check_ranks(lo, hi, n, "order_mean");
-  const c10::cuda::CUDAGuard guard(G.device());
-  at::Tensor out = at::empty({d}, G.options()), bad = row_flags(G);
+  at::Tensor out = at::empty({d}, G.options()), bad = row_flags(G, rows);
   const at::Tensor ws = workspace(cuda::order_stats_workspace_bytes(n, d, at::elementSize(arithmetic_dtype(G))), G);
   RA_CUDA_DISPATCH(G.scalar_type(), "order_mean", [&] {
-    check_launch(cuda::order_mean(ptr<scalar_t>(G), n, d, lo, hi, ptr<scalar_t>(out), bad.data_ptr<bool>(),
-                                  ws.data_ptr(), current_stream()),
+    check_launch(cuda::order_mean(ptr<scalar_t>(G), rows_ptr(rows), n, d, lo, hi, ptr<scalar_t>(out),
+                                  bad.data_ptr<bool>(), ws.data_ptr(), current_stream()),
                  "order_mean");
   });
   return {out, bad};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> invariant(const at::Tensor& G_in, int64_t lo, int64_t hi,
-                                                         int64_t min_votes) {
+                                                         int64_t min_votes, const std::optional<at::Tensor>& rows_in) {
   const at::Tensor G = matrix_arg(G_in, "invariant");
-  const int64_t n = G.size(0), d = G.size(1);
+  const c10::cuda::CUDAGuard guard(G.device());
+  const at::Tensor rows = checks::rows_arg(rows_in, G, "invariant");
+  const int64_t n = checks::selected_count(rows, G), d = G.size(1);
   check_rows_fit_int(n, "invariant");
   checks::check_ranks(lo, hi, n, "invariant");
   checks::check_count(min_votes, 0, n + 1, "invariant", "min_votes");
-  const c10::cuda::CUDAGuard guard(G.device());
   at::Tensor out = at::empty({d}, G.options()), mask = at::empty({d}, G.options().dtype(at::kBool));
-  at::Tensor bad = row_flags(G);
+  at::Tensor bad = row_flags(G, rows);
   const at::Tensor ws = workspace(cuda::order_stats_workspace_bytes(n, d, at::elementSize(arithmetic_dtype(G))), G);
   RA_CUDA_DISPATCH(G.scalar_type(), "invariant", [&] {
-    check_launch(cuda::invariant(ptr<scalar_t>(G), n, d, lo, hi, static_cast<int>(min_votes), ptr<scalar_t>(out),
-                                 mask.data_ptr<bool>(), bad.data_ptr<bool>(), ws.data_ptr(),
+    check_launch(cuda::invariant(ptr<scalar_t>(G), rows_ptr(rows), n, d, lo, hi, static_cast<int>(min_votes),
+                                 ptr<scalar_t>(out), mask.data_ptr<bool>(), bad.data_ptr<bool>(), ws.data_ptr(),
                                  current_stream()),
                  "invariant");
   });
   return {out, mask, bad};
 }
 
-std::tuple<at::Tensor, at::Tensor> closest_to_median_mean(const at::Tensor& G_in, int64_t beta) {
-  const at::Tensor G = matrix_arg(G_in, "closest_to_median_mean");
-  const int64_t n = G.size(0), d = G.size(1);
-  checks::check_count(beta, 1, n, "closest_to_median_mean", "beta");
+std::tuple<at::Tensor, at::Tensor> closest_to_median_mean(const at::Tensor& G_in, int64_t beta,
+                                                          const std::optional<at::Tensor>& rows_in) {
+  constexpr const char* op = "closest_to_median_mean";
+  const at::Tensor G = matrix_arg(G_in, op);
   const c10::cuda::CUDAGuard guard(G.device());
-  at::Tensor out = at::empty({d}, G.options()), bad = row_flags(G);
-  const at::Tensor ws =
-      workspace(cuda::closest_workspace_bytes(n, beta, d, at::elementSize(arithmetic_dtype(G))), G);
+  const at::Tensor rows = checks::rows_arg(rows_in, G, op);
+  const int64_t n = checks::selected_count(rows, G), d = G.size(1);
+  checks::check_count(beta, 1, n, op, "beta");
+  at::Tensor out = at::empty({d}, G.options()), bad = row_flags(G, rows);
+  const at::Tensor ws = workspace(cuda::closest_workspace_bytes(n, beta, d, at::elementSize(arithmetic_dtype(G))), G);
   RA_CUDA_DISPATCH(G.scalar_type(), "closest_to_median_mean", [&] {
-    check_launch(cuda::closest_to_median_mean(ptr<scalar_t>(G), n, d, beta, ptr<scalar_t>(out), bad.data_ptr<bool>(),
-                                              ws.data_ptr(), current_stream()),
-                 "closest_to_median_mean");
+    check_launch(cuda::closest_to_median_mean(ptr<scalar_t>(G), rows_ptr(rows), n, d, beta, ptr<scalar_t>(out),
+                                              bad.data_ptr<bool>(), ws.data_ptr(), current_stream()),
+                 op);
   });
   return {out, bad};
 }
@@ -193,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> clip_rows(const at::Tensor& G_in, const at::T
   const int64_t n = G.size(0), d = G.size(1);
   check_rows_fit_int(n, "clip_rows");
   const c10::cuda::CUDAGuard guard(G.device());
-  const at::Tensor max_norm = row_vector_arg(max_norm_in, G, "clip_rows", "max_norm");
+  const at::Tensor max_norm = row_vector_arg(max_norm_in, G, n, "clip_rows", "max_norm");
   checks::check_nonnegative(max_norm, "clip_rows", "max_norm");
   at::Tensor out = at::empty_like(G), bad = row_flags(G);
   const at::Tensor ws = workspace(cuda::client_stats_workspace_bytes(n, d), G);

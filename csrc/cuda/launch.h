@@ -10,6 +10,12 @@
 //     the arithmetic type (float, double for double);
 //   * nonfinite is bool[n] (bool[1] for the top-k vector ops); the launcher clears it and the kernels
 //     set the rows holding NaN/Inf in the same pass that computes the result (docs/nonfinite.md);
+//   * the coordinate-wise ops (sign_sum, rlr, order_mean, invariant, closest_to_median_mean) take
+//     `rows`: int64[n] row numbers of G, in range and on the device (repeats allowed), or nullptr
+//     for rows 0..n-1. They read row i of their n rows at G + rows[i] * d, so that dropping rows
+//     never copies G; n, the ranks, thresholds, weights and flags all count those n rows, in that
+//     order, and the result is the op's on G.index_select(0, rows), bit for bit. G may have more
+//     rows than n then;
 //   * indices and sizes are 64-bit.
 #pragma once
 #include <cstddef>
@@ -27,13 +33,14 @@ namespace cuda {
 // ---- sign_votes.cu (docs/ops.md)
 
 template <typename T>
-cudaError_t sign_sum(const T* G, int64_t n, int64_t d, int32_t* sums, bool* nonfinite, cudaStream_t stream);
+cudaError_t sign_sum(const T* G, const int64_t* rows, int64_t n, int64_t d, int32_t* sums, bool* nonfinite,
+                     cudaStream_t stream);
 
-// weights: A[n], or nullptr for all-ones. A coordinate whose weighted sum overflowed although its
-// rows were finite gets core's RescuedMean instead.
+// weights: A[n], one per row read, or nullptr for all-ones. A coordinate whose weighted sum
+// overflowed although its rows were finite gets core's RescuedMean instead.
 template <typename T>
-cudaError_t rlr(const T* G, const acc_t<T>* weights, int64_t n, int64_t d, int theta, acc_t<T> server_lr,
-                T* out, bool* nonfinite, cudaStream_t stream);
+cudaError_t rlr(const T* G, const int64_t* rows, const acc_t<T>* weights, int64_t n, int64_t d, int theta,
+                acc_t<T> server_lr, T* out, bool* nonfinite, cudaStream_t stream);
 
 // ---- order_stats.cu (docs/ops.md)
 
@@ -42,13 +49,13 @@ cudaError_t rlr(const T* G, const acc_t<T>* weights, int64_t n, int64_t d, int t
 size_t order_stats_workspace_bytes(int64_t n, int64_t d, size_t acc_size);
 
 template <typename T>
-cudaError_t order_mean(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, T* out, bool* nonfinite,
-                       void* workspace, cudaStream_t stream);
+cudaError_t order_mean(const T* G, const int64_t* rows, int64_t n, int64_t d, int64_t lo, int64_t hi, T* out,
+                       bool* nonfinite, void* workspace, cudaStream_t stream);
 
 // out = (|sign_sum| >= min_votes) ? order_mean(lo, hi) : 0, with the mask in `mask`.
 template <typename T>
-cudaError_t invariant(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, int min_votes, T* out,
-                      bool* mask, bool* nonfinite, void* workspace, cudaStream_t stream);
+cudaError_t invariant(const T* G, const int64_t* rows, int64_t n, int64_t d, int64_t lo, int64_t hi, int min_votes,
+                      T* out, bool* mask, bool* nonfinite, void* workspace, cudaStream_t stream);
 
 // Workspace of closest_to_median_mean: the network and, when shared memory cannot hold them, the
 // threads' slices of n + beta values.
@@ -56,8 +63,8 @@ size_t closest_workspace_bytes(int64_t n, int64_t beta, int64_t d, size_t acc_si
 
 // Per coordinate, the mean of the beta (1..n) values nearest the median (Bulyan).
 template <typename T>
-cudaError_t closest_to_median_mean(const T* G, int64_t n, int64_t d, int64_t beta, T* out, bool* nonfinite,
-                                   void* workspace, cudaStream_t stream);
+cudaError_t closest_to_median_mean(const T* G, const int64_t* rows, int64_t n, int64_t d, int64_t beta, T* out,
+                                   bool* nonfinite, void* workspace, cudaStream_t stream);
 
 // ---- client_stats.cu (docs/ops.md)
 

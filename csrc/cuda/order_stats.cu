@@ -2,7 +2,9 @@
 // closest_to_median_mean.
 //
 // One thread per coordinate; a warp reads 32 consecutive coordinates of one client row, so loads
-// are coalesced, and each row's non-finite flag and the sign votes come out of the same pass.
+// are coalesced, and each row's non-finite flag and the sign votes come out of the same pass. The
+// rows are G's, or those a selection names (launch.h), read where they lie through common.cuh's
+// selected_row; n below is always the number of rows read.
 //
 // * n <= 64 (n <= 128 for 16/32-bit data, whose 128 float wires still fit in the 255 registers of
 //   a thread): the n values sit in registers, padded with +Inf to N = 2^ceil(log2 n) wires, and are
@@ -63,9 +65,9 @@ __device__ __forceinline__ void store_coordinate(T* __restrict__ out, bool* __re
 // A ±Inf kept mean sets *overflowed (an integer atomic, rare), which starts order_mean_redo_kernel.
 template <typename T, int N>
 __global__ void __launch_bounds__(kRegisterThreads)
-    order_mean_registers_kernel(const T* __restrict__ G, int n, int64_t d, int lo, int hi, int min_votes,
-                                T* __restrict__ out, bool* __restrict__ mask, bool* __restrict__ nonfinite,
-                                unsigned int* __restrict__ overflowed) {
+    order_mean_registers_kernel(const T* __restrict__ G, const int64_t* __restrict__ rows, int n, int64_t d, int lo,
+                                int hi, int min_votes, T* __restrict__ out, bool* __restrict__ mask,
+                                bool* __restrict__ nonfinite, unsigned int* __restrict__ overflowed) {
   using A = acc_t<T>;
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < d;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -74,7 +76,7 @@ __global__ void __launch_bounds__(kRegisterThreads)
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       if (i < n) {
-        const A x = load_acc(G + i * d + j);
+        const A x = load_acc(selected_row(G, rows, i, d) + j);
         if (is_nonfinite(x)) flag_row(nonfinite, i);
         votes += sign_vote(x);
         v[i] = x;
@@ -100,8 +102,8 @@ __global__ void __launch_bounds__(kRegisterThreads)
 // passed their vote, so only `out` changes.
 template <typename T>
 __global__ void __launch_bounds__(kRedoThreads)
-    order_mean_redo_kernel(const T* __restrict__ G, int n, int64_t d, int lo, int hi,
-                           const unsigned int* __restrict__ overflowed, T* __restrict__ out) {
+    order_mean_redo_kernel(const T* __restrict__ G, const int64_t* __restrict__ rows, int n, int64_t d, int lo,
+                           int hi, const unsigned int* __restrict__ overflowed, T* __restrict__ out) {
   using A = acc_t<T>;
   if (*overflowed == 0) return;
   A column[sizeof(A) == sizeof(float) ? kRegisterMaxFloatN : kRegisterMaxN];
@@ -110,7 +112,7 @@ __global__ void __launch_bounds__(kRedoThreads)
     if (!is_infinite(to_acc(out[j]))) continue;
     bool finite = true;
     for (int i = 0; i < n; ++i) {
-      column[i] = load_acc(G + i * d + j);
+      column[i] = load_acc(selected_row(G, rows, i, d) + j);
       finite = finite && !is_nonfinite(column[i]);
     }
     if (finite) out[j] = from_acc<T>(order_mean_select(column, n, lo, hi));
@@ -170,9 +172,10 @@ SlicePlan slice_plan(int64_t n, int64_t d, size_t acc_size) {
 // (every thread runs the same steps, so the step loads are broadcasts and nothing diverges).
 template <typename T>
 __global__ void __launch_bounds__(kSliceMaxThreads)
-    order_mean_slices_kernel(const T* __restrict__ G, int64_t n, int64_t d, int64_t lo, int64_t hi, int min_votes,
-                             const CompareExchange* __restrict__ net, int steps, int64_t stride, acc_t<T>* scratch,
-                             T* __restrict__ out, bool* __restrict__ mask, bool* __restrict__ nonfinite) {
+    order_mean_slices_kernel(const T* __restrict__ G, const int64_t* __restrict__ rows, int64_t n, int64_t d,
+                             int64_t lo, int64_t hi, int min_votes, const CompareExchange* __restrict__ net, int steps,
+                             int64_t stride, acc_t<T>* scratch, T* __restrict__ out, bool* __restrict__ mask,
+                             bool* __restrict__ nonfinite) {
   using A = acc_t<T>;
   extern __shared__ unsigned char shared_raw[];
   const int64_t thread = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -182,7 +185,7 @@ __global__ void __launch_bounds__(kSliceMaxThreads)
     int votes = 0;
     bool finite = true;
     for (int64_t i = 0; i < n; ++i) {
-      const A x = load_acc(G + i * d + j);
+      const A x = load_acc(selected_row(G, rows, i, d) + j);
       const bool bad = is_nonfinite(x);
       if (bad) flag_row(nonfinite, i);
       finite = finite && !bad;
@@ -215,8 +218,8 @@ cudaError_t upload_network(int64_t n, int64_t lo, int64_t hi, CompareExchange* d
 }
 
 template <typename T>
-cudaError_t launch_slices(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, int min_votes, T* out, bool* mask,
-                          bool* nonfinite, void* workspace, cudaStream_t stream) {
+cudaError_t launch_slices(const T* G, const int64_t* rows, int64_t n, int64_t d, int64_t lo, int64_t hi, int min_votes,
+                          T* out, bool* mask, bool* nonfinite, void* workspace, cudaStream_t stream) {
   using A = acc_t<T>;
   const SlicePlan plan = slice_plan(n, d, sizeof(A));
   if (plan.workspace_bytes > 0 && workspace == nullptr) return cudaErrorInvalidValue;
@@ -235,56 +238,61 @@ cudaError_t launch_slices(const T* G, int64_t n, int64_t d, int64_t lo, int64_t 
     scratch = reinterpret_cast<A*>(base + network_bytes(n));
   }
   order_mean_slices_kernel<T><<<plan.blocks, plan.threads, plan.shared_bytes, stream>>>(
-      G, n, d, lo, hi, min_votes, net, steps, plan.stride, scratch, out, mask, nonfinite);
+      G, rows, n, d, lo, hi, min_votes, net, steps, plan.stride, scratch, out, mask, nonfinite);
   return cudaGetLastError();
 }
 
 // workspace: the overflow flag of the register kernels.
 template <typename T, int N>
-cudaError_t launch_registers(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, int min_votes, T* out,
-                             bool* mask, bool* nonfinite, void* workspace, cudaStream_t stream) {
+cudaError_t launch_registers(const T* G, const int64_t* rows, int64_t n, int64_t d, int64_t lo, int64_t hi,
+                             int min_votes, T* out, bool* mask, bool* nonfinite, void* workspace,
+                             cudaStream_t stream) {
   if (workspace == nullptr) return cudaErrorInvalidValue;
   unsigned int* overflowed = static_cast<unsigned int*>(workspace);
   RA_CUDA_TRY(cudaMemsetAsync(overflowed, 0, sizeof(unsigned int), stream));
   order_mean_registers_kernel<T, N><<<grid_for(d, kRegisterThreads), kRegisterThreads, 0, stream>>>(
-      G, static_cast<int>(n), d, static_cast<int>(lo), static_cast<int>(hi), min_votes, out, mask, nonfinite,
+      G, rows, static_cast<int>(n), d, static_cast<int>(lo), static_cast<int>(hi), min_votes, out, mask, nonfinite,
       overflowed);
   RA_CUDA_TRY(cudaGetLastError());
   order_mean_redo_kernel<T><<<grid_for(d, kRedoThreads, kRedoMaxBlocks), kRedoThreads, 0, stream>>>(
-      G, static_cast<int>(n), d, static_cast<int>(lo), static_cast<int>(hi), overflowed, out);
+      G, rows, static_cast<int>(n), d, static_cast<int>(lo), static_cast<int>(hi), overflowed, out);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t order_statistic(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, int min_votes, T* out,
-                            bool* mask, bool* nonfinite, void* workspace, cudaStream_t stream) {
+cudaError_t order_statistic(const T* G, const int64_t* rows, int64_t n, int64_t d, int64_t lo, int64_t hi,
+                            int min_votes, T* out, bool* mask, bool* nonfinite, void* workspace, cudaStream_t stream) {
   if (n < 1 || d < 1 || lo < 0 || hi <= lo || hi > n) return cudaErrorInvalidValue;
   RA_CUDA_TRY(cudaMemsetAsync(nonfinite, 0, n * sizeof(bool), stream));
-  if (n <= 1) return launch_registers<T, 1>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
-  if (n <= 2) return launch_registers<T, 2>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
-  if (n <= 4) return launch_registers<T, 4>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
-  if (n <= 8) return launch_registers<T, 8>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
-  if (n <= 16) return launch_registers<T, 16>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
-  if (n <= 32) return launch_registers<T, 32>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
+  if (n <= 1) return launch_registers<T, 1>(G, rows, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
+  if (n <= 2) return launch_registers<T, 2>(G, rows, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
+  if (n <= 4) return launch_registers<T, 4>(G, rows, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
+  if (n <= 8) return launch_registers<T, 8>(G, rows, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
+  if (n <= 16) {
+    return launch_registers<T, 16>(G, rows, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
+  }
+  if (n <= 32) {
+    return launch_registers<T, 32>(G, rows, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
+  }
   if (n <= kRegisterMaxN) {
-    return launch_registers<T, 64>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
+    return launch_registers<T, 64>(G, rows, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
   }
   if constexpr (sizeof(acc_t<T>) == sizeof(float)) {
     if (n <= kRegisterMaxFloatN) {
-      return launch_registers<T, kRegisterMaxFloatN>(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace,
-                                                     stream);
+      return launch_registers<T, kRegisterMaxFloatN>(G, rows, n, d, lo, hi, min_votes, out, mask, nonfinite,
+                                                     workspace, stream);
     }
   }
-  return launch_slices(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
+  return launch_slices(G, rows, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
 }
 
 // ---- closest_to_median_mean
 
 template <typename T>
 __global__ void __launch_bounds__(kSliceMaxThreads)
-    closest_slices_kernel(const T* __restrict__ G, int64_t n, int64_t d, int64_t beta,
-                          const CompareExchange* __restrict__ net, int steps, int64_t stride, acc_t<T>* scratch,
-                          T* __restrict__ out, bool* __restrict__ nonfinite) {
+    closest_slices_kernel(const T* __restrict__ G, const int64_t* __restrict__ rows, int64_t n, int64_t d,
+                          int64_t beta, const CompareExchange* __restrict__ net, int steps, int64_t stride,
+                          acc_t<T>* scratch, T* __restrict__ out, bool* __restrict__ nonfinite) {
   using A = acc_t<T>;
   extern __shared__ unsigned char shared_raw[];
   const int64_t thread = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -293,7 +301,7 @@ __global__ void __launch_bounds__(kSliceMaxThreads)
   A* kept = v + n;
   for (int64_t j = thread; j < d; j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     for (int64_t i = 0; i < n; ++i) {
-      const A x = load_acc(G + i * d + j);
+      const A x = load_acc(selected_row(G, rows, i, d) + j);
       if (is_nonfinite(x)) flag_row(nonfinite, i);
       v[i] = x;
     }
@@ -308,8 +316,8 @@ __global__ void __launch_bounds__(kSliceMaxThreads)
     if (!window.tied) {
       mean = kept_mean_finite(v, window.begin, window.end);
     } else {
-      const T* column = G + j;
-      mean = nearest_by_index([&](int64_t i) { return load_acc(column + i * d); }, n, beta, center, window, v, kept);
+      const auto value_of = [&](int64_t i) { return load_acc(selected_row(G, rows, i, d) + j); };
+      mean = nearest_by_index(value_of, n, beta, center, window, v, kept);
     }
     out[j] = from_acc<T>(mean);
   }
@@ -317,8 +325,8 @@ __global__ void __launch_bounds__(kSliceMaxThreads)
 
 // The column and its beta kept slots share one slice; the network needs no more than n + beta wires' room.
 template <typename T>
-cudaError_t launch_closest(const T* G, int64_t n, int64_t d, int64_t beta, T* out, bool* nonfinite, void* workspace,
-                           cudaStream_t stream) {
+cudaError_t launch_closest(const T* G, const int64_t* rows, int64_t n, int64_t d, int64_t beta, T* out,
+                           bool* nonfinite, void* workspace, cudaStream_t stream) {
   using A = acc_t<T>;
   const SlicePlan plan = slice_plan(n + beta, d, sizeof(A));
   if (plan.workspace_bytes > 0 && workspace == nullptr) return cudaErrorInvalidValue;
@@ -337,7 +345,7 @@ cudaError_t launch_closest(const T* G, int64_t n, int64_t d, int64_t beta, T* ou
     scratch = reinterpret_cast<A*>(base + network_bytes(n + beta));
   }
   closest_slices_kernel<T><<<plan.blocks, plan.threads, plan.shared_bytes, stream>>>(
-      G, n, d, beta, net, steps, plan.stride, scratch, out, nonfinite);
+      G, rows, n, d, beta, net, steps, plan.stride, scratch, out, nonfinite);
   return cudaGetLastError();
 }
 
@@ -348,11 +356,11 @@ size_t closest_workspace_bytes(int64_t n, int64_t beta, int64_t d, size_t acc_si
 }
 
 template <typename T>
-cudaError_t closest_to_median_mean(const T* G, int64_t n, int64_t d, int64_t beta, T* out, bool* nonfinite,
-                                   void* workspace, cudaStream_t stream) {
+cudaError_t closest_to_median_mean(const T* G, const int64_t* rows, int64_t n, int64_t d, int64_t beta, T* out,
+                                   bool* nonfinite, void* workspace, cudaStream_t stream) {
   if (n < 1 || d < 1 || beta < 1 || beta > n) return cudaErrorInvalidValue;
   RA_CUDA_TRY(cudaMemsetAsync(nonfinite, 0, n * sizeof(bool), stream));
-  return launch_closest(G, n, d, beta, out, nonfinite, workspace, stream);
+  return launch_closest(G, rows, n, d, beta, out, nonfinite, workspace, stream);
 }
 
 size_t order_stats_workspace_bytes(int64_t n, int64_t d, size_t acc_size) {
@@ -361,25 +369,25 @@ size_t order_stats_workspace_bytes(int64_t n, int64_t d, size_t acc_size) {
 }
 
 template <typename T>
-cudaError_t order_mean(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, T* out, bool* nonfinite,
-                       void* workspace, cudaStream_t stream) {
-  return order_statistic(G, n, d, lo, hi, 0, out, nullptr, nonfinite, workspace, stream);
+cudaError_t order_mean(const T* G, const int64_t* rows, int64_t n, int64_t d, int64_t lo, int64_t hi, T* out,
+                       bool* nonfinite, void* workspace, cudaStream_t stream) {
+  return order_statistic(G, rows, n, d, lo, hi, 0, out, nullptr, nonfinite, workspace, stream);
 }
 
 template <typename T>
-cudaError_t invariant(const T* G, int64_t n, int64_t d, int64_t lo, int64_t hi, int min_votes, T* out, bool* mask,
-                      bool* nonfinite, void* workspace, cudaStream_t stream) {
+cudaError_t invariant(const T* G, const int64_t* rows, int64_t n, int64_t d, int64_t lo, int64_t hi, int min_votes,
+                      T* out, bool* mask, bool* nonfinite, void* workspace, cudaStream_t stream) {
   if (mask == nullptr) return cudaErrorInvalidValue;
-  return order_statistic(G, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
+  return order_statistic(G, rows, n, d, lo, hi, min_votes, out, mask, nonfinite, workspace, stream);
 }
 
-#define RA_INSTANTIATE(T)                                                                                 \
-  template cudaError_t order_mean<T>(const T*, int64_t, int64_t, int64_t, int64_t, T*, bool*, void*,      \
-                                     cudaStream_t);                                                       \
-  template cudaError_t invariant<T>(const T*, int64_t, int64_t, int64_t, int64_t, int, T*, bool*, bool*, \
-                                    void*, cudaStream_t);                                                 \
-  template cudaError_t closest_to_median_mean<T>(const T*, int64_t, int64_t, int64_t, T*, bool*, void*,  \
-                                                 cudaStream_t);
+#define RA_INSTANTIATE(T)                                                                                            \
+  template cudaError_t order_mean<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, int64_t, T*, bool*, void*, \
+                                     cudaStream_t);                                                                  \
+  template cudaError_t invariant<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int, T*, bool*,    \
+                                    bool*, void*, cudaStream_t);                                                     \
+  template cudaError_t closest_to_median_mean<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, T*, bool*,     \
+                                                 void*, cudaStream_t);
 RA_FOR_EACH_DTYPE(RA_INSTANTIATE, __half, __nv_bfloat16)
 #undef RA_INSTANTIATE
 

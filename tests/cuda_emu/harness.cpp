@@ -128,61 +128,64 @@ void emu_counters(uint64_t* out) {
 
 // ---- the ops
 
-int emu_sign_sum(int dtype, const void* G, int64_t n, int64_t d, int32_t* sums, bool* nonfinite) {
+// rows: the selection of the coordinate-wise ops (int64[n]) or nullptr; n counts the rows read.
+int emu_sign_sum(int dtype, const void* G, const int64_t* rows, int64_t n, int64_t d, int32_t* sums,
+                 bool* nonfinite) {
   const Flags flags{nonfinite, n};
   return guarded([&] {
     return dispatch(dtype, [&](auto tag) {
       using T = decltype(tag);
-      return cuda::sign_sum(as<T>(G), n, d, sums, flags.ptr(), stream());
+      return cuda::sign_sum(as<T>(G), rows, n, d, sums, flags.ptr(), stream());
     });
   });
 }
 
-int emu_rlr(int dtype, const void* G, const void* weights, int64_t n, int64_t d, int theta, double server_lr,
-            void* out, bool* nonfinite) {
+int emu_rlr(int dtype, const void* G, const int64_t* rows, const void* weights, int64_t n, int64_t d, int theta,
+            double server_lr, void* out, bool* nonfinite) {
   const Flags flags{nonfinite, n};
   return guarded([&] {
     return dispatch(dtype, [&](auto tag) {
       using T = decltype(tag);
       using A = acc_t<T>;
-      return cuda::rlr(as<T>(G), as<A>(weights), n, d, theta, static_cast<A>(server_lr), as<T>(out), flags.ptr(),
-                       stream());
+      return cuda::rlr(as<T>(G), rows, as<A>(weights), n, d, theta, static_cast<A>(server_lr), as<T>(out),
+                       flags.ptr(), stream());
     });
   });
 }
 
-int emu_order_mean(int dtype, const void* G, int64_t n, int64_t d, int64_t lo, int64_t hi, void* out,
-                   bool* nonfinite) {
+int emu_order_mean(int dtype, const void* G, const int64_t* rows, int64_t n, int64_t d, int64_t lo, int64_t hi,
+                   void* out, bool* nonfinite) {
   const Flags flags{nonfinite, n};
   return guarded([&] {
     return dispatch(dtype, [&](auto tag) {
       using T = decltype(tag);
       Workspace ws(cuda::order_stats_workspace_bytes(n, d, sizeof(acc_t<T>)));
-      return cuda::order_mean(as<T>(G), n, d, lo, hi, as<T>(out), flags.ptr(), ws.ptr, stream());
+      return cuda::order_mean(as<T>(G), rows, n, d, lo, hi, as<T>(out), flags.ptr(), ws.ptr, stream());
     });
   });
 }
 
-int emu_invariant(int dtype, const void* G, int64_t n, int64_t d, int64_t lo, int64_t hi, int min_votes, void* out,
-                  bool* mask, bool* nonfinite) {
+int emu_invariant(int dtype, const void* G, const int64_t* rows, int64_t n, int64_t d, int64_t lo, int64_t hi,
+                  int min_votes, void* out, bool* mask, bool* nonfinite) {
   const Flags flags{nonfinite, n};
   return guarded([&] {
     return dispatch(dtype, [&](auto tag) {
       using T = decltype(tag);
       Workspace ws(cuda::order_stats_workspace_bytes(n, d, sizeof(acc_t<T>)));
-      return cuda::invariant(as<T>(G), n, d, lo, hi, min_votes, as<T>(out), mask, flags.ptr(), ws.ptr, stream());
+      return cuda::invariant(as<T>(G), rows, n, d, lo, hi, min_votes, as<T>(out), mask, flags.ptr(), ws.ptr,
+                             stream());
     });
   });
 }
 
-int emu_closest_to_median_mean(int dtype, const void* G, int64_t n, int64_t d, int64_t beta, void* out,
-                               bool* nonfinite) {
+int emu_closest_to_median_mean(int dtype, const void* G, const int64_t* rows, int64_t n, int64_t d, int64_t beta,
+                               void* out, bool* nonfinite) {
   const Flags flags{nonfinite, n};
   return guarded([&] {
     return dispatch(dtype, [&](auto tag) {
       using T = decltype(tag);
       Workspace ws(cuda::closest_workspace_bytes(n, beta, d, sizeof(acc_t<T>)));
-      return cuda::closest_to_median_mean(as<T>(G), n, d, beta, as<T>(out), flags.ptr(), ws.ptr, stream());
+      return cuda::closest_to_median_mean(as<T>(G), rows, n, d, beta, as<T>(out), flags.ptr(), ws.ptr, stream());
     });
   });
 }

@@ -19,11 +19,11 @@ ASCENDING, DESCENDING, SHUFFLED, WARP_EAGER = 0, 1, 2, 4
 _c_i64, _c_int, _c_ptr, _c_dbl, _c_bool = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_double, ctypes.c_bool
 
 _SIGNATURES = {
-    "emu_sign_sum": [_c_int, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr],
-    "emu_rlr": [_c_int, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_int, _c_dbl, _c_ptr, _c_ptr],
-    "emu_order_mean": [_c_int, _c_ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr],
-    "emu_invariant": [_c_int, _c_ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_int, _c_ptr, _c_ptr, _c_ptr],
-    "emu_closest_to_median_mean": [_c_int, _c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr],
+    "emu_sign_sum": [_c_int, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr],
+    "emu_rlr": [_c_int, _c_ptr, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_int, _c_dbl, _c_ptr, _c_ptr],
+    "emu_order_mean": [_c_int, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr],
+    "emu_invariant": [_c_int, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_int, _c_ptr, _c_ptr, _c_ptr],
+    "emu_closest_to_median_mean": [_c_int, _c_ptr, _c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr],
     "emu_client_stats": [_c_int, _c_ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_ptr, _c_ptr,
                          _c_ptr, _c_ptr],
     "emu_clip_rows": [_c_int, _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_ptr],
@@ -66,6 +66,20 @@ def _p(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _selection(G: torch.Tensor, rows: torch.Tensor | None):
+    """(G, rows, n, d) as bindings' checks::rows_arg leaves them: G contiguous, rows None or a
+    contiguous int64[n] of row numbers in range, n the number of rows the op reads. The kernels
+    trust rows for their addresses, so a bad one is refused here, as there."""
+    G = G.contiguous()
+    if rows is None:
+        return (G, None, *G.shape)
+    if rows.dtype != torch.int64 or rows.dim() != 1 or not 1 <= rows.numel() <= G.shape[0]:
+        raise ValueError(f"rows must be int64[m], 1 <= m <= {G.shape[0]}, got {rows.dtype} {tuple(rows.shape)}")
+    if int(rows.min()) < 0 or int(rows.max()) >= G.shape[0]:
+        raise ValueError(f"rows must lie in [0, {G.shape[0]}), got {rows.min()}..{rows.max()}")
+    return G, rows.contiguous(), rows.numel(), G.shape[1]
+
+
 def _check_bools(*tensors):
     for t in tensors:
         raw = t.view(torch.uint8)
@@ -104,47 +118,43 @@ class Emulator:
 
     # ---- ops (bindings.cpp order and derived values)
 
-    def sign_sum(self, G):
-        G = G.contiguous()
-        n, d = G.shape
+    def sign_sum(self, G, rows=None):
+        G, rows, n, d = _selection(G, rows)
         sums, bad = garbage(d, torch.int32), garbage(n, torch.bool)
-        self.call("emu_sign_sum", DTYPE_CODES[G.dtype], _p(G), n, d, _p(sums), _p(bad))
+        self.call("emu_sign_sum", DTYPE_CODES[G.dtype], _p(G), _p(rows), n, d, _p(sums), _p(bad))
         _check_bools(bad)
         return sums, bad
 
-    def rlr(self, G, weights, theta, server_lr):
-        G = G.contiguous()
-        n, d = G.shape
+    def rlr(self, G, weights, theta, server_lr, rows=None):
+        G, rows, n, d = _selection(G, rows)
         # bindings' checks::weights_arg: scaled by a power of two to a largest weight in [0.5, 1)
         w = None if weights is None else weights.to(_acc(G.dtype))
         if w is not None:
             w = torch.ldexp(w.double(), -torch.frexp(w.double().max()).exponent).to(w.dtype).contiguous()
         out, bad = garbage(d, G.dtype), garbage(n, torch.bool)
-        self.call("emu_rlr", DTYPE_CODES[G.dtype], _p(G), _p(w), n, d, theta, server_lr, _p(out), _p(bad))
+        self.call("emu_rlr", DTYPE_CODES[G.dtype], _p(G), _p(rows), _p(w), n, d, theta, server_lr, _p(out), _p(bad))
         _check_bools(bad)
         return out, bad
 
-    def order_mean(self, G, lo, hi):
-        G = G.contiguous()
-        n, d = G.shape
+    def order_mean(self, G, lo, hi, rows=None):
+        G, rows, n, d = _selection(G, rows)
         out, bad = garbage(d, G.dtype), garbage(n, torch.bool)
-        self.call("emu_order_mean", DTYPE_CODES[G.dtype], _p(G), n, d, lo, hi, _p(out), _p(bad))
+        self.call("emu_order_mean", DTYPE_CODES[G.dtype], _p(G), _p(rows), n, d, lo, hi, _p(out), _p(bad))
         _check_bools(bad)
         return out, bad
 
-    def invariant(self, G, lo, hi, min_votes):
-        G = G.contiguous()
-        n, d = G.shape
+    def invariant(self, G, lo, hi, min_votes, rows=None):
+        G, rows, n, d = _selection(G, rows)
         out, mask, bad = garbage(d, G.dtype), garbage(d, torch.bool), garbage(n, torch.bool)
-        self.call("emu_invariant", DTYPE_CODES[G.dtype], _p(G), n, d, lo, hi, min_votes, _p(out), _p(mask), _p(bad))
+        self.call("emu_invariant", DTYPE_CODES[G.dtype], _p(G), _p(rows), n, d, lo, hi, min_votes, _p(out), _p(mask),
+                  _p(bad))
         _check_bools(mask, bad)
         return out, mask, bad
 
-    def closest_to_median_mean(self, G, beta):
-        G = G.contiguous()
-        n, d = G.shape
+    def closest_to_median_mean(self, G, beta, rows=None):
+        G, rows, n, d = _selection(G, rows)
         out, bad = garbage(d, G.dtype), garbage(n, torch.bool)
-        self.call("emu_closest_to_median_mean", DTYPE_CODES[G.dtype], _p(G), n, d, beta, _p(out), _p(bad))
+        self.call("emu_closest_to_median_mean", DTYPE_CODES[G.dtype], _p(G), _p(rows), n, d, beta, _p(out), _p(bad))
         _check_bools(bad)
         return out, bad
 

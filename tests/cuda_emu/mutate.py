@@ -48,8 +48,9 @@ MUTATIONS = {
         "cuda/maxpool.cu", "if ((a == 0 && b == 0) || window_takes(x, best))", "if (window_takes(x, best))", None,
         "maxpool"),
     "order_stats: register kernel reads one row too many": (
-        "cuda/order_stats.cu", "      if (i < n) {\n        const A x = load_acc(G + i * d + j);",
-        "      if (i <= n && i < N) {\n        const A x = load_acc(G + i * d + j);", None, "order_mean"),
+        "cuda/order_stats.cu", "      if (i < n) {\n        const A x = load_acc(selected_row(G, rows, i, d) + j);",
+        "      if (i <= n && i < N) {\n        const A x = load_acc(selected_row(G, rows, i, d) + j);", None,
+        "order_mean"),
     "order_stats: global scratch one value short (ASan)": (
         "cuda/order_stats.cu",
         "plan.workspace_bytes += static_cast<size_t>(plan.blocks) * plan.threads * n * acc_size;",
@@ -89,8 +90,8 @@ MUTATIONS = {
         "    if (is_infinite(mean)) *overflowed = 1u;", "thread", "overflowing_kept_sum and float32-registers-18"),
     "rlr: no overflow redo": (
         "cuda/sign_votes.cu",
-        "    if (is_infinite(sum)) mean = rescued_rlr_mean<T, kWeighted>(G, weights, n, d, j, weight_total, mean);\n",
-        "", None, "rlr"),
+        "    if (is_infinite(sum)) mean = rescued_rlr_mean<T, kWeighted>(G, rows, weights, n, d, j, weight_total, "
+        "mean);\n", "", None, "rlr"),
     "rlr: the overflow redo gives every row weight 1": (
         "cuda/sign_votes.cu", "const double w = kWeighted ? static_cast<double>(__ldg(weights + i)) : 1.0;",
         "const double w = 1.0;", None, "rlr"),
@@ -112,6 +113,33 @@ MUTATIONS = {
         "cuda/pairwise.cu", "s.differ == 0);", "s.sqdist == 0.0);", None, "pairwise"),
     "pairwise: the warp sum drops the count of differing entries": (
         "cuda/pairwise.cu", "    s.differ += __shfl_down_sync(0xffffffffu, s.differ, offset);\n", "", None, "pairwise"),
+    # ---- row selections: every read of G goes through the selection (common.cuh's selected_row)
+    "selected_row: the selection is ignored": (
+        "cuda/common.cuh", "return G + (rows == nullptr ? i : __ldg(rows + i)) * d;", "return G + i * d;", None,
+        "row_selection"),
+    "selected_row: the row number is read one position late (ASan)": (
+        "cuda/common.cuh", "__ldg(rows + i)", "__ldg(rows + i + 1)", "address", "row_selection"),
+    "sign_sum: reads rows 0..n-1 of G instead of the selection": (
+        "cuda/sign_votes.cu", "load_acc(selected_row(G, rows, i, d) + j);\n      if (is_nonfinite(x)) flag_row",
+        "load_acc(G + i * d + j);\n      if (is_nonfinite(x)) flag_row", None, "row_selection and sign_sum"),
+    "rlr: the overflow redo reads rows 0..n-1 of G instead of the selection": (
+        "cuda/sign_votes.cu", "load_acc(selected_row(G, rows, i, d) + j);\n    if (is_nonfinite(x)) return",
+        "load_acc(G + i * d + j);\n    if (is_nonfinite(x)) return", None, "row_selection and rlr"),
+    "order_stats: the register kernel reads rows 0..n-1 of G instead of the selection": (
+        "cuda/order_stats.cu", "if (i < n) {\n        const A x = load_acc(selected_row(G, rows, i, d) + j);",
+        "if (i < n) {\n        const A x = load_acc(G + i * d + j);", None, "row_selection and order_mean"),
+    "order_stats: the redo kernel reads rows 0..n-1 of G instead of the selection": (
+        "cuda/order_stats.cu", "column[i] = load_acc(selected_row(G, rows, i, d) + j);",
+        "column[i] = load_acc(G + i * d + j);", None, "row_selection and overflowing"),
+    "order_stats: the slice kernel reads rows 0..n-1 of G instead of the selection": (
+        "cuda/order_stats.cu", "load_acc(selected_row(G, rows, i, d) + j);\n      const bool bad",
+        "load_acc(G + i * d + j);\n      const bool bad", None, "row_selection and order_mean"),
+    "closest_to_median_mean: sorts rows 0..n-1 of G instead of the selection": (
+        "cuda/order_stats.cu", "load_acc(selected_row(G, rows, i, d) + j);\n      if (is_nonfinite(x))",
+        "load_acc(G + i * d + j);\n      if (is_nonfinite(x))", None, "row_selection and closest"),
+    "closest_to_median_mean: a tie is broken in G's row order instead of the selection's": (
+        "cuda/order_stats.cu", "[&](int64_t i) { return load_acc(selected_row(G, rows, i, d) + j); };",
+        "[&](int64_t i) { return load_acc(G + i * d + j); };", None, "row_selection and closest"),
 }
 
 _RUNTIMES = {"address": "libasan.so", "thread": "libtsan.so"}
