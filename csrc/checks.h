@@ -179,23 +179,22 @@ inline std::tuple<at::Tensor, at::Tensor> topk_outputs(const at::Tensor& x, int6
   return {at::empty({kept}, x.options().dtype(at::kLong)), at::empty({kept}, x.options())};
 }
 
-// maxpool_amplify's arguments. Returns the segment table as a contiguous host copy (a few hundred
-// bytes): the kernels trust it for their addresses and size their scratch by it, so every
+// maxpool_amplify's arguments, with the segment table on the host (five ints per segment; a few
+// hundred bytes): the kernels trust it for their addresses and size their scratch by it, so every
 // segment must read inside a row of G, write inside a row of the output, and have rows and cols
 // of at most d each (even when the other is 0). The products are bounded by divisions, so a
 // hostile table cannot overflow them. A pooled output is never wider than its input, so out_width
-// is at most d.
-inline at::Tensor segment_table(const at::Tensor& segments, int64_t d, int64_t kernel, bool restore,
-                                int64_t out_width) {
+// is at most d. Returns the number of segments.
+inline int64_t segment_table(c10::IntArrayRef segments, int64_t d, int64_t kernel, bool restore, int64_t out_width) {
   TORCH_CHECK(kernel >= 1, "maxpool_amplify: kernel=", kernel, " is out of range; allowed >= 1");
-  TORCH_CHECK(segments.dim() == 2 && segments.size(1) == 5 && segments.scalar_type() == at::kLong,
-              "maxpool_amplify: segments must be int64[S, 5], got ", segments.scalar_type(), " ", segments.sizes());
+  TORCH_CHECK(segments.size() % 5 == 0, "maxpool_amplify: segments must hold five ints per segment, got ",
+              segments.size());
   TORCH_CHECK(restore ? out_width == d : (out_width >= 0 && out_width <= d), "maxpool_amplify: out_width=",
               out_width, restore ? " must equal d=" : " is out of range; allowed [0, d=", d,
               restore ? " with restore=True" : "]");
-  const at::Tensor table = segments.to(at::kCPU).contiguous();
-  const int64_t* t = table.data_ptr<int64_t>();
-  for (int64_t s = 0; s < table.size(0); ++s) {
+  const int64_t* t = segments.data();
+  const int64_t count = static_cast<int64_t>(segments.size() / 5);
+  for (int64_t s = 0; s < count; ++s) {
     const int64_t off = t[5 * s], rows = t[5 * s + 1], cols = t[5 * s + 2], pooled = t[5 * s + 3], out = t[5 * s + 4];
     TORCH_CHECK(off >= 0 && rows >= 0 && cols >= 0 && off <= d && rows <= d && cols <= d &&
                     (cols == 0 || rows <= (d - off) / cols),
@@ -209,7 +208,7 @@ inline at::Tensor segment_table(const at::Tensor& segments, int64_t d, int64_t k
     TORCH_CHECK(!restore || out == off, "maxpool_amplify: with restore=True segment ", s,
                 " must write where it reads (out_offset ", out, " != in_offset ", off, ")");
   }
-  return table;
+  return count;
 }
 
 }  // namespace robustagg::checks

@@ -42,9 +42,9 @@ TORCH_LIBRARY(robustagg, m) {
   m.def("topk_ef_step(Tensor u, Tensor(a!) error, Tensor(b!) momentum, int k, float rho) -> "
         "(Tensor indices, Tensor values, Tensor nonfinite)");
   m.def("topk_abs(Tensor x, int k) -> (Tensor indices, Tensor values, Tensor nonfinite)");
-  // max-pool amplification. segments: int64[S, 5] rows of
+  // max-pool amplification. segments: the host table of S segments, five ints each
   // (in_offset, rows, cols, pooled, out_offset); out_width is the output row length.
-  m.def("maxpool_amplify(Tensor G, Tensor segments, int kernel, bool restore, int out_width) -> "
+  m.def("maxpool_amplify(Tensor G, int[] segments, int kernel, bool restore, int out_width) -> "
         "(Tensor out, Tensor nonfinite)");
   // pairwise geometry, [n, n] in float64.
   m.def("pairwise_sqdist(Tensor G) -> (Tensor out, Tensor nonfinite)");

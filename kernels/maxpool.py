@@ -94,20 +94,19 @@ def _maxpool_kernel(G, items, tile_item, out, flags, d, out_width, kernel, IS_FP
             tl.store(dst + at, tl.zeros([BLOCK], dtype=dst.dtype.element_ty), mask=ok)
 
 
-def _checked_segments(segments, d: int, kernel: int, restore: bool, out_width: int):
-    """The segment table as a list, after csrc/checks.h's segment_table checks (same messages):
-    the work table's addresses and sizes come from it, so every segment must read inside a row of
-    G and write inside a row of the output."""
+def _checked_segments(segments: list[int], d: int, kernel: int, restore: bool, out_width: int):
+    """The host segment table as a list of five-int rows, after csrc/checks.h's segment_table
+    checks (same messages): the work table's addresses and sizes come from it, so every segment
+    must read inside a row of G and write inside a row of the output."""
     if kernel < 1:
         raise RuntimeError(f"maxpool_amplify: kernel={kernel} is out of range; allowed >= 1")
-    if segments.dim() != 2 or segments.shape[1] != 5 or segments.dtype != torch.int64:
-        raise RuntimeError(f"maxpool_amplify: segments must be int64[S, 5], got {segments.dtype} "
-                           f"{list(segments.shape)}")
+    if len(segments) % 5:
+        raise RuntimeError(f"maxpool_amplify: segments must hold five ints per segment, got {len(segments)}")
     if restore and out_width != d:
         raise RuntimeError(f"maxpool_amplify: out_width={out_width} must equal d={d} with restore=True")
     if not restore and not 0 <= out_width <= d:
         raise RuntimeError(f"maxpool_amplify: out_width={out_width} is out of range; allowed [0, d={d}]")
-    table = segments.cpu().tolist()
+    table = [segments[i:i + 5] for i in range(0, len(segments), 5)]
     for s, (offset, rows, cols, pooled, out) in enumerate(table):
         if not (0 <= offset <= d and 0 <= rows <= d and 0 <= cols <= d and offset + rows * cols <= d):
             raise RuntimeError(f"maxpool_amplify: segment {s} (offset {offset}, rows {rows}, cols {cols}) does not "

@@ -87,19 +87,10 @@ def topk_abs(x: Tensor, k: int) -> Tensors3:
     return idx, values, _vector_nonfinite(x)
 
 
-class _TableLayout:
-    """Adapts the kernels' int64 segment table to reference.maxpool_amplify's layout argument."""
-
-    def __init__(self, table):
-        self.segments = [Segment(None, int(o), int(r) * int(c), int(r), int(c), bool(p))
-                         for o, r, c, p, _ in table.tolist()]
-
-    def segments_for(self, d):
-        return self.segments
-
-
-def maxpool_amplify(G: Tensor, segments: Tensor, kernel: int, restore: bool, out_width: int) -> Tensors2:
-    return reference.maxpool_amplify(G, _TableLayout(segments), kernel, restore), _nonfinite_rows(G)
+def maxpool_amplify(G: Tensor, segments: list[int], kernel: int, restore: bool, out_width: int) -> Tensors2:
+    table = [segments[i:i + 5] for i in range(0, len(segments), 5)]
+    pieces = [Segment(None, offset, rows * cols, rows, cols, bool(pooled)) for offset, rows, cols, pooled, _ in table]
+    return reference.maxpool_segments(G, pieces, kernel, restore), _nonfinite_rows(G)
 
 
 def pairwise_sqdist(G: Tensor) -> Tensors2:

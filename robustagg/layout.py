@@ -140,15 +140,17 @@ class Layout:
         """Length of a pooled row: sum of (rows//k)*(cols//k) over pooled segments plus pass-through sizes."""
         return sum((s.rows // kernel) * (s.cols // kernel) if s.pooled else s.numel for s in self.segments_for(d))
 
-    def segment_table(self, d: int, kernel: int, restore: bool) -> torch.Tensor:
-        """int64[S, 5] rows (in_offset, rows, cols, pooled, out_offset) for the kernels."""
-        rows, out = [], 0
+    def segment_table(self, d: int, kernel: int, restore: bool) -> list[int]:
+        """The kernels' segment table: for each segment the five ints in_offset, rows, cols, pooled,
+        out_offset, one segment after the other. It stays a host list (the raw op's ``int[]``): the
+        kernels' launch plans are made from it on the host."""
+        table, out = [], 0
         for s in self.segments_for(d):
             # an empty parameter (shape (0, n)) is (0, 0): the kernels reject dimensions beyond d
             shape = (s.rows, s.cols) if s.numel else (0, 0)
-            rows.append((s.offset, *shape, int(s.pooled), s.offset if restore else out))
+            table += [s.offset, *shape, int(s.pooled), s.offset if restore else out]
             out += (s.rows // kernel) * (s.cols // kernel) if s.pooled else s.numel
-        return torch.tensor(rows, dtype=torch.int64).reshape(-1, 5)
+        return table
 
     # ------------------------------------------------------------ unflatten
     def unflatten(self, vec: torch.Tensor, held: Mapping | None = None):

@@ -453,7 +453,7 @@ def maxpool_amplify(G, layout: Layout, kernel: int = 2, restore: bool = False, *
     dims = [max(s.rows, s.cols) for s in layout.segments_for(d) if s.pooled]
     why = f" (the largest dimension of a pooled segment of {layout!r} over d={d}, or 2)" if dims else ""
     kernel = check_int(op, "kernel", kernel, 1, max(dims + [2]) if dims else None, why)
-    table = layout.segment_table(d, kernel, restore).to(G.device)
+    table = layout.segment_table(d, kernel, restore)
     width = d if restore else layout.pooled_width(d, kernel)
     (out,), bad = per_client(op, G, nonfinite, backend, lambda fn, X: fn(X, table, kernel, restore, width),
                               row_outputs=(0,))

@@ -264,10 +264,15 @@ def topk_ef_step(u, error, momentum, k: int, rho: float):
 
 def maxpool_amplify(G: torch.Tensor, layout, kernel: int, restore: bool = False) -> torch.Tensor:
     """Per-segment ``kernel x kernel`` max-pooling, stride = kernel, floor mode (``ops.maxpool_amplify``)."""
-    n, d = G.shape
+    return maxpool_segments(G, layout.segments_for(G.shape[1]), kernel, restore)
+
+
+def maxpool_segments(G: torch.Tensor, segments, kernel: int, restore: bool = False) -> torch.Tensor:
+    """``maxpool_amplify`` over a list of ``layout.Segment``."""
+    n = G.shape[0]
     pieces = []
     out = torch.zeros_like(G) if restore else None
-    for seg in layout.segments_for(d):
+    for seg in segments:
         x = G[:, seg.offset:seg.offset + seg.numel]
         if not seg.pooled:
             if restore:

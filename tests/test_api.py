@@ -348,7 +348,8 @@ def _raw_backends():
 
 
 def _segments(*rows):
-    return torch.tensor(rows, dtype=torch.int64)
+    """The host segment table: five ints per segment."""
+    return [value for row in rows for value in row]
 
 
 @pytest.mark.parametrize("device", _raw_backends())
@@ -378,6 +379,8 @@ def _segments(*rows):
     (lambda G: RAW.topk_abs(G[0], -1), r"topk_abs: k=-1 is out of range; allowed >= 0"),
     (lambda G: RAW.topk_ef_step(G[0], G[1], G[2, :6].clone(), 2, 0.0),
      r"topk_ef_step: error and momentum must match u's shape"),
+    (lambda G: RAW.maxpool_amplify(G, [0, 2, 3, 1], 2, False, 7),
+     r"maxpool_amplify: segments must hold five ints per segment, got 4"),
     (lambda G: RAW.maxpool_amplify(G, _segments((0, 2, 3, 1, 0)), 0, False, 7),
      r"maxpool_amplify: kernel=0 is out of range; allowed >= 1"),
     (lambda G: RAW.maxpool_amplify(G, _segments((4, 2, 2, 1, 0)), 2, False, 7),

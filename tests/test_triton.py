@@ -849,7 +849,7 @@ def test_maxpool_flags_minus_inf_that_is_not_the_window_max(restore):
     layout = Layout.from_shapes([(4, 6)])
     G = _randn(3, 24, torch.float32)
     G[1, 7] = float("-inf")  # inside the window at (0, 0); its max is finite
-    out, flags = RAW.maxpool_amplify(G, layout.segment_table(24, 2, restore).to(DEVICE), 2, restore,
+    out, flags = RAW.maxpool_amplify(G, layout.segment_table(24, 2, restore), 2, restore,
                                      24 if restore else layout.pooled_width(24, 2))
     assert flags.cpu().tolist() == [False, True, False]
     assert torch.isfinite(out).all()
@@ -865,7 +865,7 @@ device = torch.device(sys.argv[1])
 G = torch.randn(7, 37, device=device)
 start = time.perf_counter()
 for kernel in (2 ** 40, 9):
-    table = Layout.flat(4).segment_table(37, kernel, True).to(device)
+    table = Layout.flat(4).segment_table(37, kernel, True)
     out, flags = torch.ops.robustagg_triton.maxpool_amplify(G, table, kernel, True, 37)
     assert torch.equal(out.cpu(), torch.zeros(7, 37)) and not flags.any(), kernel
 print("seconds", time.perf_counter() - start)
@@ -895,15 +895,13 @@ def test_maxpool_restore_with_a_kernel_larger_than_every_segment_returns_promptl
 def test_maxpool_raw_op_rejects_hostile_segment_tables(segment, kernel, restore, out_width, match):
     # the work table's addresses and sizes come from the segment table: the same checks (and
     # messages) as csrc/checks.h, before anything is allocated or launched
-    table = torch.tensor([segment], dtype=torch.int64, device=DEVICE)
     with pytest.raises(RuntimeError, match=match):
-        RAW.maxpool_amplify(_randn(5, 7, torch.float32), table, kernel, restore, out_width)
+        RAW.maxpool_amplify(_randn(5, 7, torch.float32), list(segment), kernel, restore, out_width)
 
 
-def test_maxpool_raw_op_rejects_a_segment_table_that_is_not_int64():
-    table = torch.tensor([[0, 2, 2, 1, 0]], dtype=torch.int32, device=DEVICE)
-    with pytest.raises(RuntimeError, match=r"segments must be int64\[S, 5\]"):
-        RAW.maxpool_amplify(_randn(5, 7, torch.float32), table, 2, False, 1)
+def test_maxpool_raw_op_rejects_a_segment_table_of_partial_segments():
+    with pytest.raises(RuntimeError, match=r"segments must hold five ints per segment, got 6"):
+        RAW.maxpool_amplify(_randn(5, 7, torch.float32), [0, 2, 2, 1, 0, 0], 2, False, 1)
 
 
 # ---------------------------------------------------------------- pairwise

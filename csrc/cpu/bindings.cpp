@@ -179,15 +179,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_abs(const at::Tensor& x_in, 
 
 // ---- max-pool amplification (csrc/cpu/maxpool.cpp)
 
-std::tuple<at::Tensor, at::Tensor> maxpool_amplify(const at::Tensor& G_in, const at::Tensor& segments_in,
-                                                   int64_t kernel, bool restore, int64_t out_width) {
+std::tuple<at::Tensor, at::Tensor> maxpool_amplify(const at::Tensor& G_in, c10::IntArrayRef segments, int64_t kernel,
+                                                   bool restore, int64_t out_width) {
   const at::Tensor G = matrix_arg(G_in, "maxpool_amplify");
   const int64_t n = G.size(0), d = G.size(1);
-  const at::Tensor table = checks::segment_table(segments_in, d, kernel, restore, out_width);
+  const int64_t count = checks::segment_table(segments, d, kernel, restore, out_width);
   at::Tensor out = at::empty({n, out_width}, G.options()), bad = row_flags(G);
   RA_CPU_DISPATCH(G.scalar_type(), "maxpool_amplify", [&] {
-    cpu::maxpool_amplify<scalar_t>(G.data_ptr<scalar_t>(), n, d, table.data_ptr<int64_t>(), table.size(0), kernel,
-                                   restore, out_width, out.data_ptr<scalar_t>(), bad.data_ptr<bool>());
+    cpu::maxpool_amplify<scalar_t>(G.data_ptr<scalar_t>(), n, d, segments.data(), count, kernel, restore, out_width,
+                                   out.data_ptr<scalar_t>(), bad.data_ptr<bool>());
   });
   return {out, bad};
 }

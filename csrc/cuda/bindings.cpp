@@ -260,14 +260,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_abs(const at::Tensor& x_in, 
 
 // ---- max-pool amplification
 
-std::tuple<at::Tensor, at::Tensor> maxpool_amplify(const at::Tensor& G_in, const at::Tensor& segments_in,
-                                                   int64_t kernel, bool restore, int64_t out_width) {
+std::tuple<at::Tensor, at::Tensor> maxpool_amplify(const at::Tensor& G_in, c10::IntArrayRef table, int64_t kernel,
+                                                   bool restore, int64_t out_width) {
   const at::Tensor G = matrix_arg(G_in, "maxpool_amplify");
   const int64_t n = G.size(0), d = G.size(1);
-  const at::Tensor table = checks::segment_table(segments_in, d, kernel, restore, out_width);
+  const int64_t S = checks::segment_table(table, d, kernel, restore, out_width);
   const c10::cuda::CUDAGuard guard(G.device());
-  const at::Tensor segments = table.to(G.device());
-  const int64_t S = segments.size(0);
+  // the checked host table's one copy to the device
+  const at::Tensor segments = at::tensor(table, at::TensorOptions().dtype(at::kLong)).to(G.device());
   at::Tensor out = at::empty({n, out_width}, G.options()), bad = row_flags(G);
   const at::Tensor ws = workspace(cuda::maxpool_workspace_bytes(S), G);
   RA_CUDA_DISPATCH(G.scalar_type(), "maxpool_amplify", [&] {

@@ -207,7 +207,7 @@ class Emulator:
     def maxpool_amplify(self, G, segments, kernel, restore, out_width):
         G = G.contiguous()
         n, d = G.shape
-        table = segments.contiguous()
+        table = torch.tensor(segments, dtype=torch.int64).reshape(-1, 5)   # the host table, five ints per segment
         out, bad = garbage((n, out_width), G.dtype), garbage(n, torch.bool)
         self.call("emu_maxpool_amplify", DTYPE_CODES[G.dtype], _p(G), n, d, _p(table), table.shape[0], kernel,
                   restore, out_width, _p(out), _p(bad))
