@@ -12,7 +12,7 @@ A row holds what the Python side knows about its op:
   without triton;
 * ``triton_traceable``: whether the Triton op can be a ``torch.library.triton_op``, which
   torch.compile traces into: its launch grid must depend on shapes only, and its launcher then
-  takes ``wrap_triton`` as its last argument. The others are opaque ``custom_op``s;
+  takes ``wrap_triton`` as its ``launch=`` keyword. The others are opaque ``custom_op``s;
 * ``mutates``: the arguments the op writes in place;
 * ``native``: the dispatch keys where robustagg._C and robustagg._C_cuda are expected to hold a kernel.
 
@@ -129,7 +129,7 @@ def _u(device):
 
 def _maxpool_sample(device):
     layout = Layout.from_shapes([(4, 5), (20,)])
-    return _G(device), layout.segment_table(40, 2, False).to(device), 2, False, layout.pooled_width(40, 2)
+    return _G(device), layout.segment_table(40, 2, False), 2, False, layout.pooled_width(40, 2)
 
 
 # ---------------------------------------------------------------- the table

@@ -51,14 +51,6 @@ template <> __device__ __forceinline__ double positive_infinity<double>() {
   return __longlong_as_double(0x7ff0000000000000LL);
 }
 
-// Row i of the rows an op reads (launch.h): G's row rows[i] where the caller passes a selection,
-// else row i. Without one nothing more is loaded; the test is the same for every thread, so the
-// branch never diverges.
-template <typename T>
-__device__ __forceinline__ const T* selected_row(const T* G, const int64_t* rows, int64_t i, int64_t d) {
-  return G + (rows == nullptr ? i : __ldg(rows + i)) * d;
-}
-
 // Row flags are written only as `true` by every thread that sees a NaN/Inf: many writers store the
 // same byte, so the result does not depend on their order. The launchers clear the flags first.
 __device__ __forceinline__ void flag_row(bool* nonfinite, int64_t row) { nonfinite[row] = true; }

@@ -3,7 +3,7 @@
 //
 // One thread per coordinate; a warp reads 32 consecutive coordinates of one client row, so loads
 // are coalesced, and each row's non-finite flag and the sign votes come out of the same pass. The
-// rows are G's, or those a selection names (launch.h), read where they lie through common.cuh's
+// rows are G's, or those a selection names (launch.h), read where they lie through core's
 // selected_row; n below is always the number of rows read.
 //
 // * n <= 64 (n <= 128 for 16/32-bit data, whose 128 float wires still fit in the 255 registers of

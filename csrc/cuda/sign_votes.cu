@@ -1,6 +1,6 @@
 // CUDA kernels of the sign-vote family (docs/ops.md): sign_sum and the fused robust learning
 // rate. One thread per coordinate walks the n rows it reads in order (G's rows, or the selection
-// `rows` names: common.cuh's selected_row), so a warp reads 32 consecutive coordinates of one row
+// `rows` names: core's selected_row), so a warp reads 32 consecutive coordinates of one row
 // (coalesced) and every row's non-finite flag comes out of the same pass.
 // The per-value math is core/sign_votes.h, shared with the CPU kernels. A coordinate whose weighted
 // sum overflowed is redone from its column, like the CPU kernel does.

@@ -113,12 +113,11 @@ MUTATIONS = {
         "cuda/pairwise.cu", "s.differ == 0);", "s.sqdist == 0.0);", None, "pairwise"),
     "pairwise: the warp sum drops the count of differing entries": (
         "cuda/pairwise.cu", "    s.differ += __shfl_down_sync(0xffffffffu, s.differ, offset);\n", "", None, "pairwise"),
-    # ---- row selections: every read of G goes through the selection (common.cuh's selected_row)
+    # ---- row selections: every read of G goes through the selection (core's selected_row)
     "selected_row: the selection is ignored": (
-        "cuda/common.cuh", "return G + (rows == nullptr ? i : __ldg(rows + i)) * d;", "return G + i * d;", None,
-        "row_selection"),
+        "core/common.h", "return G + (rows ? rows[i] : i) * d;", "return G + i * d;", None, "row_selection"),
     "selected_row: the row number is read one position late (ASan)": (
-        "cuda/common.cuh", "__ldg(rows + i)", "__ldg(rows + i + 1)", "address", "row_selection"),
+        "core/common.h", "rows ? rows[i] : i", "rows ? rows[i + 1] : i", "address", "row_selection"),
     "sign_sum: reads rows 0..n-1 of G instead of the selection": (
         "cuda/sign_votes.cu", "load_acc(selected_row(G, rows, i, d) + j);\n      if (is_nonfinite(x)) flag_row",
         "load_acc(G + i * d + j);\n      if (is_nonfinite(x)) flag_row", None, "row_selection and sign_sum"),
