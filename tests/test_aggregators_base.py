@@ -157,6 +157,20 @@ def test_all_clients_nonfinite_is_a_clear_error():
         A.FedAvg()(torch.full((3, 4), float("nan"), device=DEVICE))
 
 
+# ---------------------------------------------------------------- state across rounds
+
+@pytest.mark.parametrize("make, n, d", [(lambda: A.CenteredClipping(tau=1.0, iters=2), 8, 20),
+                                        (lambda: A.SparseFed(k=5, clip=3.0), 6, 50)], ids=["CenteredClipping", "SparseFed"])
+def test_state_dict_resumes_identically(make, n, d):
+    G1, G2 = rand_G(n, d, seed=1), rand_G(n, d, seed=2)
+    a = make()
+    a(G1)
+    b = make()
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(G2), b(G2))
+    assert not torch.equal(make()(G2), b(G2))   # the state matters
+
+
 # ---------------------------------------------------------------- parameters that do not fit n
 
 @pytest.mark.parametrize("make,n,match", [
