@@ -105,6 +105,14 @@ inline acc_t<T> closest_coordinate(const OrderJob<T>& job, int64_t j, const acc_
                           window, sorted, s.kept.data());
 }
 
+// closest_coordinate of lane l of a sorted tile whose first coordinate is j.
+template <typename T>
+inline acc_t<T> closest_lane(const OrderJob<T>& job, int64_t j, int64_t l, const typename Lanes<acc_t<T>>::V* wires,
+                             OrderScratch<T>& s) {
+  for (int64_t i = 0; i < job.n; ++i) s.lane[i] = wires[i][l];
+  return closest_coordinate(job, j + l, s.lane.data(), s);
+}
+
 // closest_to_median_mean of one sorted tile, all lanes at once. The window of the beta nearest
 // values starts at a = #{a : |s_a - c| > |s_(a+beta) - c|}: without a tie at its edges, the
 // window [a, a + beta) moves right exactly while its left end is farther than the next value on
@@ -156,9 +164,7 @@ RA_TARGET_AVX512 inline typename Lanes<acc_t<T>>::V closest_lanes(const OrderJob
   if (!any_nonzero(unclear)) return mean;
   V out = mean;
   for (int64_t l = 0; l < width; ++l) {
-    if (unclear[l] == 0) continue;
-    for (int64_t i = 0; i < n; ++i) s.lane[i] = wires[i][l];
-    out[l] = closest_coordinate(job, j + l, s.lane.data(), s);
+    if (unclear[l] != 0) out[l] = closest_lane(job, j, l, wires, s);
   }
   return out;
 }
@@ -221,10 +227,7 @@ inline void order_tile(const OrderJob<T>& job, int64_t j, typename Lanes<acc_t<T
     if constexpr (isa == Isa::avx512) {
       mean = closest_lanes(job, j, width, wires, s);
     } else {
-      for (int64_t l = 0; l < width; ++l) {
-        for (int64_t i = 0; i < job.n; ++i) s.lane[i] = wires[i][l];
-        mean[l] = closest_coordinate(job, j + l, s.lane.data(), s);
-      }
+      for (int64_t l = 0; l < width; ++l) mean[l] = closest_lane(job, j, l, wires, s);
     }
   } else {
     A* columns = s.columns.data();
