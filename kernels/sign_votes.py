@@ -113,6 +113,8 @@ def rlr_forward(G, weights, theta: int, server_lr: float, rows=None, launch=lamb
     flags = torch.zeros(n, dtype=torch.int32, device=G.device)
     lr = torch.full((1,), server_lr, dtype=acc, device=G.device)
     has_weights = weights is not None
+    if has_weights and tuple(weights.shape) != (n,):   # the kernel reads n of them (csrc/checks.h's message)
+        raise RuntimeError(f"rlr: weights must have shape ({n},), one per row the op reads, got {list(weights.shape)}")
     w = weights.to(acc).contiguous() if has_weights else lr
     block_n, block_d, warps = column_settings(n)
     launch(_rlr_kernel)[(triton.cdiv(d, block_d),)](

@@ -62,7 +62,7 @@ def coordinatewise(op, G, nonfinite, backend, run, raw_op=None, rows=None):
     *result, bad = run(fn, G, first)
     if nonfinite == "propagate" or not bool(bad.any()):
         return result, first.flags(bad)
-    found = first.row_numbers(bad)
+    found = first.row_numbers(bad).unique()   # a selection may list a row twice
     if nonfinite == "raise":
         raise NonFiniteUpdateError(found.tolist(), op)
     kept = first.row_numbers(~bad)

@@ -292,6 +292,12 @@ def test_bad_rows_are_rejected(rows, exc, match):
         robustagg.median(_G(8), rows=rows)
 
 
+def test_a_row_listed_twice_is_reported_once():
+    with pytest.raises(NonFiniteUpdateError) as info:
+        robustagg.median(_poisoned(), rows=[2, 0, 2], backend="torch")
+    assert info.value.clients == [2]
+
+
 def test_params_refer_to_the_selected_rows():
     with pytest.raises(ValueError, match=r"trim=2 is out of range; allowed in \[0, 1\].*n=3 rows"):
         robustagg.trimmed_mean(_G(8), 2, rows=[0, 1, 2])

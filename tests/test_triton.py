@@ -899,6 +899,15 @@ def test_maxpool_raw_op_rejects_hostile_segment_tables(segment, kernel, restore,
         RAW.maxpool_amplify(_randn(5, 7, torch.float32), list(segment), kernel, restore, out_width)
 
 
+@pytest.mark.parametrize("rows", [None, [0, 2]])
+def test_rlr_raw_op_rejects_weights_that_are_not_one_per_row_read(rows):
+    G = _randn(5, 7, torch.float32)
+    selection = None if rows is None else torch.tensor(rows, device=DEVICE)
+    m = 5 if rows is None else 2
+    with pytest.raises(RuntimeError, match=rf"rlr: weights must have shape \({m},\), one per row the op reads"):
+        RAW.rlr(G, torch.ones(m + 1, device=DEVICE), 1, 1.0, selection)
+
+
 def test_maxpool_raw_op_rejects_a_segment_table_of_partial_segments():
     with pytest.raises(RuntimeError, match=r"segments must hold five ints per segment, got 6"):
         RAW.maxpool_amplify(_randn(5, 7, torch.float32), [0, 2, 2, 1, 0, 0], 2, False, 1)

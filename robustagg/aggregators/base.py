@@ -151,8 +151,7 @@ class Clients:
             stats = stats.select(self.selection)
         if self.policy == "propagate" or bool(stats.finite.all()):
             return stats
-        bad = ~stats.finite
-        return stats.select(self.drop(bad).to(stats.finite.device))
+        return stats.select(self.drop(~stats.finite).to(stats.finite.device))
 
     def pairwise(self, op) -> torch.Tensor:
         """An [n, n] op (pairwise_sqdist / pairwise_cosine) over the rows in play; the op's flags
