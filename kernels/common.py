@@ -67,6 +67,18 @@ def to_storage(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def load_row_block(G, row_ids, start, n, d, cols, col_ok, HAS_ROWS: tl.constexpr, IS_FP64: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Positions start..start+BLOCK_N-1 of the n rows a kernel reads, at columns ``cols``, in the
+    arithmetic dtype (0 where masked): (x [BLOCK_N, BLOCK_D], the positions, the valid mask)."""
+    rows = start + tl.arange(0, BLOCK_N)
+    valid = (rows < n)[:, None] & col_ok[None, :]
+    src = source_rows(rows, rows < n, row_ids, HAS_ROWS)
+    x = to_acc(tl.load(G + src[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+    return x, rows, valid
+
+
+@triton.jit
 def source_rows(rows, row_ok, row_ids, HAS_ROWS: tl.constexpr):
     """The rows of G that positions ``rows`` of the selection read, as int64: row_ids[rows] with a
     row selection (masked positions read row 0, whose loads are masked too), else ``rows``."""

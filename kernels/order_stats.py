@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import flag_rows, nonfinite, row_selection, sign_of, source_rows, to_acc, to_storage
+from .common import flag_rows, load_row_block, nonfinite, row_selection, sign_of, source_rows, to_acc, to_storage
 from .settings import MAX_SORT_N, is_fp64, select_settings, sort_settings
 
 
@@ -160,10 +160,7 @@ def _count_below(G, row_ids, cols, col_ok, n, d, bound_a, bound_b, center, HAS_R
     below_a = tl.zeros([BLOCK_D], dtype=tl.int32)
     below_b = tl.zeros([BLOCK_D], dtype=tl.int32)
     for start in range(0, n, BLOCK_N):
-        rows = start + tl.arange(0, BLOCK_N)
-        valid = (rows < n)[:, None] & col_ok[None, :]
-        src = source_rows(rows, rows < n, row_ids, HAS_ROWS)
-        x = to_acc(tl.load(G + src[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+        x, rows, valid = load_row_block(G, row_ids, start, n, d, cols, col_ok, HAS_ROWS, IS_FP64, BLOCK_N)
         if DISTANCE:
             x = tl.abs(x - center[None, :])
         key = _sortable_key(x, IS_FP64)
@@ -209,10 +206,7 @@ def _order_mean_select_kernel(G, row_ids, out, mask_out, flags, n, d, lo, hi, mi
     below_hi = tl.zeros([BLOCK_D], dtype=tl.int32)
     votes = tl.zeros([BLOCK_D], dtype=tl.int32)
     for start in range(0, n, BLOCK_N):
-        rows = start + tl.arange(0, BLOCK_N)
-        valid = (rows < n)[:, None] & col_ok[None, :]
-        src = source_rows(rows, rows < n, row_ids, HAS_ROWS)
-        x = to_acc(tl.load(G + src[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+        x, rows, valid = load_row_block(G, row_ids, start, n, d, cols, col_ok, HAS_ROWS, IS_FP64, BLOCK_N)
         flag_rows(x, rows, valid, flags, 1)
         key = _sortable_key(x, IS_FP64)
         between = valid & (key > key_lo[None, :]) & (key < key_hi[None, :])
@@ -334,10 +328,7 @@ def _closest_select_kernel(G, row_ids, out, flags, n, d, beta, rescale_down, res
     farthest = _value_of_key(key_g, IS_FP64)
     nearer_count = tl.zeros([BLOCK_D], dtype=tl.int32)
     for start in range(0, n, BLOCK_N):
-        rows = start + tl.arange(0, BLOCK_N)
-        valid = (rows < n)[:, None] & col_ok[None, :]
-        src = source_rows(rows, rows < n, row_ids, HAS_ROWS)
-        x = to_acc(tl.load(G + src[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+        x, rows, valid = load_row_block(G, row_ids, start, n, d, cols, col_ok, HAS_ROWS, IS_FP64, BLOCK_N)
         nearer_count += tl.sum((valid & (tl.abs(x - center[None, :]) < farthest[None, :])).to(tl.int32), axis=0)
     # Keep the nearer values and, in row order, the first ties until beta are kept.
     ties_left = beta - nearer_count
@@ -347,10 +338,7 @@ def _closest_select_kernel(G, row_ids, out, flags, n, d, beta, rescale_down, res
     highest = zero - float("inf")
     column_bad = tl.zeros([BLOCK_D], dtype=tl.int32)
     for start in range(0, n, BLOCK_N):
-        rows = start + tl.arange(0, BLOCK_N)
-        valid = (rows < n)[:, None] & col_ok[None, :]
-        src = source_rows(rows, rows < n, row_ids, HAS_ROWS)
-        x = to_acc(tl.load(G + src[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+        x, rows, valid = load_row_block(G, row_ids, start, n, d, cols, col_ok, HAS_ROWS, IS_FP64, BLOCK_N)
         flag_rows(x, rows, valid, flags, 1)
         gap = tl.abs(x - center[None, :])
         tied = valid & (gap == farthest[None, :])

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import flag_rows, nonfinite, row_selection, sign_of, source_rows, to_acc, to_storage
+from .common import flag_rows, load_row_block, nonfinite, row_selection, sign_of, to_acc, to_storage
 from .settings import acc_dtype, column_settings, is_fp64
 
 
@@ -22,10 +22,7 @@ def _sign_sum_kernel(G, row_ids, sums, flags, n, d, HAS_ROWS: tl.constexpr, IS_F
     col_ok = cols < d
     votes = tl.zeros([BLOCK_D], dtype=tl.int32)
     for start in range(0, n, BLOCK_N):
-        rows = start + tl.arange(0, BLOCK_N)
-        valid = (rows < n)[:, None] & col_ok[None, :]
-        src = source_rows(rows, rows < n, row_ids, HAS_ROWS)
-        x = to_acc(tl.load(G + src[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
+        x, rows, valid = load_row_block(G, row_ids, start, n, d, cols, col_ok, HAS_ROWS, IS_FP64, BLOCK_N)
         votes += tl.sum(sign_of(x), axis=0)
         flag_rows(x, rows, valid, flags, 1)
     tl.store(sums + cols, votes, mask=col_ok)
@@ -73,12 +70,8 @@ def _rlr_kernel(G, row_ids, weights, server_lr, out, flags, n, d, theta, HAS_ROW
     highest = tl.full([BLOCK_D], -float("inf"), dtype=tl.float64)
     column_bad = tl.zeros([BLOCK_D], dtype=tl.int32)
     for start in range(0, n, BLOCK_N):
-        rows = start + tl.arange(0, BLOCK_N)
-        row_ok = rows < n
-        valid = row_ok[:, None] & col_ok[None, :]
-        src = source_rows(rows, row_ok, row_ids, HAS_ROWS)
-        x = to_acc(tl.load(G + src[:, None] * d + cols[None, :], mask=valid, other=0.0), IS_FP64)
-        w = _row_weights(weights, rows, row_ok, HAS_WEIGHTS, IS_FP64)
+        x, rows, valid = load_row_block(G, row_ids, start, n, d, cols, col_ok, HAS_ROWS, IS_FP64, BLOCK_N)
+        w = _row_weights(weights, rows, rows < n, HAS_WEIGHTS, IS_FP64)
         total += tl.sum(w[:, None] * x, axis=0)
         # core RescuedMean: sum_i (w_i / W) x_i in float64, where no term exceeds its |x_i|.
         share = w.to(tl.float64) / weight_total.to(tl.float64)
