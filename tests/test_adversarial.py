@@ -240,7 +240,7 @@ def test_raw_maxpool_with_a_huge_segment_raises_instead_of_aborting(cols):
     result = run_isolated(f"""
         import torch, robustagg
         try:
-            torch.ops.robustagg.maxpool_amplify(torch.randn(3, 64), torch.tensor([[0, 0, {cols}, 1, 0]]), 1, False, 0)
+            torch.ops.robustagg.maxpool_amplify(torch.randn(3, 64), [0, 0, {cols}, 1, 0], 1, False, 0)
         except RuntimeError as err:
             print("raised:", err)
     """)
@@ -250,7 +250,7 @@ def test_raw_maxpool_with_a_huge_segment_raises_instead_of_aborting(cols):
 
 def test_raw_maxpool_out_width_beyond_d_is_a_clear_error():
     with pytest.raises(RuntimeError, match=r"out_width=4611686018427387904 is out of range; allowed \[0, d=64\]"):
-        torch.ops.robustagg.maxpool_amplify(torch.randn(3, 64), torch.tensor([[0, 8, 8, 1, 0]]), 2, False, 2 ** 62)
+        torch.ops.robustagg.maxpool_amplify(torch.randn(3, 64), [0, 8, 8, 1, 0], 2, False, 2 ** 62)
 
 
 def test_raw_rlr_weights_above_1_cannot_overflow_a_finite_mean():
@@ -270,7 +270,7 @@ def test_raw_rlr_weights_above_1_cannot_overflow_a_finite_mean():
     (lambda: torch.ops.robustagg.rlr(torch.randn(2, 4), torch.tensor([1.0, float("nan")]), 0, 1.0),
      "rlr: weights must hold finite values >= 0"),
     (lambda: torch.ops.robustagg.rlr(torch.randn(2, 4), torch.tensor([3e38, 3e38]), 0, 1.0), "rlr: weights sum to"),
-    (lambda: torch.ops.robustagg.maxpool_amplify(torch.randn(2, 8), torch.tensor([[0, 2, 2, 7, 0]]), 1, False, 4),
+    (lambda: torch.ops.robustagg.maxpool_amplify(torch.randn(2, 8), [0, 2, 2, 7, 0], 1, False, 4),
      "segment 0 has pooled=7"),
 ])
 def test_raw_ops_check_every_value_they_read(call, match):
@@ -321,7 +321,7 @@ def test_topk_abs_of_ties_needs_at_most_4_bytes_per_element():
      "rlr: weights must be 2 real numbers"),
     (lambda: A.FedAvg()(torch.randn(3, 4), weights="abc"), TypeError, "FedAvg: weights must be 3 real numbers"),
     (lambda: A.SignGuard()(torch.randn(4, 0)), ValueError, "SignGuard: the updates have d=0 coordinates"),
-    (lambda: torch.ops.robustagg.maxpool_amplify(torch.randn(3, 64), torch.tensor([[0, 8, 8, 1, 0]]), 2, False, 2 ** 62),
+    (lambda: torch.ops.robustagg.maxpool_amplify(torch.randn(3, 64), [0, 8, 8, 1, 0], 2, False, 2 ** 62),
      RuntimeError, "out_width=4611686018427387904 is out of range"),
     (lambda: A.CosDen(3, 0.2, layout=Layout.flat(500))(torch.randn(6, 512)), ValueError,
      r"CosDen: layout=Layout.flat\(width=500, skip_tail=0\) with kernel=2 pools the d=512 coordinates to none"),
