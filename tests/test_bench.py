@@ -1,11 +1,15 @@
-"""python -m robustagg bench: every op and aggregator gets a reference row and a backend row."""
+"""python -m robustagg bench: every op and aggregator gets a reference row and a backend row, the
+floor is the fastest plain read, and noisy measurements are flagged instead of reported."""
+import ctypes
 import json
 
+import numpy as np
+import pytest
 import torch
 
 from robustagg.bench import cli
 from robustagg.bench.models import EXPECTED_D, model_layout
-from robustagg.bench.timing import Timer
+from robustagg.bench.timing import Floor, Timer, Timing, format_seconds
 
 
 def test_model_presets_have_their_parameter_counts():
@@ -16,7 +20,8 @@ def test_model_presets_have_their_parameter_counts():
 def test_bench_writes_a_row_per_case_and_backend(tmp_path):
     out = tmp_path / "bench.json"
     assert cli.main(["--model", "mlp-phishing", "--n", "8", "--repeats", "1", "--aggregators",
-                     "--aggregator-n", "10", "--json", str(out), "--csv", str(tmp_path / "b.csv")]) == 0
+                     "--aggregator-n", "10", "--json", str(out), "--csv", str(tmp_path / "b.csv"),
+                     "--plot", str(tmp_path / "b.png")]) == 0
     result = json.loads(out.read_text())
     assert result["meta"]["d"] == 39_426 and result["meta"]["torch"] == torch.__version__
     rows = result["rows"]
@@ -29,8 +34,116 @@ def test_bench_writes_a_row_per_case_and_backend(tmp_path):
     aggregators = [r for r in rows if r["section"] == "aggregators"]
     names = {r["case"] for r in aggregators}
     assert {"FedAvg", "Krum", "Bulyan", "SignGuard", "SparseFed", "CosDen", "FLTrust"} <= names
-    assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in rows)
+    assert all(r["ms_min"] <= r["ms"] <= r["ms_max"] and r["floor_ms"] > 0 and r["calls"] >= 1 for r in rows)
     assert {r["backend"] for r in aggregators} == {"torch-ref", "auto"}
+    fedavg = [r for r in aggregators if r["case"] == "FedAvg"]
+    assert all(r["x_fedavg"] == pytest.approx(1.0) for r in fedavg)
+    krum = next(r for r in aggregators if r["case"] == "Krum" and r["backend"] == "auto")
+    fedavg_auto = next(r for r in fedavg if r["backend"] == "auto")
+    assert krum["x_fedavg"] == pytest.approx(krum["ms"] / fedavg_auto["ms"])
+    assert (tmp_path / "b.png").stat().st_size > 0
+    assert set(result["meta"]["floor_passes"]) <= {"G.sum()", "stream_read"}
+
+
+def test_ops_with_no_value_skips_the_ops(tmp_path, capsys):
+    assert cli.main(["--model", "mlp-phishing", "--ops"]) == 2
+    assert "nothing to time" in capsys.readouterr().err
+    out = tmp_path / "bench.json"
+    assert cli.main(["--model", "mlp-phishing", "--ops", "--aggregators", "--aggregator-n", "10", "--repeats", "1",
+                     "--json", str(out)]) == 0
+    assert {r["section"] for r in json.loads(out.read_text())["rows"]} == {"aggregators"}
+
+
+@pytest.mark.parametrize("model, d", [(["--d", "3000"], 3000), (["--shapes", "4x3x3x3,10x20,7"], 108 + 200 + 7)])
+def test_custom_models_by_d_or_shapes(tmp_path, model, d):
+    out = tmp_path / "bench.json"
+    assert cli.main([*model, "--n", "6", "--ops", "sign_sum", "maxpool", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["meta"]["d"] == d
+    assert {r["case"] for r in result["rows"]} == {"sign_sum", "maxpool_amplify(kernel=2)"}
+    assert {r["d"] for r in result["rows"]} == {d}
+
+
+@pytest.mark.parametrize("bad", ["", "4x0", "4xx3", "a,b"])
+def test_bad_shapes_name_the_argument(bad, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--shapes", bad])
+    assert "--shapes" in capsys.readouterr().err
+
+
+def test_threads_sets_torch_and_the_kernels(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["--d", "2000", "--n", "4", "--ops", "sign_sum", "--repeats", "1", "--threads", "1",
+                         "--json", str(tmp_path / "b.json")]) == 0
+        assert torch.get_num_threads() == 1
+        # the kernels' OpenMP runtime (soname libgomp.so.1) is torch's: one in the process, set to 1
+        # thread (scikit-learn brings its own under another soname)
+        with open("/proc/self/maps") as f:
+            gomp = {line.split()[-1] for line in f if line.rstrip().endswith("/libgomp.so.1")}
+        assert len(gomp) == 1, gomp
+        assert ctypes.CDLL(gomp.pop()).omp_get_max_threads() == 1
+        assert "(1 threads)" in json.loads((tmp_path / "b.json").read_text())["meta"]["device"]
+    finally:
+        cli._set_threads(before)
+
+
+@pytest.mark.parametrize("section, n", [("ops", 8), ("aggregators", 10)])
+def test_the_progress_total_is_the_number_of_cases_timed(section, n):
+    layout = model_layout("mlp-phishing")
+    d = layout.d
+    G = torch.randn(n, d)
+    assert cli._item_count(section, n, d, layout, None) == len(cli._section_items(section, G, layout, None))
+    assert cli._item_count("ops", n, d, layout, ["sign_sum"]) == 1
+
+
+def test_stream_read_reads_every_byte():
+    x = torch.arange(1001, dtype=torch.float32) * 1.5
+    for view in (x, x[1:], x[3:998]):   # word-aligned and not, with a ragged tail
+        raw = view.numpy().view(np.uint8)
+        head = (-view.data_ptr()) % 8
+        count = (len(raw) - head) // 8
+        body = raw[head:head + 8 * count].view(np.uint64).sum(dtype=np.uint64)
+        rest = int(raw[:head].sum()) + int(raw[head + 8 * count:].sum())
+        expected = (int(body) + rest) % (1 << 64)
+        got = int(torch.ops.robustagg_bench.stream_read(view)) % (1 << 64)
+        assert got == expected
+    with pytest.raises(RuntimeError, match="stream_read: x must be contiguous"):
+        torch.ops.robustagg_bench.stream_read(torch.ones(8, 8).T)
+
+
+def test_the_floor_is_the_best_of_the_plain_reads_and_flags_an_implausible_one():
+    timer = Timer(torch.device("cpu"), repeats=2, budget_s=0.5)
+    G = torch.randn(64, 4096)
+    floor = timer.floor(G)
+    assert floor.what in ("G.sum()", "stream_read") and floor.plausible and floor.bandwidth > 0
+    timer.best_bandwidth = 100 * floor.bandwidth   # as if an earlier floor had been far faster
+    assert not timer.floor(G).plausible
+
+
+def test_noisy_rows_say_why():
+    clean, spread = Timing(1.0, 0.9, 1.1, 5), Timing(1.0, 0.5, 2.0, 5)
+    good, bad = Floor(1e10, "G.sum()", True), Floor(1e8, "G.sum()", False)
+    assert cli._noise(clean, good, 1.3) == ""
+    assert "1.5x" in cli._noise(spread, good, 1.3)
+    assert "faster than the floor" in cli._noise(clean, good, 0.8)
+    assert "20%" in cli._noise(clean, bad, 1.3)
+    assert not Timing(1.0, 0.5, 2.0, 2).noisy   # two calls are too few to call a spread
+
+
+def test_a_call_slower_than_the_budget_is_timed_once():
+    timer = Timer(torch.device("cpu"), repeats=5, budget_s=0.0)
+    calls = []
+    timing = timer.measure(lambda: calls.append(1))
+    assert timing.calls == 1 and len(calls) == 1 and timing.min == timing.median == timing.max
+
+
+def test_times_print_in_a_unit_that_suits_them():
+    assert format_seconds(2.5) == "2.5 s"
+    assert format_seconds(0.0123) == "12.3 ms"
+    assert format_seconds(0.000853) == "853 us"
+    assert format_seconds(4.2e-6) == "4.2 us"
+    assert format_seconds(0.1234) == "123 ms"
 
 
 def test_a_case_that_runs_out_of_gpu_memory_is_skipped_and_noted():
@@ -40,7 +153,7 @@ def test_a_case_that_runs_out_of_gpu_memory_is_skipped_and_noted():
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     skipped = []
-    assert cli._median_or_none(timer, out_of_memory, "ops median n=100 [torch-ref]", skipped) is None
+    assert cli._measure_or_none(timer, out_of_memory, "ops median n=100 [torch-ref]", skipped) is None
     assert skipped == ["ops median n=100 [torch-ref]: out of memory"]
-    assert cli._median_or_none(timer, lambda: None, "ops median n=100 [cpu]", skipped) > 0
+    assert cli._measure_or_none(timer, lambda: None, "ops median n=100 [cpu]", skipped).median > 0
     assert len(skipped) == 1

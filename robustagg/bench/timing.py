@@ -1,17 +1,49 @@
 """Timing and memory-floor measurement for the benchmark (docs/backends.md, "Benchmark").
 
-CPU: wall-clock medians after a warm-up call. GPU: CUDA events, with the L2 cache flushed (a
-256 MB write) before every repeat. The floor is the bandwidth of a plain pass measured in the same
-run: ``G.sum(0)`` (a read) on CPU, a device-to-device copy on GPU.
+CPU: wall-clock times after a warm-up call. GPU: CUDA events, with the L2 cache flushed (a 256 MB
+write) before every repeat. Every measurement keeps its spread (min, median, max), so that a busy
+machine shows up as noise instead of as a result.
+
+The floor is the fastest plain read of G this machine does, measured right before each case:
+the better of ``G.sum()`` and our streaming read kernel (``torch.ops.robustagg_bench.stream_read``,
+csrc/cpu/stream_read.cpp) on CPU, of ``G.sum()`` and a device-to-device copy on GPU. No op that
+moves the same bytes can beat it, so "% of floor" stays at or below 100% unless the floor
+measurement itself was disturbed, and such rows are flagged.
 """
 from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
 _L2_FLUSH_BYTES = 256 << 20
+# A floor whose bandwidth is below this fraction of the best seen in the run was measured while
+# something else ran; the rows it would scale are flagged instead of printed as results.
+PLAUSIBLE_FLOOR_FRACTION = 0.2
+# Calls whose slowest and fastest differ by more than this factor are flagged as noisy.
+NOISY_SPREAD = 1.5
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of the timed calls of one thunk."""
+    median: float
+    min: float
+    max: float
+    calls: int   # timed calls; 1 means the warm-up alone was slower than the budget and is the time
+
+    @property
+    def noisy(self) -> bool:
+        return self.calls >= 3 and self.max > NOISY_SPREAD * self.min
+
+
+@dataclass(frozen=True)
+class Floor:
+    bandwidth: float   # bytes per second of the fastest plain read
+    what: str          # which pass gave it
+    plausible: bool    # False: far below the best bandwidth seen in this run
 
 
 class Timer:
@@ -19,6 +51,8 @@ class Timer:
         self.device = device
         self.repeats = repeats
         self.budget_s = budget_s
+        self.best_bandwidth = 0.0
+        self.floor_passes: set[str] = set()   # the passes that gave a floor in this run
         self._flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if device.type == "cuda" else None
 
     def _once(self, fn) -> float:
@@ -34,22 +68,38 @@ class Timer:
         torch.cuda.synchronize()
         return begin.elapsed_time(end) / 1e3
 
-    def median(self, fn) -> float:
-        """Median seconds of ``fn()`` after one warm-up call; fewer repeats for slow calls.
+    def measure(self, fn, repeats: int | None = None) -> Timing:
+        """``fn()`` timed after one warm-up call, up to ``repeats`` times within the time budget.
 
         A call slower than the whole budget is timed once: its warm-up is the measurement.
         """
+        repeats = self.repeats if repeats is None else repeats
         warm = self._once(fn)
         if warm > self.budget_s:
-            return warm
-        repeats = max(1, min(self.repeats, int(self.budget_s / max(warm, 1e-9))))
-        return statistics.median(self._once(fn) for _ in range(repeats))
+            return Timing(warm, warm, warm, 1)
+        count = max(1, min(repeats, int(self.budget_s / max(warm, 1e-9))))
+        times = [self._once(fn) for _ in range(count)]
+        return Timing(statistics.median(times), min(times), max(times), count)
 
-    def bandwidth(self, G: torch.Tensor) -> tuple[float, float, str]:
-        """(bytes/s, seconds, what) of the reference pass over G in this run."""
+    def floor(self, G: torch.Tensor) -> Floor:
+        """The fastest plain read of G's bytes, timed now (fastest of the timed calls)."""
+        nbytes = G.numel() * G.element_size()
+        passes = {"G.sum()": (lambda: G.sum(), nbytes)}
+        if G.device.type == "cpu" and G.is_contiguous():
+            passes["stream_read"] = (lambda: torch.ops.robustagg_bench.stream_read(G), nbytes)
         if G.device.type == "cuda":
             dst = torch.empty_like(G)
-            t = self.median(lambda: dst.copy_(G))
-            return 2 * G.numel() * G.element_size() / t, t, "device-to-device copy"
-        t = self.median(lambda: G.sum(0))
-        return G.numel() * G.element_size() / t, t, "G.sum(0) read"
+            passes["device-to-device copy"] = (lambda: dst.copy_(G), 2 * nbytes)
+        rates = {what: moved / self.measure(fn).min for what, (fn, moved) in passes.items()}
+        what = max(rates, key=rates.get)
+        bandwidth = rates[what]
+        self.best_bandwidth = max(self.best_bandwidth, bandwidth)
+        self.floor_passes.add(what)
+        return Floor(bandwidth, what, bandwidth >= PLAUSIBLE_FLOOR_FRACTION * self.best_bandwidth)
+
+
+def format_seconds(seconds: float) -> str:
+    """Three significant digits in the unit that suits the value: 85.3 us, 12.4 ms, 1.25 s."""
+    scale, unit = (1.0, "s") if seconds >= 1 else (1e-3, "ms") if seconds >= 1e-3 else (1e-6, "us")
+    value = seconds / scale
+    return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
