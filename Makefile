@@ -23,8 +23,10 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/
 
 setup: $(VENV)/.installed
 
+# the test suite, then each benchmark of benchmarks/ once (smoke size), checked against the torch reference
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest benchmarks/ --benchmark-disable -q
 
 bench: setup
 	$(PY) -m robustagg bench $(BENCH_ARGS)
