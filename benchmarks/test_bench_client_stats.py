@@ -2,7 +2,7 @@
 each backend next to the torch reference."""
 import pytest
 
-from conftest import implementations
+from .conftest import implementations
 from robustagg import ops, reference
 
 

@@ -1,7 +1,7 @@
 """AGRAmplifier's maxpool_amplify (kernel 2, over the size's layout), each backend next to the torch reference."""
 import pytest
 
-from conftest import implementations
+from .conftest import implementations
 from robustagg import ops, reference
 
 

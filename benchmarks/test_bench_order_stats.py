@@ -2,7 +2,7 @@
 to the torch reference, with robustagg/bench/cases.py's arguments (trim 5, tau 0.6, beta n - 10)."""
 import pytest
 
-from conftest import implementations
+from .conftest import implementations
 from robustagg import ops, reference
 
 

@@ -1,7 +1,7 @@
 """Pairwise geometry: pairwise_sqdist and pairwise_cosine, each backend next to the torch reference."""
 import pytest
 
-from conftest import implementations
+from .conftest import implementations
 from robustagg import ops, reference
 
 

@@ -1,7 +1,7 @@
 """Sign votes: sign_sum, sign_agreement and rlr, each backend next to the torch reference."""
 import pytest
 
-from conftest import implementations
+from .conftest import implementations
 from robustagg import ops, reference
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import implementations
+from .conftest import implementations
 from robustagg import ops, reference
 
 

@@ -88,13 +88,14 @@ def test_threads_sets_torch_and_the_kernels(tmp_path):
         cli._set_threads(before)
 
 
-@pytest.mark.parametrize("section, n", [("ops", 8), ("aggregators", 10)])
-def test_the_progress_total_is_the_number_of_cases_timed(section, n):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("section, n", [("ops", 8), ("aggregators", 10), ("peers", 20)])
+def test_the_progress_total_is_the_number_of_cases_timed(section, n, dtype):
     layout = model_layout("mlp-phishing")
     d = layout.d
-    G = torch.randn(n, d)
-    assert cli._item_count(section, n, d, layout, None) == len(cli._section_items(section, G, layout, None))
-    assert cli._item_count("ops", n, d, layout, ["sign_sum"]) == 1
+    G = torch.randn(n, d).to(dtype)
+    assert cli._item_count(section, n, d, dtype, layout, None) == len(cli._section_items(section, G, layout, None))
+    assert cli._item_count("ops", n, d, dtype, layout, ["sign_sum"]) == 1
 
 
 def test_stream_read_reads_every_byte():

@@ -151,12 +151,12 @@ def _section_items(section, G, layout, ops_filter):
     return _peer_rules(G)
 
 
-def _item_count(section, n, d, layout, ops_filter):
-    """How many cases a section will time, from stand-in inputs: the count does not depend on G's
-    values, and the real G of each section is only built when its turn comes."""
-    if section == "ops":
-        return len(_section_items(section, torch.empty(n, d, device="meta"), layout, ops_filter))
-    return len(_section_items(section, torch.zeros(n, d), layout, ops_filter))
+def _item_count(section, n, d, dtype, layout, ops_filter):
+    """How many cases a section will time, from a stand-in G of the same shape and dtype that holds
+    one row of memory: the count does not depend on G's values, and the real G of each section is
+    only built when its turn comes."""
+    stand_in = torch.zeros(1, d, dtype=dtype).expand(n, d)
+    return len(_section_items(section, stand_in, layout, ops_filter))
 
 
 def _add_x_fedavg(rows):
@@ -324,7 +324,7 @@ def main(argv=None):
     rows, skipped = [], []
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     with Progress(transient=True) as progress:
-        total = sum(_item_count(section, n, d, layout, args.ops) for section, n in plan)
+        total = sum(_item_count(section, n, d, dtype, layout, args.ops) for section, n in plan)
         task = progress.add_task("benchmarking", total=total)
         for section, n in plan:
             G = torch.randn(n, d, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
