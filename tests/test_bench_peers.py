@@ -165,7 +165,7 @@ def test_every_thunk_gives_the_same_result_when_called_again():
 
 
 def test_a_missing_package_drops_its_thunks_and_rules_left_without_peers(monkeypatch):
-    monkeypatch.setattr(peers, "_byzfl_aggregators", lambda: None)
+    monkeypatch.setattr(peers, "byzfl_module", lambda name: None)
     monkeypatch.setattr(peers, "_flower_aggregate", lambda: None)
     rules = peers.peer_rules(rows("random", 12, torch.float64), 2)
     assert [r.name for r in rules] == ["TrimmedMean(f=2)", "CoordinateMedian"]

@@ -13,8 +13,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import math
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -24,36 +22,22 @@ from conftest import DEVICE, RESOLUTION
 import robustagg
 from robustagg import aggregators as A
 from robustagg import attacks
+from robustagg.bench.peers import byzfl_module
 
 BYZFL_VERSION = "0.0.11"   # the conventions mapped below are those of this release (pinned in the Makefile)
 
 
 def import_byzfl():
-    """ByzFL's ``aggregators`` and ``attacks`` subpackages, without running ``byzfl/__init__.py``.
-
-    That ``__init__`` also imports ``byzfl.fed_framework`` and ``byzfl.benchmark``, which need
-    torchvision; we do not install it (``pip install --no-deps byzfl``), since it would pull a
-    CUDA build of torch. The two subpackages we compare import only numpy, scipy, torch and
-    ``byzfl.utils``. So we register an empty module named ``byzfl`` whose ``__path__`` is the
-    installed package directory: Python then finds ``byzfl.aggregators`` etc. there and runs
-    their own ``__init__`` files, but never the top-level one. If the real package is already
-    imported (torchvision present), it is used as it is. The stand-in stays registered for the
-    session; nothing else in the suite imports byzfl.
-    """
-    spec = importlib.util.find_spec("byzfl")
-    if spec is None:
+    """ByzFL's ``aggregators`` and ``attacks`` subpackages, imported without torchvision
+    (robustagg.bench.peers.byzfl_module says how), or a skip of this module."""
+    if importlib.util.find_spec("byzfl") is None:
         pytest.skip(f"ByzFL is not installed (`pip install --no-deps byzfl=={BYZFL_VERSION}`, "
                     "which `make setup` runs)", allow_module_level=True)
     version = importlib.metadata.version("byzfl")
     if version != BYZFL_VERSION:
         pytest.skip(f"ByzFL {version} is installed; these cross-checks map the conventions of "
                     f"ByzFL {BYZFL_VERSION}", allow_module_level=True)
-    if "byzfl" not in sys.modules:
-        package = types.ModuleType("byzfl")
-        package.__path__ = list(spec.submodule_search_locations)
-        package.__spec__ = spec
-        sys.modules["byzfl"] = package
-    return importlib.import_module("byzfl.aggregators"), importlib.import_module("byzfl.attacks")
+    return byzfl_module("aggregators"), byzfl_module("attacks")
 
 
 byzfl_aggregators, byzfl_attacks = import_byzfl()

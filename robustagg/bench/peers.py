@@ -91,26 +91,25 @@ def peer_versions() -> dict[str, str | None]:
     return versions
 
 
-def _byzfl_aggregators():
-    """``byzfl.aggregators``, or None when ByzFL is not installed.
+def byzfl_module(name: str):
+    """``byzfl.<name>`` (``aggregators``, ``attacks``), or None when ByzFL is not installed.
 
-    ``import byzfl`` also imports ``byzfl.fed_framework`` and ``byzfl.benchmark``, which need
-    torchvision; the Makefile installs ByzFL with ``--no-deps`` and no torchvision. The aggregators
-    need only numpy, scipy, torch and ``byzfl.utils``, so where the full import fails, a bare
-    package named ``byzfl`` whose ``__path__`` is the installed directory is registered: Python
-    then runs ``byzfl.aggregators``' own ``__init__``, never ``byzfl``'s (as tests/test_peers.py).
+    ``byzfl/__init__.py`` also imports ``byzfl.fed_framework`` and ``byzfl.benchmark``, which need
+    torchvision; the Makefile installs ByzFL with ``--no-deps`` and no torchvision, which would
+    pull a CUDA build of torch. The aggregators and attacks need only numpy, scipy, torch and
+    ``byzfl.utils``. So unless ``byzfl`` is already imported, a bare package named ``byzfl`` whose
+    ``__path__`` is the installed directory is registered: Python then runs the subpackage's own
+    ``__init__``, never the top-level one. It stays registered for the process.
     """
     spec = importlib.util.find_spec("byzfl")
     if spec is None:
         return None
-    try:
-        return importlib.import_module("byzfl.aggregators")
-    except ImportError:
+    if "byzfl" not in sys.modules:
         package = types.ModuleType("byzfl")
         package.__path__ = list(spec.submodule_search_locations)
         package.__spec__ = spec
         sys.modules["byzfl"] = package
-        return importlib.import_module("byzfl.aggregators")
+    return importlib.import_module(f"byzfl.{name}")
 
 
 def _flower_aggregate():
@@ -229,7 +228,7 @@ def peer_rules(G: torch.Tensor, f: int) -> list[PeerRule]:
         raise ValueError(f"peer_rules: f={f!r} is out of range for n={G.shape[0]} clients; "
                          f"allowed an int in [0, (n - 3) // 2] (Krum needs n >= 2f + 3)")
     x = _Inputs.of(G.detach())
-    byzfl, flower = _byzfl_aggregators(), _flower_aggregate()
+    byzfl, flower = byzfl_module("aggregators"), _flower_aggregate()
     built = [
         _trimmed_mean(x, byzfl, flower, f),
         _coordinate_median(x, byzfl, flower),
