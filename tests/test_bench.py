@@ -122,9 +122,21 @@ def test_the_floor_is_the_best_of_the_plain_reads_and_flags_an_implausible_one()
     assert not timer.floor(G).plausible
 
 
+def test_a_new_output_matrix_costs_a_clone_per_byte():
+    timer = Timer(torch.device("cpu"), repeats=2, budget_s=0.5)
+    G = torch.randn(64, 4096)
+    nbytes = G.numel() * G.element_size()
+    assert timer.floor(G).clone_bandwidth is None
+    floor = timer.floor(G, writes=True)
+    assert floor.clone_bandwidth > 0
+    # clip_rows: a read for the norms, then a read that writes the clipped copy
+    assert floor.seconds(2 * nbytes, nbytes) == pytest.approx(nbytes / floor.bandwidth + nbytes / floor.clone_bandwidth)
+    assert floor.seconds(nbytes) == pytest.approx(nbytes / floor.bandwidth)
+
+
 def test_noisy_rows_say_why():
     clean, spread = Timing(1.0, 0.9, 1.1, 5), Timing(1.0, 0.5, 2.0, 5)
-    good, bad = Floor(1e10, "G.sum()", True), Floor(1e8, "G.sum()", False)
+    good, bad = Floor(1e10, "G.sum()", True, None), Floor(1e8, "G.sum()", False, None)
     assert cli._noise(clean, good, 1.3) == ""
     assert "1.5x" in cli._noise(spread, good, 1.3)
     assert "faster than the floor" in cli._noise(clean, good, 0.8)

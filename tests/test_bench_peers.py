@@ -108,7 +108,7 @@ def test_peer_computes_what_robustagg_computes(monkeypatch, rule_name, package, 
         with np.errstate(divide="ignore"):   # ByzFL's clipping divides by a zero distance unguarded
             actual = as_vector(thunk())
         close(actual[keep], expected[keep], dtype)
-    assert rule.bytes_moved == G.numel() * G.element_size()
+    assert rule.bytes_read == G.numel() * G.element_size()
 
 
 def test_krum_peers_count_the_same_neighbours():

@@ -1,7 +1,8 @@
 """What the benchmark times: every op of ``robustagg.ops`` on real model sizes, and the aggregators.
 
 A case names a raw op (for backend availability), builds a thunk for a backend, and says how
-many bytes the op must move at least (its memory floor). The baseline of every case is
+many bytes the op must read at least and how many of a new output matrix it must write: its
+memory floor (robustagg/bench/timing.py). The baseline of every case is
 ``robustagg.reference`` (what people write today with torch); a few cases add the baseline an
 issue names (``G @ G.T`` for pairwise distances).
 """
@@ -21,7 +22,8 @@ class Case:
     name: str
     op: str | None                          # raw op deciding backend availability; None: aggregator
     run: Callable[[str], Callable[[], object]]  # backend ("reference" or a backend name) -> thunk
-    bytes_moved: int                        # the least traffic the op needs
+    bytes_read: int                         # the least bytes the op reads (small vector outputs included)
+    fresh_bytes: int = 0                    # bytes of a newly allocated output matrix it writes
     extra_baselines: dict[str, Callable[[], object]] | None = None
 
 
@@ -76,7 +78,7 @@ def op_cases(G: torch.Tensor, layout: Layout) -> list[Case]:
              g_bytes + vec),
         Case("clip_rows", "clip_rows",
              lambda b: on(b, lambda be: ops.clip_rows(G, 1.0, backend=be), lambda: reference.clip_rows(G, 1.0)),
-             2 * g_bytes),
+             2 * g_bytes, fresh_bytes=g_bytes),   # the norms, then the scaled copy
         Case("topk_ef_step(k=1%)", "topk_ef_step", topk_thunk, 5 * vec),
         Case("topk_abs(k=1%)", "topk_abs",
              lambda b: on(b, lambda be: ops.topk_abs(G[2], k, backend=be), lambda: reference.topk_abs(G[2], k)),
@@ -84,10 +86,10 @@ def op_cases(G: torch.Tensor, layout: Layout) -> list[Case]:
         Case("maxpool_amplify(kernel=2)", "maxpool_amplify",
              lambda b: on(b, lambda be: ops.maxpool_amplify(G, layout, 2, backend=be),
                           lambda: reference.maxpool_amplify(G, layout, 2)),
-             g_bytes + pooled),
+             g_bytes, fresh_bytes=pooled),
         Case("pairwise_sqdist", "pairwise_sqdist",
              lambda b: on(b, lambda be: ops.pairwise_sqdist(G, backend=be), lambda: reference.pairwise_sqdist(G)),
-             g_bytes, {"G @ G.T": lambda: G @ G.T}),
+             g_bytes, extra_baselines={"G @ G.T": lambda: G @ G.T}),
         Case("pairwise_cosine", "pairwise_cosine",
              lambda b: on(b, lambda be: ops.pairwise_cosine(G, backend=be), lambda: reference.pairwise_cosine(G)),
              g_bytes),

@@ -39,7 +39,7 @@ class Row:
     # ops, aggregators: the torch reference's time / this time. peers: this implementation's time /
     # robustagg's, i.e. how many times faster robustagg is (None on robustagg's own row).
     speedup: float | None
-    floor_ms: float           # the bytes the op must move / the floor's bandwidth measured before the case
+    floor_ms: float           # the least time to move the op's bytes at the floor measured before the case
     x_floor: float            # ms / floor_ms (1.0 = at the floor)
     x_fedavg: float | None    # aggregators: this time / FedAvg's time on the same backend
     noisy: str                # why this row is not a clean measurement ("" when it is)
@@ -87,8 +87,8 @@ def _run_case(section, case: Case, G, timer, skipped):
     """Rows for one case; the floor is measured right before it, so that a shared machine's
     changing load shifts the floor and the case together."""
     n, d = G.shape
-    floor = timer.floor(G)
-    floor_s = case.bytes_moved / floor.bandwidth
+    floor = timer.floor(G, writes=case.fresh_bytes > 0)
+    floor_s = floor.seconds(case.bytes_read, case.fresh_bytes)
     timed = [("torch-ref", case.run("reference"))]
     timed += list((case.extra_baselines or {}).items())
     timed += [(b, case.run(b if b != "auto" else None)) for b in (_backends(G.device, case.op) if case.op else ["auto"])]
@@ -106,7 +106,7 @@ def _run_peer_rule(rule, G, timer, skipped):
     """Rows for one rule of the peers section: robustagg's implementation, then each peer's."""
     n, d = G.shape
     floor = timer.floor(G)
-    floor_s = rule.bytes_moved / floor.bandwidth
+    floor_s = floor.seconds(rule.bytes_read)
     rows, ours = [], None
     for name, thunk in [("robustagg", rule.robustagg), *rule.peers.items()]:
         timing = _measure_or_none(timer, thunk, f"peers {rule.name} n={n} [{name}]", skipped)

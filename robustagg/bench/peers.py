@@ -77,7 +77,7 @@ class PeerRule:
     name: str                               # the rule, e.g. "TrimmedMean(f=4)"
     robustagg: Callable[[], object]         # robustagg's implementation on G (auto backend)
     peers: dict[str, Callable[[], object]]  # label -> thunk on the same G
-    bytes_moved: int                        # G's bytes (the read floor of the rule)
+    bytes_read: int                         # G's bytes (the read floor of the rule)
 
 
 def peer_versions() -> dict[str, str | None]:

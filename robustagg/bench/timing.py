@@ -6,9 +6,10 @@ machine shows up as noise instead of as a result.
 
 The floor is the fastest plain read of G this machine does, measured right before each case:
 the better of ``G.sum()`` and our streaming read kernel (``torch.ops.robustagg_bench.stream_read``,
-csrc/cpu/stream_read.cpp) on CPU, of ``G.sum()`` and a device-to-device copy on GPU. No op that
-moves the same bytes can beat it, so "% of floor" stays at or below 100% unless the floor
-measurement itself was disturbed, and such rows are flagged.
+csrc/cpu/stream_read.cpp) on CPU, of ``G.sum()`` and a device-to-device copy on GPU. An op that
+writes a new matrix (clip_rows, maxpool_amplify) has those bytes at the rate of ``G.clone()``
+instead. No op that moves the same bytes can beat it, so "% of floor" stays at or below 100%
+unless the floor measurement itself was disturbed, and such rows are flagged.
 """
 from __future__ import annotations
 
@@ -41,9 +42,18 @@ class Timing:
 
 @dataclass(frozen=True)
 class Floor:
-    bandwidth: float   # bytes per second of the fastest plain read
-    what: str          # which pass gave it
-    plausible: bool    # False: far below the best bandwidth seen in this run
+    bandwidth: float                # bytes per second of the fastest plain read
+    what: str                       # which pass gave it
+    plausible: bool                 # False: far below the best bandwidth seen in this run
+    clone_bandwidth: float | None   # bytes per second of G.clone(), when the case writes a new matrix
+
+    def seconds(self, bytes_read: int, fresh_bytes: int = 0) -> float:
+        """The least time to read ``bytes_read`` bytes, ``fresh_bytes`` of them also written to a
+        newly allocated output: those pass at G.clone()'s rate, which pays for the new pages as
+        the op must (on a VM that backs them on first touch, several times a read's cost)."""
+        if not fresh_bytes:
+            return bytes_read / self.bandwidth
+        return (bytes_read - fresh_bytes) / self.bandwidth + fresh_bytes / self.clone_bandwidth
 
 
 class Timer:
@@ -81,8 +91,9 @@ class Timer:
         times = [self._once(fn) for _ in range(count)]
         return Timing(statistics.median(times), min(times), max(times), count)
 
-    def floor(self, G: torch.Tensor) -> Floor:
-        """The fastest plain read of G's bytes, timed now (fastest of the timed calls)."""
+    def floor(self, G: torch.Tensor, writes: bool = False) -> Floor:
+        """The fastest plain read of G's bytes, timed now (fastest of the timed calls); with
+        ``writes``, also the rate of G.clone(), a read plus a write of a new matrix."""
         nbytes = G.numel() * G.element_size()
         passes = {"G.sum()": (lambda: G.sum(), nbytes)}
         if G.device.type == "cpu" and G.is_contiguous():
@@ -95,7 +106,8 @@ class Timer:
         bandwidth = rates[what]
         self.best_bandwidth = max(self.best_bandwidth, bandwidth)
         self.floor_passes.add(what)
-        return Floor(bandwidth, what, bandwidth >= PLAUSIBLE_FLOOR_FRACTION * self.best_bandwidth)
+        clone = nbytes / self.measure(G.clone).min if writes else None
+        return Floor(bandwidth, what, bandwidth >= PLAUSIBLE_FLOOR_FRACTION * self.best_bandwidth, clone)
 
 
 def format_seconds(seconds: float) -> str:
