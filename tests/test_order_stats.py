@@ -43,7 +43,7 @@ def rank_windows(n):
 @pytest.mark.parametrize("d", [1, 7, 17, 1025])
 def test_order_mean_matches_reference(backend, n, d):
     G = make_G(n, d, seed=n * 7919 + d)
-    for lo, hi in rank_windows(n):
+    for lo, hi in sorted(set(rank_windows(n)) | {(0, 1), (n - 1, n)}):  # and the minimum, the maximum alone
         out = ops.order_mean(G, lo, hi, backend=backend)
         assert out.shape == (d,) and out.dtype == G.dtype
         assert_close(out, reference.order_mean(to_reference(G), lo, hi), G.dtype)
@@ -76,6 +76,16 @@ def test_order_mean_every_dtype(backend, dtype, n):
         out = ops.order_mean(G, lo, hi, backend=backend)
         assert out.dtype == dtype
         assert_close(out, reference.order_mean(to_reference(G), lo, hi), dtype)
+
+
+@pytest.mark.parametrize("backend", backends_for("order_mean"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_order_mean_every_dtype_beyond_256_rows(backend, dtype):
+    # the GPU kernels sort up to 256 rows in one tile and select by radix beyond, per dtype
+    G = make_G(300, 9, dtype=dtype, seed=300)
+    out = ops.order_mean(G, 100, 240, backend=backend)
+    assert out.dtype == dtype
+    assert_close(out, reference.order_mean(to_reference(G), 100, 240), dtype)
 
 
 @pytest.mark.parametrize("backend", backends_for("order_mean"))
@@ -126,7 +136,7 @@ def test_trim_zero_is_the_plain_mean_and_never_nan(backend, dtype):
 # ---------------------------------------------------------------- edge values
 
 @pytest.mark.parametrize("backend", backends_for("order_mean"))
-@pytest.mark.parametrize("n", [5, 20, 33, 100])
+@pytest.mark.parametrize("n", [5, 20, 33, 100, 300])
 def test_order_mean_exact_ties(backend, n):
     gen = torch.Generator().manual_seed(n)
     G = torch.randint(-2, 3, (n, 203), generator=gen).to(DEVICE, torch.float32)  # five distinct values
@@ -136,17 +146,19 @@ def test_order_mean_exact_ties(backend, n):
 
 
 @pytest.mark.parametrize("backend", backends_for("order_mean"))
-def test_order_mean_identical_rows_give_the_row(backend):
+@pytest.mark.parametrize("n", [20, 300])
+def test_order_mean_identical_rows_give_the_row(backend, n):
     # eighths, so that k copies add up exactly and the mean is the row itself, bit for bit
     row = (torch.randint(-800, 800, (1, 100), generator=torch.Generator().manual_seed(3)) / 8).to(DEVICE)
-    G = row.expand(20, 100).contiguous()
-    for lo, hi in rank_windows(20):
+    G = row.expand(n, 100).contiguous()
+    for lo, hi in rank_windows(n):
         assert torch.equal(ops.order_mean(G, lo, hi, backend=backend), row[0])
 
 
 @pytest.mark.parametrize("backend", backends_for("order_mean"))
-def test_order_mean_signed_zeros_give_zero(backend):
-    G = torch.tensor([[0.0, -0.0, 0.0], [-0.0, -0.0, 0.0], [-0.0, 0.0, 0.0]], device=DEVICE).repeat(7, 5)
+@pytest.mark.parametrize("n", [21, 300])
+def test_order_mean_signed_zeros_give_zero(backend, n):
+    G = torch.tensor([[0.0, -0.0, 0.0], [-0.0, -0.0, 0.0], [-0.0, 0.0, 0.0]], device=DEVICE).repeat(n // 3, 5)
     for lo, hi in rank_windows(G.shape[0]):
         out = ops.order_mean(G, lo, hi, backend=backend)
         assert torch.equal(out, torch.zeros_like(out))
@@ -181,6 +193,15 @@ def test_trimmed_huge_outliers_do_not_cost_honest_precision(backend, sign):
 
 
 @pytest.mark.parametrize("backend", backends_for("order_mean"))
+@pytest.mark.parametrize("n", [7, 300])
+def test_trimmed_huge_outliers_leave_equal_honest_values_exact(backend, n):
+    G = torch.ones(n, 3, device=DEVICE)
+    G[0] = 3e38
+    G[1] = -3e38
+    assert torch.equal(ops.trimmed_mean(G, 1, backend=backend).cpu(), torch.ones(3))
+
+
+@pytest.mark.parametrize("backend", backends_for("order_mean"))
 def test_median_ignores_outliers_on_both_sides(backend):
     G = make_G(21, 64, seed=5)
     G[0], G[1], G[2], G[3] = 3e38, -3e38, 3e38, -3e38
@@ -207,9 +228,12 @@ def test_nonfinite_rows_raise_with_original_indices(backend, dtype):
 def test_nonfinite_rows_dropped_equal_the_op_on_finite_rows(backend, dtype):
     G = with_bad_rows(make_G(9, 40, dtype=dtype), BAD)
     finite = G[[0, 2, 3, 5, 7, 8]]
-    assert torch.equal(ops.median(G, nonfinite="drop", backend=backend), ops.median(finite, backend=backend))
-    assert torch.equal(ops.trimmed_mean(G, 2, nonfinite="drop", backend=backend),
-                       ops.trimmed_mean(finite, 2, backend=backend))
+    median = ops.median(G, nonfinite="drop", backend=backend)
+    assert torch.equal(median, ops.median(finite, backend=backend))
+    assert_close(median, reference.median(to_reference(finite)), dtype)
+    trimmed = ops.trimmed_mean(G, 2, nonfinite="drop", backend=backend)
+    assert torch.equal(trimmed, ops.trimmed_mean(finite, 2, backend=backend))
+    assert_close(trimmed, reference.trimmed_mean(to_reference(finite), 2), dtype)
     assert_close(ops.order_mean(G, 1, 4, nonfinite="drop", backend=backend),
                  reference.order_mean(to_reference(finite), 1, 4), dtype)
 
@@ -235,18 +259,21 @@ def test_propagate_does_not_raise_and_keeps_clean_columns(backend):
     G = make_G(7, 50)
     G[2, 10] = float("nan")
     G[5, 20] = float("inf")
-    out = ops.median(G, nonfinite="propagate", backend=backend)
     clean = [j for j in range(50) if j not in (10, 20)]
+    out = ops.median(G, nonfinite="propagate", backend=backend)
     assert_close(out[clean], reference.median(to_reference(G))[clean], G.dtype)
+    out = ops.trimmed_mean(G, 1, nonfinite="propagate", backend=backend)
+    assert_close(out[clean], reference.trimmed_mean(to_reference(G), 1)[clean], G.dtype)
 
 
 @pytest.mark.parametrize("backend", backends_for("order_mean"))
-def test_nonfinite_flags_come_from_the_same_call(backend):
-    G = with_bad_rows(make_G(40, 1000), [(3, float("nan")), (39, float("-inf"))])
+@pytest.mark.parametrize("n", [40, 300])
+def test_nonfinite_flags_come_from_the_same_call(backend, n):
+    G = with_bad_rows(make_G(n, 1000), [(3, float("nan")), (n - 1, float("-inf"))])
     G[17, 999] = float("inf")  # in the last, partial tile of a row
     fn = robustagg._backend.raw_op("order_mean", backend)
     _, bad = fn(G, 10, 30)
-    assert bad.tolist() == [i in (3, 17, 39) for i in range(40)]
+    assert bad.tolist() == [i in (3, 17, n - 1) for i in range(n)]
 
 
 # ---------------------------------------------------------------- layout, determinism
@@ -338,11 +365,14 @@ def test_invariant_nonfinite_policies(backend):
         ops.invariant(G, 0.6, 1, backend=backend)
     assert info.value.clients == [1, 4, 6]
     finite = G[[0, 2, 3, 5, 7, 8]]
-    assert torch.equal(ops.invariant(G, 0.6, 1, nonfinite="drop", backend=backend),
-                       ops.invariant(finite, 0.6, 1, backend=backend))
+    dropped = ops.invariant(G, 0.6, 1, nonfinite="drop", backend=backend)
+    assert torch.equal(dropped, ops.invariant(finite, 0.6, 1, backend=backend))
+    assert_close(dropped, reference.invariant(to_reference(finite), 0.6, 1), G.dtype)
     with pytest.raises(ValueError, match=r"n'=6.*n=9"):
         ops.invariant(G, 0.6, 3, nonfinite="drop", backend=backend)
-    ops.invariant(G, 0.6, 1, nonfinite="propagate", backend=backend)
+    clean = [j for j in range(64) if j not in (1, 4, 6)]
+    out = ops.invariant(G, 0.6, 1, nonfinite="propagate", backend=backend)
+    assert_close(out[clean], reference.invariant(to_reference(G), 0.6, 1)[clean], G.dtype)
 
 
 @pytest.mark.parametrize("backend", backends_for("invariant"))
