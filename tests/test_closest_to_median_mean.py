@@ -66,6 +66,10 @@ def test_a_tie_in_distance_keeps_the_lower_row(backend):
     # rows 0 and 1 tie with rows 2 and 3 at distance 1 from the median 0.5 of an even n
     H = torch.tensor([[-0.5], [1.5], [1.5], [-0.5], [0.5], [0.5]], device=DEVICE)
     assert ops.closest_to_median_mean(H, 3, backend=backend).item() == pytest.approx((0.5 + 0.5 + -0.5) / 3)
+    # with rows=, the lower row is the one that comes first in the selection, not in G
+    J = torch.tensor([[-1.0], [0.0], [1.0]], device=DEVICE)
+    for rows, mean in [([0, 1, 2], -0.5), ([2, 1, 0], 0.5), ([1, 2, 0], 0.5)]:
+        assert ops.closest_to_median_mean(J, 2, rows=rows, backend=backend).item() == mean, rows
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
