@@ -76,9 +76,11 @@ def test_client_stats_huge_values_do_not_overflow(backend):
     G = _G(4, 4097, torch.float32)
     G[1, 7] = 3e38
     G[2, 100] = -3e38
+    G[3] = 1e30  # every square overflows float32, and so does their sum
     stats = ops.client_stats(G, backend=backend)
     assert torch.isfinite(stats.norm).all()
     assert stats.norm[1].item() == pytest.approx(3e38, rel=1e-6)
+    assert stats.norm[3].item() == pytest.approx(1e30 * 4097 ** 0.5, rel=1e-6)
     assert stats.finite.all()
     _check_stats(stats, G, None, None)
 
@@ -89,6 +91,51 @@ def test_client_stats_float64_huge_values_are_finite_rows(backend):
     G[0, 3] = 1e200  # squares to Inf in float64, but the row is finite
     stats = ops.client_stats(G, nonfinite="propagate", backend=backend)
     assert stats.finite.all()
+
+
+@pytest.mark.parametrize("backend", backends_for("client_stats"))
+def test_client_stats_ref_dist_comes_from_differences(backend):
+    # ||G_i||^2 + ||ref||^2 - 2 G_i . ref would cancel to 0 (or below) for these nearly equal rows
+    ref = torch.full((64,), 1e8, dtype=torch.float64)
+    G = ref.repeat(2, 1)
+    G[0, 3] += 1.0
+    stats = ops.client_stats(G.to(DEVICE), ref=ref.to(DEVICE), backend=backend)
+    assert stats.ref_dist.cpu().tolist() == [1.0, 0.0]
+
+
+# float64 rows whose squares or products overflow (1e200) or underflow (1e-200, the smallest
+# subnormal 5e-324), each with a reference vector of its kind (docs/nonfinite.md, "kScaled" sums).
+EXTREME_FLOAT64_ROWS = {
+    "huge": ([[1e200, 1e200, -1e200], [1e200] * 3, [-3e200, 0.0, 1e-300]], [1e108] * 3),
+    "tiny": ([[1e-200] * 3, [5e-324] * 3, [0.0] * 3, [1e-200, -1e-200, 5e-324]], [2e-200, 1e-200, 0.0]),
+    "cancelling": ([[1e200, 1e200], [1e200, -1e200]], [1e200, -1e200]),
+}
+
+
+@pytest.mark.parametrize("backend", backends_for("client_stats"))
+@pytest.mark.parametrize("case", sorted(EXTREME_FLOAT64_ROWS))
+def test_client_stats_float64_huge_and_tiny_rows_match_reference(backend, case):
+    rows, ref_values = EXTREME_FLOAT64_ROWS[case]
+    G = torch.tensor(rows, dtype=torch.float64)
+    ref = torch.tensor(ref_values, dtype=torch.float64)
+    raw = robustagg._backend.raw_op("client_stats", backend)
+    norm, _, dot, ref_norm, ref_dist, flags = raw(G.to(DEVICE), 0, G.shape[1], ref.to(DEVICE))
+    expected = reference.client_stats(G, None, ref)
+    exact = dict(rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(norm.cpu(), expected.norm, **exact)
+    torch.testing.assert_close(ref_dist.cpu(), expected.ref_dist, **exact)
+    torch.testing.assert_close(ref_norm.cpu(), expected.ref_norm.reshape(1), **exact)
+    torch.testing.assert_close(dot.cpu(), expected.dot, **exact)  # 1e308, and +-Inf where G_i . ref overflows
+    assert torch.isfinite(norm).all() and torch.isfinite(ref_dist).all() and not flags.any()
+    assert (norm[expected.norm.to(DEVICE) > 0] > 0).all()
+
+
+@pytest.mark.parametrize("backend", backends_for("client_stats"))
+def test_client_stats_float64_cancelling_dot_is_exact_where_the_plain_sum_is_nan(backend):
+    # 1e200 * 1e200 - 1e200 * 1e200 is Inf - Inf in float64; scaled by 2^-600 it is exactly 0
+    G = torch.tensor([[1e200, 1e200]], dtype=torch.float64, device=DEVICE)
+    ref = torch.tensor([1e200, -1e200], dtype=torch.float64, device=DEVICE)
+    assert ops.client_stats(G, ref=ref, backend=backend).dot.cpu().tolist() == [0.0]
 
 
 @pytest.mark.parametrize("backend", backends_for("client_stats"))
@@ -201,8 +248,11 @@ def test_clip_rows_scalar_matches_reference(backend, dtype, n):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_clip_rows_per_row_bound(backend, dtype):
     G = _G(6, 1009, dtype)
+    G[4] = 0
     bound = torch.tensor([0.0, 1.0, 10.0, 100.0, 31.0, 32.0])
-    _check_clip(ops.clip_rows(G, bound, backend=backend), G, bound)
+    out = ops.clip_rows(G, bound, backend=backend)
+    _check_clip(out, G, bound)
+    assert torch.equal(out[4].cpu(), torch.zeros(1009, dtype=dtype))
 
 
 @pytest.mark.parametrize("backend", backends_for("clip_rows"))
@@ -233,6 +283,28 @@ def test_clip_rows_huge_values(backend):
 
 
 @pytest.mark.parametrize("backend", backends_for("clip_rows"))
+def test_clip_rows_float64_huge_and_tiny_rows(backend):
+    G = torch.tensor([[1e200] * 4, [1e-200] * 4, [5e-324] * 4, [0.0] * 4, [3.0, 4.0, 0.0, 0.0], [1e-200] * 4],
+                     dtype=torch.float64)
+    bound = torch.tensor([1.0, 1e-201, 5e-324, 1.0, 2.5, 1.0], dtype=torch.float64)
+    out = ops.clip_rows(G.to(DEVICE), bound.to(DEVICE), backend=backend).cpu()
+    torch.testing.assert_close(out, reference.clip_rows(G, bound), rtol=1e-12, atol=0.0)
+    assert out[0].tolist() == [0.5] * 4 and out[1].tolist() == [5e-202] * 4
+    assert torch.equal(out[5], G[5])  # ||G_5|| = 2e-200 <= 1: kept exactly
+
+
+@pytest.mark.parametrize("backend", backends_for("clip_rows"))
+def test_clip_rows_factor_below_the_float32_range_keeps_its_precision(backend):
+    # max_norm / ||G_0|| = 1e-3 / 6e38 is a float32 subnormal: rounded to float32 it would lose
+    # ~3e-4 relative; in float64 the result is the correctly rounded float32
+    G = torch.full((2, 4), 3e38, device=DEVICE)
+    bound = torch.tensor([1e-3, torch.finfo(torch.float32).max])
+    out = ops.clip_rows(G, bound, backend=backend)
+    assert torch.equal(out.cpu(), reference.clip_rows(G.cpu(), bound))
+    assert_close(out[0], torch.full((4,), 5e-4, dtype=torch.float64), torch.float32)
+
+
+@pytest.mark.parametrize("backend", backends_for("clip_rows"))
 def test_clip_rows_nonfinite_policies(backend):
     G = _G(4, 20, torch.float32)
     G[2, 5] = float("nan")
@@ -246,10 +318,12 @@ def test_clip_rows_nonfinite_policies(backend):
 
 
 @pytest.mark.parametrize("backend", backends_for("clip_rows"))
-def test_clip_rows_non_contiguous(backend):
+def test_clip_rows_non_contiguous_and_deterministic(backend):
     G = _G(6, 90, torch.float32).T.contiguous().T[:, ::2]
     assert not G.is_contiguous()
-    _check_clip(ops.clip_rows(G, 2.0, backend=backend), G.contiguous(), 2.0)
+    out = ops.clip_rows(G, 2.0, backend=backend)
+    _check_clip(out, G.contiguous(), 2.0)
+    assert torch.equal(out, ops.clip_rows(G, 2.0, backend=backend))
 
 
 @settings(max_examples=40, deadline=None)
