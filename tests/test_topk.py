@@ -67,11 +67,12 @@ def test_topk_abs_k_edges(backend, k):
 
 
 @pytest.mark.parametrize("backend", backends_for("topk_abs"))
-def test_topk_abs_all_equal_magnitudes_take_lowest_indices(backend):
-    x = torch.tensor([1.0, -1.0] * 50, device=DEVICE)
-    idx, val = ops.topk_abs(x, 7, backend=backend)
-    assert idx.cpu().tolist() == list(range(7))
-    assert val.cpu().tolist() == [1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0]
+@pytest.mark.parametrize("d,k", [(100, 7), (1400, 999)])
+def test_topk_abs_all_equal_magnitudes_take_lowest_indices(backend, d, k):
+    x = torch.tensor([1.0, -1.0] * (d // 2), device=DEVICE)
+    idx, val = ops.topk_abs(x, k, backend=backend)
+    assert idx.cpu().tolist() == list(range(k))
+    assert val.cpu().tolist() == [1.0, -1.0] * (k // 2) + [1.0] * (k % 2)
 
 
 @pytest.mark.parametrize("backend", backends_for("topk_abs"))
@@ -94,8 +95,11 @@ def test_topk_abs_signed_zeros_and_subnormals(backend):
 def test_topk_abs_huge_values(backend):
     x = _vec(500, torch.float32)
     x[17], x[400] = 3e38, -3e38
-    idx, _ = ops.topk_abs(x, 2, backend=backend)
-    assert idx.cpu().tolist() == [17, 400]
+    idx, val = ops.topk_abs(x, 2, backend=backend)
+    assert idx.cpu().tolist() == [17, 400] and torch.equal(val, x[[17, 400]])
+    x = torch.tensor([1.0, -3e38, 3e38, 2.0, -1e-45], device=DEVICE)  # beside a subnormal
+    idx, val = ops.topk_abs(x, 2, backend=backend)
+    assert idx.cpu().tolist() == [1, 2] and torch.equal(val, x[[1, 2]])
 
 
 @pytest.mark.parametrize("backend", backends_for("topk_abs"))
@@ -126,9 +130,9 @@ def test_topk_ef_step_matches_reference(backend, dtype, d, rho):
 
 
 @pytest.mark.parametrize("backend", backends_for("topk_ef_step"))
-@pytest.mark.parametrize("k", [0, 1, 256, 257, 258, 10_000])
-def test_topk_ef_step_k_edges(backend, k):
-    d = 257
+@pytest.mark.parametrize("d", [257, 1500])
+@pytest.mark.parametrize("k", [0, 1, 256, 257, 258, 1500, 10_000])
+def test_topk_ef_step_k_edges(backend, d, k):
     u, e, m = _vec(d, torch.float32, 1), _vec(d, torch.float32, 2), _vec(d, torch.float32, 3)
     _assert_step_matches(backend, u, e, m, k, 0.5)
 
@@ -191,6 +195,41 @@ def test_topk_ef_step_huge_values(backend):
 
 
 @pytest.mark.parametrize("backend", backends_for("topk_ef_step"))
+@pytest.mark.parametrize("dtype,huge", [(torch.float32, 3e38), (torch.float16, 6e4), (torch.bfloat16, 3e38),
+                                        (torch.float64, 1.7e308)], ids=str)
+@pytest.mark.parametrize("rho", [0.0, 0.9])
+def test_topk_ef_step_state_saturates_at_the_largest_finite_value(backend, dtype, huge, rho):
+    # step 1 sends index 0; in step 2 indices 1 and 5 hold +-(error + u), beyond the dtype
+    u = torch.zeros(8, dtype=dtype)
+    u[:2] = huge
+    u[5] = -huge
+    u = u.to(DEVICE)
+    e, m = torch.zeros(8, dtype=dtype, device=DEVICE), torch.zeros(8, dtype=dtype, device=DEVICE)
+    e_ref, m_ref = e.clone(), m.clone()
+    for _ in range(2):
+        idx, val = ops.topk_ef_step(u, e, m, 1, rho, backend=backend)
+        idx_ref, val_ref = reference.topk_ef_step(u, e_ref, m_ref, 1, rho)
+        assert torch.equal(idx, idx_ref) and torch.equal(val, val_ref)
+        assert torch.equal(e, e_ref) and torch.equal(m, m_ref)
+    limit = torch.finfo(dtype).max  # 65504 for float16
+    assert idx.cpu().tolist() == [1] and val.cpu().tolist() == [limit]
+    assert e[5] == -limit and torch.isfinite(e).all() and torch.isfinite(m).all()
+    if rho > 0:
+        assert m[5] == -limit  # 0.9 * momentum + u is beyond the dtype too
+
+
+@pytest.mark.parametrize("backend", backends_for("topk_ef_step"))
+def test_topk_ef_step_float32_error_of_twice_3e38_saturates_at_flt_max(backend):
+    u = torch.tensor([3e38, 3e38, 1.0], device=DEVICE)
+    e, m = torch.zeros(3, device=DEVICE), torch.zeros(3, device=DEVICE)
+    first, _ = ops.topk_ef_step(u, e, m, 1, 0.0, backend=backend)  # the tie's lower index: 0
+    second, sent = ops.topk_ef_step(u, e, m, 1, 0.0, backend=backend)  # index 1: 3e38 + 3e38
+    assert first.cpu().tolist() == [0] and second.cpu().tolist() == [1]
+    assert sent.cpu().tolist() == [torch.finfo(torch.float32).max]
+    assert torch.equal(e.cpu(), torch.tensor([3e38, 0.0, 2.0]))
+
+
+@pytest.mark.parametrize("backend", backends_for("topk_ef_step"))
 def test_topk_ef_step_sequence_of_steps(backend):
     d = 3001
     e, m = torch.zeros(d, device=DEVICE), torch.zeros(d, device=DEVICE)
@@ -218,12 +257,13 @@ def test_topk_ef_step_non_contiguous_state(backend):
 
 
 @pytest.mark.parametrize("backend", backends_for("topk_ef_step"))
-def test_topk_ef_step_deterministic(backend):
+def test_topk_ef_step_and_topk_abs_deterministic(backend):
     u = _vec(50_000, torch.float32, kind="ties")
     outs = []
     for _ in range(2):
         e, m = torch.zeros_like(u), torch.zeros_like(u)
-        outs.append(ops.topk_ef_step(u, e, m, 5000, 0.9, backend=backend) + (e, m))
+        step = ops.topk_ef_step(u, e, m, 5000, 0.9, backend=backend)
+        outs.append(step + (e, m) + ops.topk_abs(u, 5000, backend=backend))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 
