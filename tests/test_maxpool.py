@@ -12,8 +12,9 @@ from robustagg import NonFiniteUpdateError, ops, reference
 from robustagg.layout import Layout
 
 # conv 3x3 kernels, a matrix with fewer rows than the kernel, one with fewer columns, 1-D biases,
-# a 0-D scalar, an empty tensor, odd sizes.
-ODD_SHAPES = [(4, 3, 3, 3), (4,), (), (5, 7), (1, 9), (9, 1), (3, 3), (2, 2, 2), (0, 4), (6,), (7, 5, 1, 1)]
+# a 0-D scalar, an empty tensor, a 1 x 1 matrix, odd sizes.
+ODD_SHAPES = [(4, 3, 3, 3), (4,), (), (5, 7), (1, 9), (9, 1), (3, 3), (2, 2, 2), (0, 4), (6,), (7, 5, 1, 1), (1, 1),
+              (3, 2), (2, 5, 2), (6, 9)]
 
 
 def _G(n, d, dtype, seed=0, kind="randn"):
@@ -35,9 +36,10 @@ def _assert_matches(backend, G, layout, kernel, restore):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kernel", [1, 2, 3, 4])
 @pytest.mark.parametrize("restore", [False, True])
-def test_maxpool_odd_shapes(backend, dtype, kernel, restore):
+@pytest.mark.parametrize("kind", ["randn", "ties"])
+def test_maxpool_odd_shapes(backend, dtype, kernel, restore, kind):
     layout = Layout.from_shapes(ODD_SHAPES)
-    _assert_matches(backend, _G(5, layout.d, dtype, kernel), layout, kernel, restore)
+    _assert_matches(backend, _G(5, layout.d, dtype, kernel, kind), layout, kernel, restore)
 
 
 @pytest.mark.parametrize("backend", backends_for("maxpool_amplify"))
@@ -50,12 +52,13 @@ def test_maxpool_client_counts(backend, n, restore):
 
 @pytest.mark.parametrize("backend", backends_for("maxpool_amplify"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("width,skip_tail,d", [(7, 0, 100), (7, 5, 100), (10, 0, 100), (3, 2, 8), (200, 0, 100),
-                                               (1, 0, 13), (64, 3, 4099)])
+@pytest.mark.parametrize("width,skip_tail,d,kernel", [(7, 0, 100, 2), (7, 5, 100, 2), (10, 0, 100, 2), (3, 2, 8, 2),
+                                                      (200, 0, 100, 2), (1, 0, 13, 2), (64, 3, 4099, 2),
+                                                      (6, 5, 200, 2), (1, 3, 200, 1)])
 @pytest.mark.parametrize("restore", [False, True])
-def test_maxpool_flat_layout(backend, dtype, width, skip_tail, d, restore):
+def test_maxpool_flat_layout(backend, dtype, width, skip_tail, d, kernel, restore):
     """Layout.flat: rows of `width`, a partial last row dropped, the last skip_tail values skipped."""
-    _assert_matches(backend, _G(3, d, dtype, d), Layout.flat(width, skip_tail), 2, restore)
+    _assert_matches(backend, _G(3, d, dtype, d), Layout.flat(width, skip_tail), kernel, restore)
 
 
 @pytest.mark.parametrize("backend", backends_for("maxpool_amplify"))
@@ -99,19 +102,27 @@ def test_maxpool_pass_through_segments_copied(backend):
 
 
 @pytest.mark.parametrize("backend", backends_for("maxpool_amplify"))
-@pytest.mark.parametrize("where", ["pooled", "dropped_row", "pass_through", "flat_tail"])
-def test_maxpool_nonfinite_anywhere_in_the_row(backend, where):
-    """A NaN is found wherever it sits, also in values that pooling drops."""
-    if where == "flat_tail":
-        layout, d, col = Layout.flat(4, skip_tail=3), 23, 21
+@pytest.mark.parametrize("where", ["pooled", "dropped_row", "pass_through", "flat_dropped_row", "flat_tail"])
+@pytest.mark.parametrize("restore", [False, True])
+@pytest.mark.parametrize("bad_value", [float("nan"), float("-inf")])
+def test_maxpool_nonfinite_anywhere_in_the_row(backend, where, restore, bad_value):
+    """A NaN or Inf is found wherever it sits, also in values that pooling drops, and a -Inf that
+    is not its window's max."""
+    if where.startswith("flat"):  # 5 rows of 4, then a skipped tail of 3
+        layout, d, col = Layout.flat(4, skip_tail=3), 23, {"flat_dropped_row": 19, "flat_tail": 21}[where]
     else:
         layout = Layout.from_shapes([(3, 4), (5,)])
         d, col = 17, {"pooled": 1, "dropped_row": 9, "pass_through": 14}[where]
     G = _G(4, d, torch.float32)
-    G[2, col] = float("nan")
+    G[2, col] = bad_value
     with pytest.raises(NonFiniteUpdateError) as info:
-        ops.maxpool_amplify(G, layout, 2, backend=backend)
+        ops.maxpool_amplify(G, layout, 2, restore, backend=backend)
     assert info.value.clients == [2]
+    out = ops.maxpool_amplify(G, layout, 2, restore, nonfinite="propagate", backend=backend)
+    torch.testing.assert_close(out.cpu(), reference.maxpool_amplify(G.cpu(), layout, 2, restore), rtol=0, atol=0,
+                               equal_nan=True)
+    if where == "pooled" and bad_value < 0:
+        assert torch.isfinite(out).all()  # the window's max is finite
 
 
 @pytest.mark.parametrize("backend", backends_for("maxpool_amplify"))
@@ -145,11 +156,12 @@ def test_maxpool_real_module_layout(backend):
 
 
 @pytest.mark.parametrize("backend", backends_for("maxpool_amplify"))
-def test_maxpool_non_contiguous(backend):
+def test_maxpool_non_contiguous_and_deterministic(backend):
     layout = Layout.from_shapes([(6, 6), (4,)])
     G = _G(6, 80, torch.float32)[::2, 3:43]
     assert not G.is_contiguous()
-    _assert_matches(backend, G, layout, 2, False)
+    out = _assert_matches(backend, G, layout, 2, False)
+    assert torch.equal(out, ops.maxpool_amplify(G, layout, 2, backend=backend))
 
 
 def test_maxpool_layout_must_cover_d():
