@@ -128,6 +128,33 @@ def test_huge_values(backend, op):
 
 
 @pytest.mark.parametrize("backend", backends_for("pairwise_sqdist"))
+def test_cosines_of_rows_of_1e30_are_exactly_plus_minus_one(backend):
+    G = torch.full((3, 50), 1e30, device=DEVICE)  # every square overflows float32
+    G[1] = -1e30
+    C = _run("pairwise_cosine", G, backend).cpu()
+    assert C.tolist() == [[1.0, -1.0, 1.0], [-1.0, 1.0, -1.0], [1.0, -1.0, 1.0]]
+
+
+@pytest.mark.parametrize("backend", backends_for("pairwise_sqdist"))
+def test_float64_huge_tiny_and_zero_rows_match_reference(backend):
+    """Rows of 1e300 (squares overflow), 1e-300 (squares underflow), zeros, and ordinary rows."""
+    G = _G(7, 40, torch.float64, seed=11).cpu()
+    G[0] *= 1e300
+    G[1] *= 1e-300
+    G[2] = 0
+    G[3] = G[1]           # identical tiny rows: their distance underflows to 0 anyway
+    G[4] = -G[0]
+    G[5, :20] = 1e-300    # a row of mixed scale
+    D = _run("pairwise_sqdist", G.to(DEVICE), backend)
+    C = _run("pairwise_cosine", G.to(DEVICE), backend)
+    torch.testing.assert_close(D.cpu(), reference.pairwise_sqdist(G), rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(C.cpu(), reference.pairwise_cosine(G), rtol=1e-12, atol=1e-15)
+    assert torch.isfinite(C).all()
+    assert C[0, 4] == -1 and C[1, 3] == 1 and C.diagonal().cpu().tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    assert C[2].abs().sum() == 0 and torch.equal(C, C.T)
+
+
+@pytest.mark.parametrize("backend", backends_for("pairwise_sqdist"))
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
 def test_nonfinite_raise(backend, op, bad_value):
