@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import robustagg
-from robustagg import BackendUnavailableError, NonFiniteUpdateError, _backend, ops
+from robustagg import BackendUnavailableError, NonFiniteUpdateError, _backend, ops, reference
+from robustagg._registry import RAW_OPS
 from robustagg.layout import Layout
 
 from conftest import DEVICE
@@ -303,6 +304,46 @@ def test_params_refer_to_the_selected_rows():
         robustagg.trimmed_mean(_G(8), 2, rows=[0, 1, 2])
     with pytest.raises(ValueError, match="the weights of the rows read sum to 0"):
         robustagg.rlr(_G(4), 0, weights=[0.0, 0.0, 1.0, 1.0], rows=[0, 1])
+
+
+# The raw ops that take a row selection (the coordinate-wise ops, csrc/ops.cpp), from the op table.
+_RAW_SELECTING = sorted(name for name, op in RAW_OPS.items() if "rows" in op.signature().parameters)
+
+
+def _raw_selection_args(name, m):
+    """The raw op's arguments after G for m selected rows: trimmed ranks, Bulyan's beta = m - 2f."""
+    f = m // 4
+    return {"sign_sum": (), "order_mean": (f, m - f), "invariant": (f, m - f, m // 3),
+            "closest_to_median_mean": (m - 2 * f,),
+            "rlr": (torch.linspace(0.5, 2.0, m, device=DEVICE), m // 2, 0.5)}[name]
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+@pytest.mark.parametrize("name", _RAW_SELECTING)
+def test_raw_rows_of_one_row_give_that_row(name, backend):
+    G = _G(6, 9, seed=4)
+    args = {"order_mean": (0, 1), "invariant": (0, 1, 1), "closest_to_median_mean": (1,),
+            "rlr": (None, 1, 1.0)}.get(name, ())
+    out = _backend.raw_op(name, backend)(G, *args, torch.tensor([4], device=DEVICE))
+    assert out[-1].tolist() == [False]
+    if name == "sign_sum":
+        assert torch.equal(out[0].cpu(), reference.sign_sum(G[4:5].cpu()))
+    else:
+        assert torch.equal(out[0], G[4])  # the one value of each column, unanimous, with lr 1
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+@pytest.mark.parametrize("name", _RAW_SELECTING)
+def test_raw_rows_by_keyword_and_every_row_selected_equal_the_plain_call(name, backend):
+    G = _G(7, 11, seed=5)
+    G[3, 0] = math.nan  # a selected row: column 0 is NaN wherever the op reads it
+    rows = torch.tensor([6, 2, 2, 0, 5, 1, 3], device=DEVICE)
+    op, args = _backend.raw_op(name, backend), _raw_selection_args(name, 7)
+    pairs = [(op(G, *args, rows=rows), op(G, *args, rows)),
+             (op(G, *args, torch.arange(7, device=DEVICE)), op(G, *args))]
+    for by_keyword_or_every, expected in pairs:
+        for a, b in zip(by_keyword_or_every, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 20, 33, 100, 257])
