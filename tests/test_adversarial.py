@@ -125,19 +125,56 @@ def test_client_stats_cosine_of_float64_rows_of_1e300_and_1e_300():
 # ---------------------------------------------------------------- 3. sums of finite values
 
 @pytest.mark.parametrize("backend", backends_for("order_mean"))
-def test_median_of_two_3e38_rows_is_3e38(backend):
-    out = ops.median(torch.full((2, 3), 3e38, device=DEVICE), backend=backend)
+@pytest.mark.parametrize("n", [2, 300])
+def test_median_of_3e38_rows_is_3e38(backend, n):
+    # the two middle values of an even n add up to 6e38, beyond float32
+    out = ops.median(torch.full((n, 3), 3e38, device=DEVICE), backend=backend)
     assert torch.equal(out.cpu(), torch.full((3,), 3e38))
 
 
-def huge_and_zeros():
-    return torch.cat([torch.full((2, 5), 3e38), torch.zeros(16, 5)]).to(DEVICE)
+def huge_and_zeros(zero_rows=16):
+    return torch.cat([torch.full((2, 5), 3e38), torch.zeros(zero_rows, 5)]).to(DEVICE)
 
 
 @pytest.mark.parametrize("backend", backends_for("order_mean"))
-def test_trimmed_mean_0_of_two_3e38_rows_and_zeros_is_finite(backend):
-    out = ops.trimmed_mean(huge_and_zeros(), 0, backend=backend)
-    torch.testing.assert_close(out.cpu(), torch.full((5,), 6e38 / 18), rtol=1e-6, atol=0)
+@pytest.mark.parametrize("zero_rows", [16, 298])
+def test_trimmed_mean_0_of_two_3e38_rows_and_zeros_is_finite(backend, zero_rows):
+    X, n = huge_and_zeros(zero_rows), zero_rows + 2
+    out = ops.trimmed_mean(X, 0, backend=backend)
+    torch.testing.assert_close(out.cpu(), torch.full((5,), 6e38 / n), rtol=1e-6, atol=0)
+    masked, mask, _ = robustagg._backend.raw_op("invariant", backend)(X, 0, n, 2)  # every column has 2 votes
+    assert mask.all() and torch.equal(masked, out)
+
+
+def opposite_3e38_halves(n):
+    """n/2 rows of -3e38 over n/2 rows of 3e38: partial sums reach -Inf and +Inf (a tree sum adds
+    them to NaN); the exact mean is 0."""
+    return torch.tensor([-3e38] * (n // 2) + [3e38] * (n // 2), device=DEVICE)[:, None].repeat(1, 3)
+
+
+@pytest.mark.parametrize("backend", backends_for("order_mean"))
+@pytest.mark.parametrize("n", [8, 300])
+def test_trimmed_mean_0_of_opposite_3e38_halves_is_finite(backend, n):
+    out = ops.trimmed_mean(opposite_3e38_halves(n), 0, backend=backend)
+    assert finite(out) and float(out.abs().max()) <= 3e38 * 2.0 ** -23   # within the values' rounding
+
+
+@pytest.mark.parametrize("backend", backends_for("order_mean"))
+@pytest.mark.parametrize("n", [3, 300])
+def test_mean_of_float64_values_near_the_largest_double_is_exact(backend, n):
+    X = torch.full((n, 2), 1.7e308, dtype=torch.float64, device=DEVICE)
+    X[:, 1] = -1.7e308
+    out = ops.trimmed_mean(X, 0, backend=backend)
+    assert torch.equal(out.cpu(), torch.tensor([1.7e308, -1.7e308], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", backends_for("order_mean"))
+@pytest.mark.parametrize("n", [5, 300])
+def test_order_mean_of_a_column_with_inf_is_not_rescued(backend, n):
+    X = torch.full((n, 2), 3e38, device=DEVICE)
+    X[1, 1] = math.inf
+    out, flags = robustagg._backend.raw_op("order_mean", backend)(X, 0, n)
+    assert out[0] == 3e38 and out[1] == math.inf and flags.tolist() == [False, True] + [False] * (n - 2)
 
 
 @pytest.mark.parametrize("backend", backends_for("rlr"))
@@ -148,6 +185,29 @@ def test_rlr_mean_of_two_3e38_rows_and_zeros_is_finite(backend, weighted):
     expected = torch.full((5,), 3e38 * (3 if weighted else 2) / (171 if weighted else 18))
     out = ops.rlr(X, 0, weights=w, backend=backend)
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", backends_for("rlr"))
+def test_rlr_mean_of_opposite_3e38_halves_is_finite(backend):
+    out = ops.rlr(opposite_3e38_halves(300), 0, backend=backend)
+    assert finite(out) and float(out.abs().max()) <= 3e38 * 1e-12
+
+
+@pytest.mark.parametrize("backend", backends_for("rlr"))
+def test_rlr_of_float64_rows_near_the_largest_double(backend):
+    X = torch.tensor([[1.7e308] * 3, [1.7e308] * 3, [0.0] * 3], dtype=torch.float64, device=DEVICE)
+    out = ops.rlr(X, 0, server_lr=0.5, backend=backend)
+    mean = 1.7e308 / 3 * 2  # (1.7e308 + 1.7e308 + 0) / 3, whose sum is beyond float64
+    torch.testing.assert_close(out.cpu(), torch.full((3,), 0.5 * mean, dtype=torch.float64), rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("backend", backends_for("rlr"))
+def test_rlr_of_a_column_with_inf_keeps_the_overflow(backend):
+    X = torch.cat([torch.full((2, 3), 3e38), torch.zeros(4, 3)]).to(DEVICE)
+    X[5, 1] = math.inf
+    out, flags = robustagg._backend.raw_op("rlr", backend)(X, None, 0, 1.0)
+    assert flags.tolist() == [False] * 5 + [True]
+    assert finite(out[[0, 2]]) and out[1] == math.inf
 
 
 @pytest.mark.parametrize("make", [A.FedAvg, lambda: A.RobustLR(0), lambda: A.TrimmedMean(trim=0)])
