@@ -40,6 +40,7 @@ def calls(dtype):
     G = awkward(21, 5003, dtype, seed=1)
     small = awkward(9, 4099, dtype, seed=2)
     u = awkward(1, 20011, dtype, seed=3)[0].nan_to_num()
+    long_u = awkward(1, 3 * 65536 + 13, dtype, seed=5)[0].nan_to_num()   # several top-k chunks
     w = torch.rand(21, generator=torch.Generator().manual_seed(4)).to(acc)
     layout = Layout.from_shapes([(64, 50), (7, 13), (3,), (5, 5, 2)])
     pooled = small[:, :3344].contiguous()
@@ -55,6 +56,7 @@ def calls(dtype):
         "clip_rows": lambda: rob.clip_rows(G, torch.full((21,), 3.0, dtype=acc)),
         "topk_ef_step": lambda: topk_ef_step(u),
         "topk_abs": lambda: rob.topk_abs(u, 300),
+        "topk_abs_chunks": lambda: rob.topk_abs(long_u, 2000),
         "maxpool_amplify": lambda: rob.maxpool_amplify(pooled, table, 2, False, layout.pooled_width(3344, 2)),
         "maxpool_restore": lambda: rob.maxpool_amplify(pooled, restore_table, 2, True, 3344),
         "pairwise_sqdist": lambda: rob.pairwise_sqdist(small),

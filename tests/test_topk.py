@@ -55,6 +55,18 @@ def test_topk_abs_matches_reference(backend, dtype, d, kind):
         _assert_abs_matches(backend, x, k)
 
 
+@pytest.mark.parametrize("backend", [b for b in backends_for("topk_abs") if b.id != "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["randn", "ties"])
+def test_topk_abs_across_chunks(backend, dtype, kind):
+    # the CPU kernel classifies in chunks of 2^16 coordinates, 16 at a time on AVX-512: several
+    # chunks, a partial last one and a partial last vector (the interpreter is too slow for this d)
+    d = 3 * 65536 + 13
+    x = _vec(d, dtype, seed=5, kind=kind)
+    for k in (1, d // 100 + 1, d // 3):
+        _assert_abs_matches(backend, x, k)
+
+
 @pytest.mark.parametrize("backend", backends_for("topk_abs"))
 @pytest.mark.parametrize("k", [0, 1, 99, 100, 101, 1000])
 def test_topk_abs_k_edges(backend, k):
