@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 _L2_FLUSH_BYTES = 256 << 20
+_CLONE_SAMPLE_BYTES = 256 << 20
 # A floor whose bandwidth is below this fraction of the best seen in the run was measured while
 # something else ran; the rows it would scale are flagged instead of printed as results.
 PLAUSIBLE_FLOOR_FRACTION = 0.2
@@ -93,7 +94,7 @@ class Timer:
 
     def floor(self, G: torch.Tensor, writes: bool = False) -> Floor:
         """The fastest plain read of G's bytes, timed now (fastest of the timed calls); with
-        ``writes``, also the rate of G.clone(), a read plus a write of a new matrix."""
+        ``writes``, also the rate of a clone, a read plus a write of new memory."""
         nbytes = G.numel() * G.element_size()
         passes = {"G.sum()": (lambda: G.sum(), nbytes)}
         if G.device.type == "cpu" and G.is_contiguous():
@@ -106,7 +107,10 @@ class Timer:
         bandwidth = rates[what]
         self.best_bandwidth = max(self.best_bandwidth, bandwidth)
         self.floor_passes.add(what)
-        clone = nbytes / self.measure(G.clone).min if writes else None
+        # the rate of a fresh write, from at most _CLONE_SAMPLE_BYTES of G: a clone of all of a
+        # large G would double the memory in use and measure memory pressure instead
+        sample = G.reshape(-1)[: max(1, _CLONE_SAMPLE_BYTES // G.element_size())]
+        clone = sample.numel() * sample.element_size() / self.measure(sample.clone).min if writes else None
         return Floor(bandwidth, what, bandwidth >= PLAUSIBLE_FLOOR_FRACTION * self.best_bandwidth, clone)
 
 
