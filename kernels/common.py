@@ -3,7 +3,8 @@ selection that the coordinate-wise ops take."""
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
+
+from .._raw_checks import rows_arg
 
 # Power-of-two scales of core/common.h (kScaleDown, kScaleUp) for float64 values whose squares or
 # products would overflow or underflow (docs/nonfinite.md): |x| * 2^-600 <= 2^424 for every float64, and a
@@ -89,31 +90,11 @@ def source_rows(rows, row_ok, row_ids, HAS_ROWS: tl.constexpr):
 
 
 def row_selection(G: torch.Tensor, rows, op: str):
-    """(row_ids, m, HAS_ROWS) for a kernel that reads the rows ``rows`` of G where they lie.
-
-    ``rows`` gets csrc/checks.h rows_arg's checks, with the same messages: int64[m] on G's device,
-    1 <= m <= n, every entry in [0, n). The kernels take their addresses from the entries, so an
-    eager call reads their range on the host (a sync, as the C++ bindings do). A traced call
-    (torch.compile runs this on fake tensors) cannot read values; there the range becomes an
-    assert in the graph (on a GPU, a device-side assert). Without rows, row_ids is G itself, a
-    pointer the kernel never reads.
-    """
-    n = G.shape[0]
+    """(row_ids, m, HAS_ROWS) for a kernel that reads the rows ``rows`` of G where they lie, after
+    csrc/checks.h rows_arg's checks (robustagg/_raw_checks.py: the range is read on the host, or
+    asserted in the graph on fake tensors). Without rows, row_ids is G itself, a pointer the kernel
+    never reads."""
+    rows = rows_arg(rows, G, op)
     if rows is None:
-        return G, n, False
-    if rows.device != G.device:
-        raise RuntimeError(f"{op}: rows must be on G's device {G.device}, got one on {rows.device}")
-    if rows.dtype != torch.int64 or rows.dim() != 1:
-        raise RuntimeError(f"{op}: rows must be a 1-D int64 tensor of row numbers, got {rows.dtype} of shape "
-                           f"{list(rows.shape)}")
-    m = rows.shape[0]
-    if not 1 <= m <= n:
-        raise RuntimeError(f"{op}: rows selects m={m} rows; allowed 1 <= m <= n={n}")
-    if is_fake(rows):
-        torch._assert_async(((rows >= 0) & (rows < n)).all(),
-                            f"{op}: rows holds a row number outside the allowed [0, {n - 1}] for n={n}")
-    else:
-        first, last = torch.stack(torch.aminmax(rows)).tolist()
-        if first < 0 or last >= n:
-            raise RuntimeError(f"{op}: rows holds row numbers from {first} to {last}; allowed [0, {n - 1}] for n={n}")
-    return rows.contiguous(), m, True
+        return G, G.shape[0], False
+    return rows, rows.shape[0], True

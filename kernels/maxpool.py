@@ -16,13 +16,14 @@ of BLOCK lanes; program (tile, row) looks its item up in a per-tile index and do
 POOL and RESTORE items exist only for segments holding at least one window, so their
 ``kernel x kernel`` loops never run longer than the segment they cover; a segment smaller than
 the kernel is all SCAN or ZERO. Building the work table needs the segment table on the host (one
-tiny copy), which is checked there as csrc/checks.h does for the other backends; the element
-work itself is one launch.
+tiny copy), which is checked there with csrc/checks.h's rules (robustagg/_raw_checks.py); the
+element work itself is one launch.
 """
 import torch
 import triton
 import triton.language as tl
 
+from .._raw_checks import segment_table
 from .common import nonfinite, to_acc, to_storage
 from .settings import flat_settings, is_fp64
 
@@ -94,35 +95,6 @@ def _maxpool_kernel(G, items, tile_item, out, flags, d, out_width, kernel, IS_FP
             tl.store(dst + at, tl.zeros([BLOCK], dtype=dst.dtype.element_ty), mask=ok)
 
 
-def _checked_segments(segments: list[int], d: int, kernel: int, restore: bool, out_width: int):
-    """The host segment table as a list of five-int rows, after csrc/checks.h's segment_table
-    checks (same messages): the work table's addresses and sizes come from it, so every segment
-    must read inside a row of G and write inside a row of the output."""
-    if kernel < 1:
-        raise RuntimeError(f"maxpool_amplify: kernel={kernel} is out of range; allowed >= 1")
-    if len(segments) % 5:
-        raise RuntimeError(f"maxpool_amplify: segments must hold five ints per segment, got {len(segments)}")
-    if restore and out_width != d:
-        raise RuntimeError(f"maxpool_amplify: out_width={out_width} must equal d={d} with restore=True")
-    if not restore and not 0 <= out_width <= d:
-        raise RuntimeError(f"maxpool_amplify: out_width={out_width} is out of range; allowed [0, d={d}]")
-    table = [segments[i:i + 5] for i in range(0, len(segments), 5)]
-    for s, (offset, rows, cols, pooled, out) in enumerate(table):
-        if not (0 <= offset <= d and 0 <= rows <= d and 0 <= cols <= d and offset + rows * cols <= d):
-            raise RuntimeError(f"maxpool_amplify: segment {s} (offset {offset}, rows {rows}, cols {cols}) does not "
-                               f"fit in d={d}")
-        if pooled not in (0, 1):
-            raise RuntimeError(f"maxpool_amplify: segment {s} has pooled={pooled}; allowed 0 or 1")
-        written = rows * cols if restore or not pooled else (rows // kernel) * (cols // kernel)
-        if not (0 <= out <= out_width and written <= out_width - out):
-            raise RuntimeError(f"maxpool_amplify: segment {s} writes {written} values at output offset {out}, "
-                               f"outside the output row of width {out_width}")
-        if restore and out != offset:
-            raise RuntimeError(f"maxpool_amplify: with restore=True segment {s} must write where it reads "
-                               f"(out_offset {out} != in_offset {offset})")
-    return table
-
-
 def _work_items(table, d: int, kernel: int, restore: bool):
     """(kind, in_offset, cols, pitch, out_offset, count) per item, from the checked segment table."""
     items, covered_end = [], 0
@@ -151,7 +123,7 @@ def maxpool_amplify_forward(G, segments, kernel: int, restore: bool, out_width: 
     G = G.contiguous()
     n, d = G.shape
     block, warps = flat_settings()
-    items = _work_items(_checked_segments(segments, d, kernel, restore, out_width), d, kernel, restore)
+    items = _work_items(segment_table(segments, d, kernel, restore, out_width), d, kernel, restore)
     tiles = torch.tensor([triton.cdiv(item[-1], block) for item in items], dtype=torch.int64)
     first_tile = torch.cumsum(tiles, 0) - tiles
     table = torch.cat([torch.tensor(items, dtype=torch.int64).reshape(-1, 6), first_tile[:, None]], dim=1)
