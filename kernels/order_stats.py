@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._raw_checks import check_count, check_ranks
 from .common import flag_rows, load_row_block, nonfinite, row_selection, sign_of, source_rows, to_acc, to_storage
 from .settings import MAX_SORT_N, is_fp64, select_settings, sort_settings
 
@@ -238,7 +239,11 @@ def _order_mean_select_kernel(G, row_ids, out, mask_out, flags, n, d, lo, hi, mi
 def _order_mean_launch(G, lo, hi, min_votes, rows, invariant, launch):
     G = G.contiguous()
     d = G.shape[1]
-    row_ids, n, has_rows = row_selection(G, rows, "invariant" if invariant else "order_mean")
+    op = "invariant" if invariant else "order_mean"
+    row_ids, n, has_rows = row_selection(G, rows, op)
+    check_ranks(lo, hi, n, op)
+    if invariant:
+        check_count(min_votes, 0, n + 1, op, "min_votes")   # n + 1 votes: no coordinate kept
     out = torch.empty(d, dtype=G.dtype, device=G.device)
     mask = torch.empty(d if invariant else 0, dtype=torch.int8, device=G.device)
     flags = torch.zeros(n, dtype=torch.int32, device=G.device)
@@ -359,6 +364,7 @@ def closest_to_median_mean_forward(G, beta: int, rows=None, launch=lambda k: k):
     G = G.contiguous()
     d = G.shape[1]
     row_ids, n, has_rows = row_selection(G, rows, "closest_to_median_mean")
+    check_count(beta, 1, n, "closest_to_median_mean", "beta")
     out = torch.empty(d, dtype=G.dtype, device=G.device)
     flags = torch.zeros(n, dtype=torch.int32, device=G.device)
     m = max(0, 2 * beta - 1).bit_length()   # core kept_mean_rescaled's 2^m >= 2 beta

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._dtypes import dtype_max
+from .._raw_checks import check_count, check_real, weights_arg
 from .common import flag_rows, load_row_block, nonfinite, row_selection, sign_of, to_acc, to_storage
 from .settings import acc_dtype, column_settings, is_fp64
 
@@ -101,14 +103,16 @@ def rlr_forward(G, weights, theta: int, server_lr: float, rows=None, launch=lamb
     G = G.contiguous()
     d = G.shape[1]
     row_ids, n, has_rows = row_selection(G, rows, "rlr")
+    check_count(theta, 0, n, "rlr", "theta")
+    check_real(server_lr, -dtype_max(G.dtype), dtype_max(G.dtype), "rlr", "server_lr")
+    has_weights = weights is not None
+    if has_weights:   # the kernel reads n of them, and divides by their sum
+        weights = weights_arg(weights, G, n, "rlr")
     acc = acc_dtype(G.dtype)
     out = torch.empty(d, dtype=G.dtype, device=G.device)
     flags = torch.zeros(n, dtype=torch.int32, device=G.device)
     lr = torch.full((1,), server_lr, dtype=acc, device=G.device)
-    has_weights = weights is not None
-    if has_weights and tuple(weights.shape) != (n,):   # the kernel reads n of them (csrc/checks.h's message)
-        raise RuntimeError(f"rlr: weights must have shape ({n},), one per row the op reads, got {list(weights.shape)}")
-    w = weights.to(acc).contiguous() if has_weights else lr
+    w = weights if has_weights else lr
     block_n, block_d, warps = column_settings(n)
     launch(_rlr_kernel)[(triton.cdiv(d, block_d),)](
         G, row_ids, w, lr, out, flags, n, d, theta, HAS_ROWS=has_rows, HAS_WEIGHTS=has_weights, IS_FP64=is_fp64(G),

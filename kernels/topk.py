@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._raw_checks import check_k, check_topk_ef_step
 from .common import nonfinite, to_acc, to_storage
 from .settings import acc_dtype, flat_settings, is_fp64
 
@@ -225,6 +226,7 @@ def _compact(values, state, flags, out_dtype, k: int, check: bool, launch, ef_ar
 
 def topk_abs_forward(x, k: int, launch=lambda kernel: kernel):
     """(indices int64[min(k, d)] ascending, x at those indices, bool[1]: x holds NaN/Inf)."""
+    check_k(k, "topk_abs")
     x = x.contiguous()
     d = x.shape[0]
     state = _initial_state(k, d, x.device)
@@ -240,6 +242,7 @@ def topk_ef_step_forward(u, error, momentum, k: int, rho: float, launch=lambda k
 
     Returns (indices int64[min(k, d)] ascending, values, bool[1]); empty outputs when u is not finite.
     """
+    check_topk_ef_step(u, error, momentum, k, rho)   # the kernels write the state by u's indices
     u = u.contiguous()
     d = u.shape[0]
     acc = acc_dtype(u.dtype)
