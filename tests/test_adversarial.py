@@ -338,6 +338,192 @@ def test_raw_ops_check_every_value_they_read(call, match):
         call()
 
 
+def raw_backends():
+    """pytest params (backend, device): the raw ops of every backend (torch.ops.robustagg on CPU and
+    on CUDA, robustagg_triton, robustagg_torch) with the device of their tensors; a backend that
+    cannot run here is skipped with the reason."""
+    params = []
+    for name in robustagg._backend.BACKENDS:
+        device = torch.device("cpu") if name == "cpu" else DEVICE
+        reason = robustagg._backend._unavailable_reason(name, None, device)
+        params.append(pytest.param(name, device, id=name, marks=[pytest.mark.skip(reason=reason)] if reason else []))
+    return params
+
+
+def on(G, values, dtype=None):
+    return torch.tensor(values, dtype=dtype, device=G.device)
+
+
+def topk_state(G, error=None, momentum=None):
+    """(u, error, momentum) of 7 coordinates on G's device, the state zero unless given."""
+    zeros = torch.zeros_like(G[0])
+    return G[0].clone(), zeros.clone() if error is None else error, zeros.clone() if momentum is None else momentum
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def printed_nan(device) -> str:
+    """How a message writes the NaN that min() of a vector holding one gives on ``device``: as a C++
+    stream writes a double, "-nan" where its sign bit is set (as torch's CPU min() gives it here)."""
+    value = torch.tensor([1.0, NAN, 1.0, 1.0, 1.0], device=device).min().item()
+    return "-nan" if math.copysign(1.0, value) < 0 else "nan"
+
+
+# case -> (raw op, its arguments for a float32 G of n=5 rows and d=7 columns, the native message,
+# with {device} for G's device and {nan} for a NaN). Each argument would make a kernel read out of
+# bounds, or compute something without meaning (a row whose sign a negative bound flips, a mean of
+# weights whose sum is Inf).
+HOSTILE_RAW_ARGUMENTS = {
+    "order_mean lo == hi": ("order_mean", lambda G: (G, 3, 3),
+                            "order_mean: lo=3, hi=3 are out of range; allowed 0 <= lo < hi <= n=5"),
+    "order_mean hi > n": ("order_mean", lambda G: (G, 0, 6),
+                          "order_mean: lo=0, hi=6 are out of range; allowed 0 <= lo < hi <= n=5"),
+    "order_mean lo < 0": ("order_mean", lambda G: (G, -1, 2),
+                          "order_mean: lo=-1, hi=2 are out of range; allowed 0 <= lo < hi <= n=5"),
+    "order_mean hi > m": ("order_mean", lambda G: (G, 0, 3, on(G, [4, 0])),
+                          "order_mean: lo=0, hi=3 are out of range; allowed 0 <= lo < hi <= n=2"),
+    "invariant lo > hi": ("invariant", lambda G: (G, 3, 2, 1),
+                          "invariant: lo=3, hi=2 are out of range; allowed 0 <= lo < hi <= n=5"),
+    "invariant min_votes > n + 1": ("invariant", lambda G: (G, 0, 5, 7),
+                                    "invariant: min_votes=7 is out of range; allowed [0, 6]"),
+    "invariant min_votes < 0": ("invariant", lambda G: (G, 0, 5, -1),
+                                "invariant: min_votes=-1 is out of range; allowed [0, 6]"),
+    "invariant min_votes > m + 1": ("invariant", lambda G: (G, 0, 2, 4, on(G, [1, 2])),
+                                    "invariant: min_votes=4 is out of range; allowed [0, 3]"),
+    "rlr theta > n": ("rlr", lambda G: (G, None, 6, 1.0), "rlr: theta=6 is out of range; allowed [0, 5]"),
+    "rlr theta < 0": ("rlr", lambda G: (G, None, -1, 1.0), "rlr: theta=-1 is out of range; allowed [0, 5]"),
+    "closest_to_median_mean beta 0": ("closest_to_median_mean", lambda G: (G, 0),
+                                      "closest_to_median_mean: beta=0 is out of range; allowed [1, 5]"),
+    "closest_to_median_mean beta > m": ("closest_to_median_mean", lambda G: (G, 3, on(G, [0, 1])),
+                                        "closest_to_median_mean: beta=3 is out of range; allowed [1, 2]"),
+    "client_stats window_start = d": ("client_stats", lambda G: (G, 7, 1, None),
+                                      "client_stats: window_start=7 is out of range; allowed [0, 6]"),
+    "client_stats window_start < 0": ("client_stats", lambda G: (G, -1, 2, None),
+                                      "client_stats: window_start=-1 is out of range; allowed [0, 6]"),
+    "client_stats window past d": ("client_stats", lambda G: (G, 2, 6, None),
+                                   "client_stats: window_length=6 is out of range; allowed [1, 5]"),
+    "client_stats empty window": ("client_stats", lambda G: (G, 0, 0, None),
+                                  "client_stats: window_length=0 is out of range; allowed [1, 7]"),
+    "client_stats short ref": ("client_stats", lambda G: (G, 0, 7, G[0, :6]),
+                               "client_stats: ref must be (7,) Float on {device}, got [6] Float on {device}"),
+    "client_stats float64 ref": ("client_stats", lambda G: (G, 0, 7, G[0].double()),
+                                 "client_stats: ref must be (7,) Float on {device}, got [7] Double on {device}"),
+    "client_stats 2-D ref": ("client_stats", lambda G: (G, 0, 7, G[:1]),
+                             "client_stats: ref must be 1-D with at least 1 element, got shape [1, 7]"),
+    "client_stats int ref": ("client_stats", lambda G: (G, 0, 7, G[0].int()),
+                             "client_stats: ref has dtype Int; supported dtypes are float16, bfloat16, float32, "
+                             "float64"),
+    "rlr server_lr nan": ("rlr", lambda G: (G, None, 0, NAN),
+                          "rlr: server_lr=nan is out of range; allowed [-3.40282e+38, 3.40282e+38] (and finite)"),
+    "rlr server_lr -inf": ("rlr", lambda G: (G, None, 0, -INF),
+                           "rlr: server_lr=-inf is out of range; allowed [-3.40282e+38, 3.40282e+38] (and finite)"),
+    "rlr server_lr beyond float32": ("rlr", lambda G: (G, None, 0, 1e39),
+                                     "rlr: server_lr=1e+39 is out of range; allowed [-3.40282e+38, 3.40282e+38] "
+                                     "(and finite)"),
+    "rlr server_lr inf for float64": ("rlr", lambda G: (G.double(), None, 0, INF),
+                                      "rlr: server_lr=inf is out of range; allowed [-1.79769e+308, 1.79769e+308] "
+                                      "(and finite)"),
+    "rlr nan weight": ("rlr", lambda G: (G, on(G, [1, NAN, 1, 1, 1]), 0, 1.0),
+                       "rlr: weights must hold finite values >= 0, got min={nan} max={nan}"),
+    "rlr inf weight": ("rlr", lambda G: (G, on(G, [1, INF, 1, 1, 1]), 0, 1.0),
+                       "rlr: weights must hold finite values >= 0, got min=1 max=inf"),
+    "rlr negative weight": ("rlr", lambda G: (G, on(G, [2, -1, 1, 1, 1]), 0, 1.0),
+                            "rlr: weights must hold finite values >= 0, got min=-1 max=2"),
+    "rlr float64 weight beyond float32": ("rlr", lambda G: (G, on(G, [1, 1e39, 1, 1, 1], torch.float64), 0, 1.0),
+                                          "rlr: weights must hold finite values >= 0, got min=1 max=inf"),
+    "rlr weights whose sum overflows": ("rlr", lambda G: (G, on(G, [3e38] * 5), 0, 1.0),
+                                        "rlr: weights sum to 1.5e+39; allowed (0, 3.40282e+38]"),
+    "rlr short weights": ("rlr", lambda G: (G, on(G, [1.0] * 4), 0, 1.0),
+                          "rlr: weights must have shape (5,), one per row the op reads, got [4]"),
+    "rlr weights of every row with rows": ("rlr", lambda G: (G, on(G, [1.0] * 5), 0, 1.0, on(G, [0, 1])),
+                                           "rlr: weights must have shape (2,), one per row the op reads, got [5]"),
+    "clip_rows negative max_norm": ("clip_rows", lambda G: (G, on(G, [1, -1, 1, 1, 1])),
+                                    "clip_rows: max_norm must hold finite values >= 0, got min=-1 max=1"),
+    "clip_rows nan max_norm": ("clip_rows", lambda G: (G, on(G, [1, NAN, 1, 1, 1])),
+                               "clip_rows: max_norm must hold finite values >= 0, got min={nan} max={nan}"),
+    "clip_rows inf max_norm": ("clip_rows", lambda G: (G, on(G, [1, INF, 1, 1, 1])),
+                               "clip_rows: max_norm must hold finite values >= 0, got min=1 max=inf"),
+    "clip_rows float64 max_norm beyond float32": ("clip_rows",
+                                                  lambda G: (G, on(G, [1, 1, 1, 1, 1e39], torch.float64)),
+                                                  "clip_rows: max_norm must hold finite values >= 0, got min=1 max=inf"),
+    "clip_rows short max_norm": ("clip_rows", lambda G: (G, on(G, [1.0] * 3)),
+                                 "clip_rows: max_norm must have shape (5,), one per row the op reads, got [3]"),
+    "clip_rows scalar max_norm": ("clip_rows", lambda G: (G, on(G, 1.0)),
+                                  "clip_rows: max_norm must have shape (5,), one per row the op reads, got []"),
+    "topk_ef_step rho nan": ("topk_ef_step", lambda G: (*topk_state(G), 1, NAN),
+                             "topk_ef_step: rho=nan is out of range; allowed [0, 3.40282e+38] (and finite)"),
+    "topk_ef_step rho inf": ("topk_ef_step", lambda G: (*topk_state(G), 1, INF),
+                             "topk_ef_step: rho=inf is out of range; allowed [0, 3.40282e+38] (and finite)"),
+    "topk_ef_step rho < 0": ("topk_ef_step", lambda G: (*topk_state(G), 1, -0.5),
+                             "topk_ef_step: rho=-0.5 is out of range; allowed [0, 3.40282e+38] (and finite)"),
+    "topk_ef_step rho beyond float32": ("topk_ef_step", lambda G: (*topk_state(G), 1, 1e39),
+                                        "topk_ef_step: rho=1e+39 is out of range; allowed [0, 3.40282e+38] "
+                                        "(and finite)"),
+    "topk_ef_step k < 0": ("topk_ef_step", lambda G: (*topk_state(G), -1, 0.5),
+                           "topk_ef_step: k=-1 is out of range; allowed >= 0"),
+    "topk_abs k < 0": ("topk_abs", lambda G: (G[0], -1), "topk_abs: k=-1 is out of range; allowed >= 0"),
+    "topk_ef_step short error": ("topk_ef_step", lambda G: (*topk_state(G, error=torch.zeros_like(G[0, :6])), 1, 0.5),
+                                 "topk_ef_step: error and momentum must match u's shape [7], dtype Float and device "
+                                 "{device}, got [6] Float on {device}"),
+    "topk_ef_step float64 momentum": ("topk_ef_step", lambda G: (*topk_state(G, momentum=G[1].double()), 1, 0.5),
+                                      "topk_ef_step: error and momentum must match u's shape [7], dtype Float and "
+                                      "device {device}, got [7] Double on {device}"),
+    "topk_ef_step strided error": ("topk_ef_step",
+                                   lambda G: (*topk_state(G, error=torch.zeros(14, device=G.device)[::2]), 1, 0.5),
+                                   "topk_ef_step: error and momentum are updated in place and must be contiguous"),
+    "maxpool_amplify pooled=7": ("maxpool_amplify", lambda G: (G, [0, 2, 2, 7, 0], 1, False, 4),
+                                 "maxpool_amplify: segment 0 has pooled=7; allowed 0 or 1"),
+    "maxpool_amplify segment beyond d": ("maxpool_amplify", lambda G: (G, [4, 2, 2, 1, 0], 2, False, 7),
+                                         "maxpool_amplify: segment 0 (offset 4, rows 2, cols 2) does not fit in d=7"),
+    "maxpool_amplify out_width beyond d": ("maxpool_amplify", lambda G: (G, [0, 2, 2, 1, 0], 2, False, 8),
+                                           "maxpool_amplify: out_width=8 is out of range; allowed [0, d=7]"),
+    "rows m > n": ("sign_sum", lambda G: (G, on(G, [0, 1, 2, 3, 4, 0])),
+                   "sign_sum: rows selects m=6 rows; allowed 1 <= m <= n=5"),
+    "rows beyond n": ("rlr", lambda G: (G, None, 0, 1.0, on(G, [0, 5])),
+                      "rlr: rows holds row numbers from 0 to 5; allowed [0, 4] for n=5"),
+    "rows < 0": ("order_mean", lambda G: (G, 0, 1, on(G, [-1])),
+                 "order_mean: rows holds row numbers from -1 to -1; allowed [0, 4] for n=5"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_RAW_ARGUMENTS))
+@pytest.mark.parametrize("backend, device", raw_backends())
+def test_raw_ops_reject_hostile_arguments_with_the_native_message(backend, device, case):
+    # csrc/checks.h for the native ops, robustagg/_raw_checks.py for the Triton launchers and the
+    # torch backend: the same error, word for word, before anything is allocated or launched
+    op, args, message = HOSTILE_RAW_ARGUMENTS[case]
+    G = torch.randn(5, 7, generator=torch.Generator().manual_seed(0)).to(device)
+    with pytest.raises(Exception) as raised:
+        robustagg._backend.raw_op(op, backend)(*args(G))
+    assert type(raised.value) is RuntimeError
+    assert str(raised.value) == message.format(device=G.device, nan=printed_nan(G.device))
+
+
+def test_raw_value_checks_traced_on_fake_tensors_become_asserts_in_the_graph():
+    # torch.compile traces a Triton launcher on fake tensors, whose values cannot be read there:
+    # the checks of weights and max_norm become asserts, which a bad value trips when the graph runs
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from robustagg import _raw_checks
+
+    def bounds(G, max_norm):
+        bound = _raw_checks.row_vector_arg(max_norm, G, G.shape[0], "clip_rows", "max_norm")
+        _raw_checks.check_nonnegative(bound, "clip_rows", "max_norm")
+        return bound
+
+    G = torch.zeros(3, 4)
+    weights = make_fx(lambda G, w: _raw_checks.weights_arg(w, G, 3, "rlr"), tracing_mode="fake")(G, torch.ones(3))
+    assert torch.equal(weights(G, torch.tensor([1.0, 0.0, 2.0])), torch.tensor([1.0, 0.0, 2.0]))
+    with pytest.raises(RuntimeError, match=r"^rlr: weights must hold finite values >= 0$"):
+        weights(G, torch.tensor([1.0, NAN, 1.0]))
+    with pytest.raises(RuntimeError, match=r"^rlr: weights sum to a value outside the allowed \(0, 3.40282e\+38\]$"):
+        weights(G, torch.full((3,), 3e38))
+    clip = make_fx(bounds, tracing_mode="fake")(G, torch.ones(3))
+    assert torch.equal(clip(G, torch.tensor([0.0, 1.0, 2.0])), torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(RuntimeError, match=r"^clip_rows: max_norm must hold finite values >= 0$"):
+        clip(G, torch.tensor([1.0, -1.0, 1.0]))
+
+
 # ---------------------------------------------------------------- 6. unbounded loops and memory
 
 def test_maxpool_kernel_larger_than_every_segment_is_a_clear_error():
