@@ -91,21 +91,19 @@ def check_nonnegative(v: torch.Tensor, op: str, name: str) -> None:
 
 
 def weights_arg(weights: torch.Tensor, G: torch.Tensor, count: int, op: str) -> torch.Tensor:
-    """rlr's weights in G's arithmetic dtype: finite, >= 0, with a total that fits it.
-
-    checks::weights_arg also rejects a total of 0 (all-zero weights, whose mean is 0/0: NaN, read
-    within bounds). That one is not checked here yet: tests/test_triton.py compiles every launch
-    from the op table's samples with their tensors zeroed, weights included. Its power-of-two
-    rescaling of the weights is the native kernels' own.
+    """rlr's weights in G's arithmetic dtype: finite, >= 0, with a total in (0, the dtype's max]
+    (all-zero weights would make the mean 0/0). Its power-of-two rescaling of the weights is the
+    native kernels' own.
     """
     w = row_vector_arg(weights, G, count, op, "weights")
     check_nonnegative(w, op, "weights")
     limit, total = dtype_max(G.dtype), w.sum(dtype=torch.float64)
     if is_fake(w):
-        torch._assert_async(total <= limit, f"{op}: weights sum to a value outside the allowed (0, {_real(limit)}]")
+        torch._assert_async((total > 0) & (total <= limit),
+                            f"{op}: weights sum to a value outside the allowed (0, {_real(limit)}]")
         return w
     total = total.item()
-    if total > limit:
+    if not 0 < total <= limit:
         raise RuntimeError(f"{op}: weights sum to {_real(total)}; allowed (0, {_real(limit)}]")
     return w
 

@@ -434,6 +434,8 @@ HOSTILE_RAW_ARGUMENTS = {
                                           "rlr: weights must hold finite values >= 0, got min=1 max=inf"),
     "rlr weights whose sum overflows": ("rlr", lambda G: (G, on(G, [3e38] * 5), 0, 1.0),
                                         "rlr: weights sum to 1.5e+39; allowed (0, 3.40282e+38]"),
+    "rlr all-zero weights": ("rlr", lambda G: (G, on(G, [0.0] * 5), 0, 1.0),
+                             "rlr: weights sum to 0; allowed (0, 3.40282e+38]"),
     "rlr short weights": ("rlr", lambda G: (G, on(G, [1.0] * 4), 0, 1.0),
                           "rlr: weights must have shape (5,), one per row the op reads, got [4]"),
     "rlr weights of every row with rows": ("rlr", lambda G: (G, on(G, [1.0] * 5), 0, 1.0, on(G, [0, 1])),

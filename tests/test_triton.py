@@ -480,12 +480,13 @@ class _LaunchRecorder:
 
 
 def _record_launches(dtype):
-    """Every kernel launch of every op on zero CPU tensors of ``dtype`` (nothing runs): the op
+    """Every kernel launch of every op on CPU tensors of ones in ``dtype`` (nothing runs; ones pass
+    every argument check, all-zero rlr weights would not): the op
     table's sample call of each op, then the ops that take rows on both sides of MAX_SORT_N (the
     one-tile sort and the radix select), of an odd and an even n, without and with a selection."""
     rec = _LaunchRecorder()
     for name in ALL_OPS:
-        args = [torch.zeros_like(a, dtype=dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+        args = [torch.ones_like(a, dtype=dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                 for a in RAW_OPS[name].sample(torch.device("cpu"))]
         _launcher(name)(*args, launch=rec)
     G, big = torch.zeros(20, 300, dtype=dtype), torch.zeros(300, 5, dtype=dtype)
