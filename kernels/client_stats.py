@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._raw_checks import check_nonnegative, check_window, reference_arg, row_vector_arg
+from .._raw_checks import client_stats_ref, clip_bound
 from .common import SCALE_DOWN, SCALE_UP, TINY_SQUARES, nonfinite, to_acc, to_storage
 from .settings import flat_settings, is_fp64, row_settings
 
@@ -152,8 +152,7 @@ def client_stats_forward(G, window_start: int, window_length: int, ref, launch=l
     """float64 (norm[n], sign_frac[n, 3], dot[n], ref_norm[1], ref_dist[n]) and bool[n] non-finite
     rows; dot, ref_norm and ref_dist are empty when ref is None."""
     G = G.contiguous()
-    check_window(window_start, window_length, G.shape[1])
-    ref = None if ref is None else reference_arg(ref, G)
+    ref = client_stats_ref(G, window_start, window_length, ref)
     scaled = is_fp64(G)
     squares, dots, dist, ref_squares, counts, flags = _row_partials(G, window_start, window_length, ref, launch)
     norm = _norm_value(squares, scaled)
@@ -181,8 +180,7 @@ def clip_rows_forward(G, max_norm, launch=lambda k: k):
     """(rows scaled by min(1, max_norm / ||G_i||), bool[n] non-finite rows); zero rows stay zero."""
     G = G.contiguous()
     n, d = G.shape
-    bound = row_vector_arg(max_norm, G, n, "clip_rows", "max_norm")
-    check_nonnegative(bound, "clip_rows", "max_norm")   # a negative bound would flip the row
+    bound = clip_bound(max_norm, G)
     squares, _, _, _, _, flags = _row_partials(G, 0, 0, None, launch)
     value, scale = _scaled_norm(squares, is_fp64(G))
     bound = bound.to(torch.float64)

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._raw_checks import check_count, check_ranks
+from .._raw_checks import check_count, check_invariant, check_ranks
 from .common import flag_rows, load_row_block, nonfinite, row_selection, sign_of, source_rows, to_acc, to_storage
 from .settings import MAX_SORT_N, is_fp64, select_settings, sort_settings
 
@@ -241,9 +241,10 @@ def _order_mean_launch(G, lo, hi, min_votes, rows, invariant, launch):
     d = G.shape[1]
     op = "invariant" if invariant else "order_mean"
     row_ids, n, has_rows = row_selection(G, rows, op)
-    check_ranks(lo, hi, n, op)
     if invariant:
-        check_count(min_votes, 0, n + 1, op, "min_votes")   # n + 1 votes: no coordinate kept
+        check_invariant(lo, hi, min_votes, n)
+    else:
+        check_ranks(lo, hi, n, op)
     out = torch.empty(d, dtype=G.dtype, device=G.device)
     mask = torch.empty(d if invariant else 0, dtype=torch.int8, device=G.device)
     flags = torch.zeros(n, dtype=torch.int32, device=G.device)

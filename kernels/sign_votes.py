@@ -11,8 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dtypes import dtype_max
-from .._raw_checks import check_count, check_real, weights_arg
+from .._raw_checks import rlr_args
 from .common import flag_rows, load_row_block, nonfinite, row_selection, sign_of, to_acc, to_storage
 from .settings import acc_dtype, column_settings, is_fp64
 
@@ -103,11 +102,8 @@ def rlr_forward(G, weights, theta: int, server_lr: float, rows=None, launch=lamb
     G = G.contiguous()
     d = G.shape[1]
     row_ids, n, has_rows = row_selection(G, rows, "rlr")
-    check_count(theta, 0, n, "rlr", "theta")
-    check_real(server_lr, -dtype_max(G.dtype), dtype_max(G.dtype), "rlr", "server_lr")
+    weights = rlr_args(G, weights, theta, server_lr, n)   # the kernel reads n weights, divides by their sum
     has_weights = weights is not None
-    if has_weights:   # the kernel reads n of them, and divides by their sum
-        weights = weights_arg(weights, G, n, "rlr")
     acc = acc_dtype(G.dtype)
     out = torch.empty(d, dtype=G.dtype, device=G.device)
     flags = torch.zeros(n, dtype=torch.int32, device=G.device)

@@ -123,6 +123,36 @@ def reference_arg(ref: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return ref.contiguous()
 
 
+def check_invariant(lo: int, hi: int, min_votes: int, n: int) -> None:
+    """invariant's ranks of the n rows read, and its vote threshold (n + 1: no coordinate kept)."""
+    check_ranks(lo, hi, n, "invariant")
+    check_count(min_votes, 0, n + 1, "invariant", "min_votes")
+
+
+def rlr_args(G: torch.Tensor, weights: torch.Tensor | None, theta: int, server_lr: float, n: int
+             ) -> torch.Tensor | None:
+    """rlr's arguments for the n rows it reads: theta in [0, n], a finite server_lr within the
+    dtype, and the weights (weights_arg), returned as the kernels read them (None: all ones)."""
+    check_count(theta, 0, n, "rlr", "theta")
+    check_real(server_lr, -dtype_max(G.dtype), dtype_max(G.dtype), "rlr", "server_lr")
+    return None if weights is None else weights_arg(weights, G, n, "rlr")
+
+
+def clip_bound(max_norm: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """clip_rows' per-row bound, finite and >= 0 (a negative one would flip the row), in G's
+    arithmetic dtype."""
+    bound = row_vector_arg(max_norm, G, G.shape[0], "clip_rows", "max_norm")
+    check_nonnegative(bound, "clip_rows", "max_norm")
+    return bound
+
+
+def client_stats_ref(G: torch.Tensor, window_start: int, window_length: int, ref: torch.Tensor | None
+                     ) -> torch.Tensor | None:
+    """client_stats' window (check_window) and its optional reference vector (reference_arg)."""
+    check_window(window_start, window_length, G.shape[1])
+    return None if ref is None else reference_arg(ref, G)
+
+
 def check_topk_ef_step(u: torch.Tensor, error: torch.Tensor, momentum: torch.Tensor, k: int, rho: float) -> None:
     """topk_ef_step's arguments besides u: k, rho, and the state it updates in place, which must
     have u's shape, dtype and device and be contiguous (the kernels write it by u's indices)."""

@@ -14,7 +14,6 @@ import torch
 
 from . import _raw_checks as checks
 from . import reference
-from ._dtypes import dtype_max
 from .layout import Segment
 
 Tensor = torch.Tensor
@@ -52,8 +51,7 @@ def closest_to_median_mean(G: Tensor, beta: int, rows: Optional[Tensor] = None) 
 
 def invariant(G: Tensor, lo: int, hi: int, min_votes: int, rows: Optional[Tensor] = None) -> Tensors3:
     X = _selected(G, rows, "invariant")
-    checks.check_ranks(lo, hi, X.shape[0], "invariant")
-    checks.check_count(min_votes, 0, X.shape[0] + 1, "invariant", "min_votes")
+    checks.check_invariant(lo, hi, min_votes, X.shape[0])
     mask = reference.sign_sum(X).abs() >= min_votes
     out = torch.where(mask, reference.order_mean(X, lo, hi), torch.zeros((), dtype=X.dtype, device=X.device))
     return out, mask, _nonfinite_rows(X)
@@ -62,18 +60,13 @@ def invariant(G: Tensor, lo: int, hi: int, min_votes: int, rows: Optional[Tensor
 def rlr(G: Tensor, weights: Optional[Tensor], theta: int, server_lr: float, rows: Optional[Tensor] = None
         ) -> Tensors2:
     X = _selected(G, rows, "rlr")
-    checks.check_count(theta, 0, X.shape[0], "rlr", "theta")
-    checks.check_real(server_lr, -dtype_max(G.dtype), dtype_max(G.dtype), "rlr", "server_lr")
-    if weights is not None:
-        weights = checks.weights_arg(weights, G, X.shape[0], "rlr")
+    weights = checks.rlr_args(G, weights, theta, server_lr, X.shape[0])
     return reference.rlr(X, theta, weights, server_lr), _nonfinite_rows(X)
 
 
 def client_stats(G: Tensor, window_start: int, window_length: int, ref: Optional[Tensor]
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    checks.check_window(window_start, window_length, G.shape[1])
-    if ref is not None:
-        ref = checks.reference_arg(ref, G)
+    ref = checks.client_stats_ref(G, window_start, window_length, ref)
     stats = reference.client_stats(G, (window_start, window_length), ref)
     if ref is None:   # three empty tensors, not one three times: a custom op's outputs may not alias
         dot, ref_norm, ref_dist = (stats.norm.new_empty(0) for _ in range(3))
@@ -83,9 +76,7 @@ def client_stats(G: Tensor, window_start: int, window_length: int, ref: Optional
 
 
 def clip_rows(G: Tensor, max_norm: Tensor) -> Tensors2:
-    bound = checks.row_vector_arg(max_norm, G, G.shape[0], "clip_rows", "max_norm")
-    checks.check_nonnegative(bound, "clip_rows", "max_norm")
-    return reference.clip_rows(G, bound), _nonfinite_rows(G)
+    return reference.clip_rows(G, checks.clip_bound(max_norm, G)), _nonfinite_rows(G)
 
 
 def _vector_nonfinite(x: Tensor) -> Tensor:
