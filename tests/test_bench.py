@@ -71,6 +71,14 @@ def test_bad_shapes_name_the_argument(bad, capsys):
     assert "--shapes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf"])
+def test_a_budget_that_is_not_a_positive_time_names_the_argument(bad, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--budget", bad])
+    err = capsys.readouterr().err
+    assert "--budget" in err and "> 0" in err
+
+
 def test_threads_sets_torch_and_the_kernels(tmp_path):
     before = torch.get_num_threads()
     try:

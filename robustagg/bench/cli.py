@@ -248,6 +248,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number of seconds > 0")
+    return value
+
+
 def _parser():
     parser = argparse.ArgumentParser(prog="python -m robustagg bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -273,7 +280,7 @@ def _parser():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=_positive, help="CPU threads for torch and for robustagg's kernels")
     parser.add_argument("--repeats", type=_positive, default=5, help="timed calls after warm-up, at most")
-    parser.add_argument("--budget", type=float, default=None,
+    parser.add_argument("--budget", type=_seconds, default=None,
                         help="seconds of timed calls per implementation (default 2; --full: 12); slower calls "
                              "are timed once")
     parser.add_argument("--json", help="write results as JSON")
