@@ -136,17 +136,51 @@ class Clients:
             named = {k: (v(self) if callable(v) else v) for k, v in kwargs.items()}
             return op(self.G, *resolved, rows=self.selection, backend=self.backend, **named, **flags)
 
-        if self.policy != "drop":
+        if self.policy == "propagate" or (self.policy == "raise" and not self.sharded):
             return call(nonfinite=self.policy)
         *out, bad = call(nonfinite="propagate", return_nonfinite=True)
+        bad = self.agree(bad)
         if not bool(bad.any()):
             return out[0] if len(out) == 1 else tuple(out)
-        self.drop(self.local(bad))
+        self.drop(self.local(bad))   # raises under "raise"
         return call(nonfinite="propagate")
 
+    # ------------------------------------------------------------ what a sharded G combines
+    # One process holds every coordinate. robustagg.distributed holds a column shard of G per
+    # rank and overrides these five to combine the ranks' partial results.
+    sharded = False
+
+    @property
+    def d(self) -> int:
+        """The model's coordinate count (in one process, G's columns)."""
+        return self.G.shape[1]
+
+    def agree(self, bad: torch.Tensor) -> torch.Tensor:
+        """Per-row non-finite flags, as every shard of G sees them."""
+        return bad
+
+    def client_stats(self, window=None, ref=None) -> ops.ClientStats:
+        """``client_stats`` over every row of G (``ref`` and the window cover all d coordinates)."""
+        return ops.client_stats(self.G, window, ref, nonfinite="propagate", backend=self.backend)
+
+    def pairwise_with_flags(self, op) -> tuple[torch.Tensor, torch.Tensor]:
+        """An [n_total, n_total] pairwise op over every row of G, with its per-row non-finite flags."""
+        return op(self.G, nonfinite="propagate", return_nonfinite=True, backend=self.backend)
+
+    def distance(self, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+        """(||a - b||, ||b||) of two [d] points, float64, through client_stats (scaled, so never Inf
+        for finite points)."""
+        stats = ops.client_stats(a[None, :], ref=b, nonfinite="propagate", backend=self.backend)
+        return float(stats.ref_dist[0]), float(stats.ref_norm)
+
+    def fraction(self, mask: torch.Tensor) -> float:
+        """The fraction of the d coordinates where a [d] bool mask holds (an exact count over d)."""
+        return int(mask.sum()) / mask.numel()
+
+    # ------------------------------------------------------------ cross-coordinate passes
     def stats(self, window=None, ref=None) -> ops.ClientStats:
         """``client_stats`` over the rows in play; its ``finite`` flag screens them in the same pass."""
-        stats = ops.client_stats(self.G, window, ref, nonfinite="propagate", backend=self.backend)
+        stats = self.client_stats(window, ref)
         if self.selection is not None:
             stats = stats.select(self.selection)
         if self.policy == "propagate" or bool(stats.finite.all()):
@@ -156,7 +190,7 @@ class Clients:
     def pairwise(self, op) -> torch.Tensor:
         """An [n, n] op (pairwise_sqdist / pairwise_cosine) over the rows in play; the op's flags
         screen them in the same pass."""
-        M, bad = op(self.G, nonfinite="propagate", return_nonfinite=True, backend=self.backend)
+        M, bad = self.pairwise_with_flags(op)
         M, bad = self.local_pairs(M), self.local(bad)
         if self.policy == "propagate" or not bool(bad.any()):
             return M
@@ -305,14 +339,19 @@ class Aggregator:
             raise ValueError(f"{self.name}: the updates have d=0 coordinates; at least 1 is required")
         w = None if weights is None else check_weights(self.name, weights, G.shape[0], G.device)
         rows = Clients(G, w, self.nonfinite, self.backend)
-        self.check_n(G.shape[0])
+        out, report = self.run_rule(rows, layout)
+        kept = report.selected if report.selected is not None else rows.all_ids()
+        return layout.unflatten(out, combine_buffers(layout.held, kept, w if self.uses_weights else None,
+                                                     self.buffers))
+
+    def run_rule(self, rows: Clients, layout) -> tuple[torch.Tensor, Report]:
+        """Check n, screen the held-out buffers, aggregate, and leave the report in ``last_report``."""
+        self.check_n(rows.n_total)
         self.screen_buffers(rows, layout)
         out, report = self.aggregate(rows, layout)
         report.rejected_nonfinite = sorted(rows.rejected)
         self.last_report = report
-        kept = report.selected if report.selected is not None else rows.all_ids()
-        return layout.unflatten(out, combine_buffers(layout.held, kept, w if self.uses_weights else None,
-                                                     self.buffers))
+        return out, report
 
     def holds_out(self, key, tensor: torch.Tensor) -> bool:
         """Whether an entry stays out of G: every integer entry, and the floating buffers unless the

@@ -87,7 +87,7 @@ class SignSGD(Aggregator):
 
     def aggregate(self, rows: Clients, layout):
         if self.server_lr is None:
-            step = median_norm_step(rows.stats().norm, rows.G.shape[1])   # screens the rows
+            step = median_norm_step(rows.stats().norm, rows.d)   # screens the rows
         else:
             step = check_multiplier(self.name, "server_lr", self.server_lr, rows.G.dtype)
         votes = rows.run(ops.sign_sum)
@@ -144,12 +144,6 @@ def clip_factor(norm: torch.Tensor, max_norm) -> torch.Tensor:
 # affine Gram identity ||sum_i a_i g_i - g_j||^2 = (Da)_j - a^T D a / 2 would need one pairwise pass
 # only, but it cancels catastrophically when one client is far away (docs/nonfinite.md).
 
-def step_size(new: torch.Tensor, old: torch.Tensor, backend: str | None) -> tuple[float, float]:
-    """(||new - old||, ||old||) in float64, through client_stats (scaled, so never Inf for finite points)."""
-    stats = ops.client_stats(new[None, :], ref=old, nonfinite="propagate", backend=backend)
-    return float(stats.ref_dist[0]), float(stats.ref_norm)
-
-
 @dataclass
 class GeometricMedianReport(Report):
     iterations: int = 0
@@ -182,7 +176,7 @@ class GeometricMedian(Aggregator):
             dist = rows.stats(ref=z).ref_dist                               # ||z - g_i||, one pass
             beta = rows.weights_or_ones() / dist.clamp_min(self.nu)
             new = rows.weighted_mean(beta)                                  # one pass
-            moved, size = step_size(new, z, rows.backend)
+            moved, size = rows.distance(new, z)
             z, iterations = new, iterations + 1
             converged = moved <= self.tol * size
         return z, GeometricMedianReport(selected=rows.all_ids(), iterations=iterations, converged=converged)

@@ -68,5 +68,5 @@ class InvariantAggregator(Aggregator):
         out, mask = rows.run(ops.invariant_ranks, self.tau, lambda r: self.kept_ranks(r.n)[0],
                              lambda r: self.kept_ranks(r.n)[1], self.strict, return_mask=True)
         lo, hi = self.kept_ranks(rows.n)
-        density = float(mask.float().mean())
+        density = rows.fraction(mask)
         return out, InvariantReport(selected=rows.all_ids(), mask_density=density, lo=lo, hi=hi)

@@ -90,7 +90,7 @@ class RobustLR(Aggregator):
         lr = torch.full_like(base, self.server_lr)  # in base's dtype: a float64 round keeps a float64 lr
         lr = torch.where(positive, lr, -lr)
         return lr * base, RobustLRReport(selected=rows.all_ids(), clipped=clipped,
-                                         lr_positive_fraction=float(positive.float().mean()))
+                                         lr_positive_fraction=rows.fraction(positive))
 
     def sign_size(self, rows: Clients, norm: torch.Tensor | None) -> float:
         """The sign base's step: ``sign_step``, else the median clipped norm over sqrt(d)."""
@@ -100,7 +100,7 @@ class RobustLR(Aggregator):
             norm = rows.stats().norm
         if self.clip is not None:
             norm = norm.clamp_max(self.clip)
-        return median_norm_step(norm, rows.G.shape[1])
+        return median_norm_step(norm, rows.d)
 
     def fused_mean(self, rows: Clients, scale):
         """One rlr pass. Clipping scales rows by a positive factor, which keeps their signs, so the

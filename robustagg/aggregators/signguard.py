@@ -109,7 +109,7 @@ class SignGuard(Aggregator):
         return F.numpy()
 
     def aggregate(self, rows: Clients, layout):
-        window = self.window(rows.G.shape[1])
+        window = self.window(rows.d)
         stats = rows.stats(window=window)   # norms over all of d, signs in the window; screens the rows
         F = self.features(rows, stats.sign_frac)
         norm = stats.norm.double().cpu()

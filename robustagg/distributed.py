@@ -1,0 +1,247 @@
+"""Coordinate-sharded aggregation over ``torch.distributed`` (docs/distributed.md).
+
+Rank r of W holds every client's values of the columns ``shard_bounds(d, W)[r]``: an (n, hi - lo)
+block of the client matrix G. ``ShardedAggregator(agg)(G_shard)`` returns that rank's slice of
+``agg(G)``:
+
+* coordinate-wise passes (medians, trimmed means, sign votes, weighted means) run on the block as
+  they would on G, so their columns are bitwise the single-process ones;
+* what a rule reads across coordinates (row norms, dot products, distances, cosines, sign-window
+  fractions, non-finite flags) is summed over the ranks with all-reduces of n or n x n float64
+  numbers; no d-sized vector crosses ranks. Norms are combined scaled, so a finite row of 1e300
+  keeps a finite norm.
+
+Every rank makes the same decisions (dropped clients, selections), because each decision is made
+from the same all-reduced numbers; reports are the same on every rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import aggregators as A
+from . import ops
+from ._checks import check_int, check_weights
+from .aggregators.base import Clients
+from .layout import Layout
+
+__all__ = ["shard_bounds", "scatter_updates", "ShardedAggregator"]
+
+
+# ---------------------------------------------------------------- the split
+
+def shard_bounds(d: int, world_size: int, layout: Layout | None = None, kernel: int = 2) -> list[tuple[int, int]]:
+    """Contiguous column ranges ``(lo, hi)``, one per rank in rank order, covering ``0..d``.
+
+    Without a layout the ranges are as even as integers allow. With one, each boundary moves to the
+    nearest point that keeps every max-pooling window of ``kernel`` rows on one rank: a boundary
+    falls between parameters, anywhere inside an unpooled one, or between groups of ``kernel`` rows
+    of a pooled parameter's 2-D view (ties to the lower point). Every range holds at least one
+    column.
+    """
+    d = check_int("shard_bounds", "d", d, 1)
+    world_size = check_int("shard_bounds", "world_size", world_size, 1, d, f" (at most d={d}, one column per rank)")
+    kernel = check_int("shard_bounds", "kernel", kernel, 1)
+    cuts = [round(r * d / world_size) for r in range(world_size + 1)]
+    if layout is not None:
+        allowed = _pooling_cut(layout.segments_for(d), kernel)
+        cuts = [0] + [allowed(c) for c in cuts[1:-1]] + [d]
+    if any(lo >= hi for lo, hi in zip(cuts, cuts[1:])):
+        raise ValueError(f"shard_bounds: the layout's pooled parameters leave no cut for world_size={world_size} "
+                         f"ranks of at least one column each over d={d} (cuts {cuts}); use fewer ranks")
+    return list(zip(cuts, cuts[1:]))
+
+
+def _pooling_cut(segments, kernel: int):
+    """The nearest cut to c that no pooling window straddles."""
+    pooled = [(s.offset, s.offset + s.numel, kernel * s.cols) for s in segments if s.pooled and s.numel]
+
+    def nearest(c: int) -> int:
+        for start, end, step in pooled:
+            if start < c < end:
+                below = start + (c - start) // step * step
+                above = min(below + step, end)
+                return below if c - below <= above - c else above
+        return c
+    return nearest
+
+
+def scatter_updates(updates: torch.Tensor, bounds: list[tuple[int, int]], group=None) -> torch.Tensor:
+    """Whole-client updates on each rank to column shards, with one ``all_to_all``.
+
+    ``updates`` is this rank's (m_r, d) block of whole client updates (m_r may differ by rank, and
+    may be 0). Returns this rank's (n, hi - lo) shard, n = sum of m_r, the clients in rank order and
+    in their order within each rank: client numbers are global in that order.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if not isinstance(updates, torch.Tensor) or updates.dim() != 2:
+        raise TypeError(f"scatter_updates: updates must be an (m, d) tensor, got "
+                        f"{tuple(updates.shape) if isinstance(updates, torch.Tensor) else type(updates).__name__}")
+    _check_bounds(bounds, updates.shape[1], world)
+    counts = torch.tensor([updates.shape[0]], dtype=torch.int64, device=updates.device)
+    every = [torch.zeros_like(counts) for _ in range(world)]
+    dist.all_gather(every, counts, group=group)
+    counts = [int(c) for c in every]
+    lo, hi = bounds[rank]
+    # one flat buffer each way: all_to_all_single allows blocks of different sizes on every backend
+    sent = torch.cat([updates[:, a:b].reshape(-1) for a, b in bounds])
+    received = updates.new_empty(sum(counts) * (hi - lo))
+    dist.all_to_all_single(received, sent, output_split_sizes=[m * (hi - lo) for m in counts],
+                           input_split_sizes=[updates.shape[0] * (b - a) for a, b in bounds], group=group)
+    return received.reshape(sum(counts), hi - lo)
+
+
+def _check_bounds(bounds, d: int, world: int) -> None:
+    cuts = [0] + [hi for _, hi in bounds]
+    if (len(bounds) != world or any(lo != cuts[i] for i, (lo, _) in enumerate(bounds)) or cuts[-1] != d
+            or any(lo >= hi for lo, hi in bounds)):
+        raise ValueError(f"bounds={bounds!r} must be {world} contiguous, non-empty (lo, hi) column ranges covering "
+                         f"0..{d} in rank order, as shard_bounds(d, world_size) gives")
+
+
+# ---------------------------------------------------------------- the rows of a sharded G
+
+class ShardedClients(Clients):
+    """The rows in play when G is split by columns over a process group: each cross-coordinate
+    quantity is the all-reduced sum of the shards' parts."""
+
+    sharded = True
+
+    def __init__(self, G, weights, policy, backend, group, d: int, lo: int):
+        super().__init__(G, weights, policy, backend)
+        self.group = group
+        self.d_total = d
+        self.lo = lo
+
+    @property
+    def d(self) -> int:
+        return self.d_total
+
+    def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=op, group=self.group)
+        return t
+
+    def agree(self, bad: torch.Tensor) -> torch.Tensor:
+        return self._reduce(bad.to(torch.uint8), dist.ReduceOp.MAX).bool()
+
+    def _norm(self, part: torch.Tensor) -> torch.Tensor:
+        """sqrt(sum_r part_r^2), scaled by the largest part so that no square overflows."""
+        part = part.double()
+        top = self._reduce(part, dist.ReduceOp.MAX)
+        safe = torch.where(top > 0, top, torch.ones_like(top))
+        return top * self._reduce((part / safe) ** 2, dist.ReduceOp.SUM).sqrt()
+
+    def client_stats(self, window=None, ref=None) -> ops.ClientStats:
+        width = self.G.shape[1]
+        start, length = (0, self.d_total) if window is None else window
+        lo, hi = max(start - self.lo, 0), min(start + length - self.lo, width)
+        inside = max(hi - lo, 0)
+        s = ops.client_stats(self.G, (lo, inside) if inside else (0, 1), ref, nonfinite="propagate",
+                             backend=self.backend)
+        norm = self._norm(s.norm)
+        counts = self._reduce((s.sign_frac.double() * inside).round(), dist.ReduceOp.SUM)
+        dot = ref_norm = ref_dist = cosine = None
+        if ref is not None:
+            dot = self._reduce(s.dot.double(), dist.ReduceOp.SUM)
+            ref_norm = self._norm(s.ref_norm.reshape(1))[0]
+            ref_dist = self._norm(s.ref_dist)
+            # cos = sum_r cos_r * (|g_i|_r / |g_i|) * (|ref|_r / |ref|): every factor in [-1, 1],
+            # so a 1e300 row cannot overflow it, where dot / (norm * ref_norm) would
+            share = torch.where(norm > 0, s.norm.double() / norm, torch.zeros_like(norm))
+            ref_share = s.ref_norm.double() / ref_norm if float(ref_norm) > 0 else torch.zeros_like(ref_norm)
+            cosine = self._reduce(s.cosine.double() * share * ref_share, dist.ReduceOp.SUM).clamp(-1.0, 1.0)
+        finite = ~self.agree(~s.finite)
+        return ops.ClientStats(norm, counts / length, dot, ref_norm, ref_dist, cosine, finite)
+
+    def pairwise_with_flags(self, op) -> tuple[torch.Tensor, torch.Tensor]:
+        M, bad = op(self.G, nonfinite="propagate", return_nonfinite=True, backend=self.backend)
+        bad = self.agree(bad)
+        if op is ops.pairwise_sqdist:
+            return self._reduce(M.double(), dist.ReduceOp.SUM).to(M.dtype), bad
+        if op is ops.pairwise_cosine:
+            # the cosines of the shards, each weighted by its share of both rows' norms
+            part = ops.client_stats(self.G, nonfinite="propagate", backend=self.backend).norm.double()
+            norm = self._norm(part)
+            share = torch.where(norm > 0, part / norm, torch.zeros_like(norm))
+            C = self._reduce(M.double() * share[:, None] * share[None, :], dist.ReduceOp.SUM)
+            C.diagonal().copy_((norm > 0).double())   # unit diagonal, 0 for a zero row, as in one process
+            return C.clamp(-1.0, 1.0).to(M.dtype), bad
+        raise NotImplementedError(f"ShardedClients: no sharded form of {op!r}")
+
+    def distance(self, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+        stats = ops.client_stats(a[None, :], ref=b, nonfinite="propagate", backend=self.backend)
+        return float(self._norm(stats.ref_dist)[0]), float(self._norm(stats.ref_norm.reshape(1))[0])
+
+    def fraction(self, mask: torch.Tensor) -> float:
+        count = torch.tensor([int(mask.sum())], dtype=torch.int64, device=mask.device)
+        return int(self._reduce(count, dist.ReduceOp.SUM)) / self.d_total
+
+
+# ---------------------------------------------------------------- the aggregator
+
+# The rules whose every cross-coordinate step goes through the Clients methods above, with the
+# settings that keep them so. The others need their own sharded steps (listed in docs/distributed.md).
+EXACT = (A.FedAvg, A.CoordinateMedian, A.TrimmedMean, A.SignSGD, A.NormClipping, A.GeometricMedian,
+         A.CenteredClipping, A.Krum, A.MultiKrum, A.MultiKrumCos, A.Bulyan, A.InvariantAggregator,
+         A.RobustLR, A.SignGuard, A.FLTrust)
+
+
+def _not_sharded(agg) -> str | None:
+    """Why ``agg`` cannot run sharded, or None."""
+    if type(agg) not in EXACT:
+        return (f"{agg.name} has no sharded form yet; the rules that have one are "
+                f"{', '.join(cls.__name__ for cls in EXACT)}")
+    if getattr(agg, "noise", 0) > 0:
+        return (f"{agg.name}(noise={agg.noise}) draws a d-sized noise vector, which the ranks would "
+                "have to draw in pieces of the one stream; use noise=0")
+    if isinstance(agg, A.RobustLR) and agg.base == "median" and agg.clip is not None:
+        return f"{agg.name}(base='median', clip=...) clips rows by their shard norms inside clip_rows"
+    return None
+
+
+class ShardedAggregator:
+    """``aggregator`` over a column shard of G on every rank of ``group``.
+
+    ``sharded(G_shard, weights=None)``, called on every rank, takes the (n, hi - lo) block of all n
+    clients' updates for that rank's ``shard_bounds`` range (the same n on every rank, ranges in
+    rank order) and returns that rank's slice of ``aggregator(G)``. ``last_report`` is the same on
+    every rank. Stateful rules keep their state sharded: each rank's aggregator holds the state of
+    its own columns. Randomness (SignGuard's window) is drawn the same on every rank when each
+    rank builds its aggregator with the same seed.
+
+    Raises ValueError for a rule (or setting) that has no exact sharded form.
+    """
+
+    def __init__(self, aggregator: A.Aggregator, group=None):
+        if not isinstance(aggregator, A.Aggregator):
+            raise TypeError(f"ShardedAggregator: aggregator must be a robustagg Aggregator, got "
+                            f"{type(aggregator).__name__}")
+        why = _not_sharded(aggregator)
+        if why is not None:
+            raise ValueError(f"ShardedAggregator: {why}")
+        self.aggregator = aggregator
+        self.group = group
+        self.last_report = None
+
+    def __call__(self, G_shard: torch.Tensor, weights=None) -> torch.Tensor:
+        name = f"ShardedAggregator({self.aggregator.name})"
+        if not isinstance(G_shard, torch.Tensor) or G_shard.dim() != 2 or not G_shard.is_floating_point():
+            got = (f"shape {tuple(G_shard.shape)}, dtype {G_shard.dtype}" if isinstance(G_shard, torch.Tensor)
+                   else type(G_shard).__name__)
+            raise TypeError(f"{name}: G_shard must be a floating (n, width) tensor, got {got}")
+        n, width = G_shard.shape
+        sizes = torch.tensor([n, width], dtype=torch.int64, device=G_shard.device)
+        every = [torch.zeros_like(sizes) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(every, sizes, group=self.group)
+        counts, widths = [int(e[0]) for e in every], [int(e[1]) for e in every]
+        if len(set(counts)) != 1 or min(widths) < 1:
+            raise ValueError(f"{name}: every rank must hold all n clients and at least one column; the ranks "
+                             f"hold n={counts} clients and {widths} columns")
+        rank = dist.get_rank(self.group)
+        w = None if weights is None else check_weights(name, weights, n, G_shard.device)
+        rows = ShardedClients(G_shard.contiguous(), w, self.aggregator.nonfinite, self.aggregator.backend,
+                              self.group, d=sum(widths), lo=sum(widths[:rank]))
+        out, report = self.aggregator.run_rule(rows, Layout.from_shapes([(width,)]))
+        self.last_report = report
+        return out

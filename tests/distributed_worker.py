@@ -1,0 +1,97 @@
+"""What each rank runs in tests/test_distributed.py: every case on its column shard, over gloo.
+
+A module of its own, so that ``torch.multiprocessing.spawn`` finds the function in the children
+by name. Every rank builds the same full inputs from the same seeds and keeps its shard.
+"""
+import torch
+import torch.distributed as dist
+
+from robustagg import attacks
+from robustagg import aggregators as A
+from robustagg.distributed import ShardedAggregator, scatter_updates, shard_bounds
+from robustagg.layout import Layout
+
+N, D = 12, 37   # Bulyan(f=2) needs n >= 11 after a NaN client is dropped; 37 columns split unevenly
+ROUNDS = 2              # stateful rules run twice, so the second round starts from sharded state
+
+
+def inputs(kind: str, dtype=torch.float64) -> torch.Tensor:
+    """The full (N, D) matrix of one named kind, the same on every rank."""
+    g = torch.Generator().manual_seed(7)
+    G = torch.randn(N, D, generator=g, dtype=torch.float64) + 0.5
+    if kind == "lie":
+        G[-3:] = attacks.lie(G[:-3], 3)
+    elif kind == "nan_in_last_shard":
+        G[4, D - 1] = float("nan")   # one entry, on the last rank only: every rank must drop client 4
+    elif kind == "huge":
+        G[2] = 1e300                 # finite: norms and cosines stay finite, and client 2 is outvoted
+    elif kind == "ties":
+        G = torch.randint(-1, 2, (N, D), generator=g).double()
+        G[1] = G[0]
+    return G.to(dtype)
+
+
+def rules(root: torch.Tensor):
+    """name -> a fresh aggregator; ``root`` is FLTrust's server update (this rank's slice of it)."""
+    return {
+        "FedAvg": lambda: A.FedAvg(),
+        "CoordinateMedian": lambda: A.CoordinateMedian(),
+        "TrimmedMean": lambda: A.TrimmedMean(trim=2),
+        "InvariantAggregator": lambda: A.InvariantAggregator(0.2),
+        "RobustLR": lambda: A.RobustLR(4),
+        "RobustLR-sign": lambda: A.RobustLR(4, base="sign", clip=3.0),
+        "RobustLR-median": lambda: A.RobustLR(4, base="median"),
+        "SignSGD": lambda: A.SignSGD(),
+        "NormClipping": lambda: A.NormClipping(3.0),
+        "GeometricMedian": lambda: A.GeometricMedian(),
+        "CenteredClipping": lambda: A.CenteredClipping(2.0, iters=2),
+        "Krum": lambda: A.Krum(2),
+        "MultiKrum": lambda: A.MultiKrum(2, m=4),
+        "MultiKrumCos": lambda: A.MultiKrumCos(2),
+        "Bulyan": lambda: A.Bulyan(2),
+        "SignGuard": lambda: A.SignGuard(seed=3),
+        "SignGuard-dist": lambda: A.SignGuard(variant="dist", seed=3),
+        "SignGuard-sim": lambda: A.SignGuard(variant="sim", seed=3),
+        "FLTrust": lambda: A.FLTrust(root),
+    }
+
+
+KINDS = ["random", "lie", "nan_in_last_shard", "huge", "ties"]
+WEIGHTS = torch.arange(1, N + 1, dtype=torch.float64)
+
+
+def run_all(group=None):
+    """{(rule, kind, round): (this rank's output slice, the report)} for every case."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    lo, hi = shard_bounds(D, world)[rank]
+    out = {}
+    for kind in KINDS:
+        G = inputs(kind)
+        root = G[:3].mean(0)
+        for name, make in rules(root[lo:hi]).items():
+            sharded = ShardedAggregator(make(), group)
+            weights = WEIGHTS if sharded.aggregator.uses_weights else None
+            for r in range(ROUNDS):
+                value = sharded(G[:, lo:hi], weights)
+                out[(name, kind, r)] = (value, sharded.last_report)
+    return out
+
+
+def worker(rank: int, world: int, init: str, path: str):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        results = {"cases": run_all()}
+        # scatter_updates: rank r starts with clients r, r + world, ... (an uneven split)
+        G = inputs("random", torch.float32)
+        mine = G[rank::world]
+        bounds = shard_bounds(D, world)
+        results["scatter"] = scatter_updates(mine, bounds)
+        results["scatter_order"] = [i for r in range(world) for i in range(r, N, world)]
+        layout = Layout.from_shapes([(4, 3), (5,), (6, 2)])
+        results["bounds_with_layout"] = shard_bounds(layout.d, world, layout)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        if rank == 0:
+            torch.save(gathered, path)
+    finally:
+        dist.destroy_process_group()
