@@ -147,7 +147,7 @@ class Clients:
 
     # ------------------------------------------------------------ what a sharded G combines
     # One process holds every coordinate. robustagg.distributed holds a column shard of G per
-    # rank and overrides these five to combine the ranks' partial results.
+    # rank and overrides these six to combine the ranks' partial results.
     sharded = False
 
     @property
