@@ -42,10 +42,16 @@ def public_aggregators() -> list[str]:
             and issubclass(cls, robustagg.aggregators.Aggregator) and cls is not robustagg.aggregators.Aggregator]
 
 
+def public_pre_aggregators() -> list[str]:
+    return [name for name in robustagg.aggregators.__all__
+            if inspect.isclass(cls := getattr(robustagg.aggregators, name))
+            and issubclass(cls, robustagg.aggregators.PreAggregator) and cls is not robustagg.aggregators.PreAggregator]
+
+
 @pytest.mark.parametrize("page, names", [
     ("ops.md", robustagg.ops.__all__),
-    ("aggregators.md", public_aggregators()),
-    ("attacks.md", [name for name in robustagg.attacks.__all__ if name != "ATTACKS"]),
+    ("aggregators.md", public_aggregators() + public_pre_aggregators()),
+    ("attacks.md", [name for name in robustagg.attacks.__all__ if name not in ("ATTACKS", "ADAPTIVE_ATTACKS")]),
     ("fl.md", robustagg.fl.__all__),
     ("flower.md", ["RobustStrategy"]),
 ])
@@ -71,14 +77,18 @@ def summary_rows() -> dict[str, list[str]]:
 def test_summary_table_matches_the_classes():
     """Weights, state, randomness and the default buffer policy, as the summary table states them."""
     rows = summary_rows()
-    assert sorted(rows) == sorted(public_aggregators())
+    assert sorted(rows) == sorted(public_aggregators() + public_pre_aggregators())
     wrong = []
     for name, (_, _, weights, stateful, randomized, buffers) in rows.items():
         cls = getattr(robustagg.aggregators, name)
-        facts = {"uses weights": (weights != "", cls.uses_weights),
-                 "stateful": (stateful != "", hasattr(cls, "state_dict")),
-                 "randomized": (randomized != "", "generator" in inspect.signature(cls.__init__).parameters),
-                 "default buffers": (buffers, f'`"{cls.default_buffers}"`')}
+        if cls is robustagg.aggregators.Pipeline:   # each of its facts is its final rule's or its stages'
+            facts = {"row": ((weights, stateful, randomized, buffers), ("final's", "final's", "stages'", "final's"))}
+        else:
+            facts = {"uses weights": (weights != "", cls.uses_weights),
+                     "stateful": (stateful != "", hasattr(cls, "state_dict")),
+                     "randomized": (randomized != "", "generator" in inspect.signature(cls.__init__).parameters),
+                     # a pre-aggregator's buffers are its pipeline's
+                     "default buffers": (buffers, f'`"{cls.default_buffers}"`' if hasattr(cls, "default_buffers") else "")}
         wrong += [f"{name}: {what} is {doc!r} in the table, {code!r} in the code"
                   for what, (doc, code) in facts.items() if doc != code]
     assert not wrong, wrong
@@ -126,6 +136,8 @@ def doc_signature(args: ast.arguments) -> list[tuple]:
     out = [("POSITIONAL_OR_KEYWORD", a.arg, d) for a, d in zip(plain, defaults)]
     out += [("KEYWORD_ONLY", a.arg, inspect.Parameter.empty if d is None else d)
             for a, d in zip(args.kwonlyargs, args.kw_defaults)]
+    if args.vararg:
+        out.insert(len(plain), ("VAR_POSITIONAL", args.vararg.arg, inspect.Parameter.empty))
     if args.kwarg:
         out.append(("VAR_KEYWORD", args.kwarg.arg, inspect.Parameter.empty))
     return out
@@ -165,9 +177,9 @@ def signatures_match(doc: list[tuple], code: list[tuple]) -> bool:
 def documented_objects():
     yield "ops.md", {name: getattr(robustagg.ops, name) for name in robustagg.ops.__all__
                      if inspect.isfunction(getattr(robustagg.ops, name))}
-    yield "attacks.md", {name: getattr(robustagg.attacks, name) for name in robustagg.attacks.__all__ if name != "ATTACKS"}
+    yield "attacks.md", {name: getattr(robustagg.attacks, name) for name in robustagg.attacks.__all__ if name not in ("ATTACKS", "ADAPTIVE_ATTACKS")}
     yield "fl.md", {name: getattr(robustagg.fl, name) for name in robustagg.fl.__all__}
-    classes = {name: getattr(robustagg.aggregators, name) for name in public_aggregators()}
+    classes = {name: getattr(robustagg.aggregators, name) for name in public_aggregators() + public_pre_aggregators()}
     presets = {f"{name}.{m}": getattr(cls, m) for name, cls in classes.items() for m in ("paper", "official")
                if m in vars(cls)}
     yield "aggregators.md", {**classes, **presets}

@@ -1,5 +1,5 @@
-"""Baselines the seed defenses compare against: FedAvg, coordinate-wise median and trimmed mean,
-SignSGD, norm clipping, the geometric median (RFA) and centered clipping."""
+"""Baselines the seed defenses compare against: FedAvg, coordinate-wise median, trimmed mean and
+mean around the median, SignSGD, norm clipping, the geometric median (RFA) and centered clipping."""
 from __future__ import annotations
 
 import math
@@ -69,6 +69,46 @@ class TrimmedMean(Aggregator):
     def aggregate(self, rows: Clients, layout):
         out = rows.run(ops.trimmed_mean, lambda r: self.trim_for(r.n))
         return out, TrimmedMeanReport(selected=rows.all_ids(), trim=self.trim_for(rows.n))
+
+
+@dataclass
+class MeamedReport(Report):
+    kept: int = 0   # values averaged per coordinate (n - f)
+
+
+class Meamed(Aggregator):
+    r"""Mean around the median (Xie, Koyejo & Gupta 2018, "Generalized Byzantine-tolerant SGD"):
+    per coordinate $k$, the mean of the $n - f$ values nearest the coordinate median,
+
+    $$\mathrm{Meamed}_f(g)_k = \frac{1}{n-f} \sum_{i \in T_k} g_{ik}, \qquad
+    T_k = \text{the } n-f \text{ clients } i \text{ with the least } |g_{ik} - \mathrm{med}_k|.$$
+
+    The median is numpy-style (the mean of the two middle values for an even n), ties in distance
+    go to the lower client index (they matter only between different values at equal distance,
+    such as med - 1 and med + 1). ByzFL's ``Meamed`` has the same median and leaves ties to
+    ``argpartition``.
+    Requires n >= 2f+1 (the paper's q <= ceil(m/2) - 1), checked on the finite clients.
+    Ignores weights. One pass over G: ``ops.closest_to_median_mean(G, n - f)``.
+    """
+
+    default_buffers = "rule"   # robust per coordinate, every client kept
+
+    def __init__(self, f: int, **kw):
+        super().__init__(**kw)
+        self.f = check_int(self.name, "f", f, 0)
+
+    def kept_for(self, n: int) -> int:
+        if n < 2 * self.f + 1:
+            raise ValueError(f"{self.name}: f={self.f} is too large for n={n} clients; {self.name} needs "
+                             f"n >= 2f+1, so f must be in [0, {(n - 1) // 2}]")
+        return n - self.f
+
+    def check_n(self, n):
+        self.kept_for(n)
+
+    def aggregate(self, rows: Clients, layout):
+        out = rows.run(ops.closest_to_median_mean, lambda r: self.kept_for(r.n))
+        return out, MeamedReport(selected=rows.all_ids(), kept=self.kept_for(rows.n))
 
 
 class SignSGD(Aggregator):
