@@ -27,21 +27,22 @@ def check_int(owner: str, name: str, value, lo: int, hi: int | None = None, why:
 
 
 def check_float(owner: str, name: str, value, lo: float | None = None, hi: float | None = None,
-                lo_open: bool = False) -> float:
-    """A finite real in [lo, hi] (or (lo, hi] with ``lo_open``), else an error naming the argument,
-    the value and the allowed range."""
+                lo_open: bool = False, hi_open: bool = False) -> float:
+    """A finite real in [lo, hi] (an open end with ``lo_open`` / ``hi_open``), else an error naming
+    the argument, the value and the allowed range."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{owner}: {name} must be a real number, got {value!r} ({type(value).__name__})")
     value = float(value)
     below = lo is not None and (value <= lo if lo_open else value < lo)
-    if not math.isfinite(value) or below or (hi is not None and value > hi):
-        opening = "(" if lo_open else "["
+    above = hi is not None and (value >= hi if hi_open else value > hi)
+    if not math.isfinite(value) or below or above:
+        opening, closing = "(" if lo_open else "[", ")" if hi_open else "]"
         if lo is not None and hi is not None:
-            allowed = f"in {opening}{lo}, {hi}]"
+            allowed = f"in {opening}{lo}, {hi}{closing}"
         elif lo is not None:
             allowed = f"{'>' if lo_open else '>='} {lo}"
         else:
-            allowed = f"<= {hi}" if hi is not None else "finite"
+            allowed = f"{'<' if hi_open else '<='} {hi}" if hi is not None else "finite"
         raise ValueError(f"{owner}: {name}={value} is out of range; allowed {allowed} (and finite)")
     return value
 

@@ -7,18 +7,23 @@ are computed in float32 (float64 for float64 input). Randomized attacks take ``g
 """
 from __future__ import annotations
 
+import copy
 import math
 import numbers
+from dataclasses import dataclass
 from statistics import NormalDist
 
 import torch
 
 from . import ops
-from ._checks import check_float
+from ._checks import check_float, check_int
+from .aggregators.base import Aggregator
 from .layout import flatten, is_integer
+from .reference import power_of_two_exponents, row_norms, scale_rows
 
 __all__ = ["lie", "byzmean", "min_max", "min_sum", "sign_flip", "gaussian", "noise", "ipm", "scaling",
-           "nan_inject", "apply", "ATTACKS"]
+           "nan_inject", "mimic", "mimic_target", "optimal_ipm", "optimal_alie", "optimal_scale", "LineSearch",
+           "apply", "ATTACKS", "ADAPTIVE_ATTACKS"]
 
 
 def _check(G, n_byz, name):
@@ -249,6 +254,175 @@ def nan_inject(G_benign, n_byz, kind: str = "nan", value: float = float("nan"),
     return rows
 
 
+def _unit_scaled(Y):
+    """Y times the power of two that puts max|Y| in [0.5, 1) (Y itself when it is all zeros)."""
+    return scale_rows(Y.reshape(1, -1), power_of_two_exponents(Y.reshape(1, -1))).reshape(Y.shape)
+
+
+def mimic_target(G_benign) -> int:
+    r"""The honest row that ``mimic`` copies by default: Karimireddy, He & Jaggi's heuristic, the
+    client farthest along the top principal direction $z$ of the honest updates,
+    $i^* = \arg\max_i |\langle g_i - \mu, z\rangle|$, $z = \arg\max_{\|z\|=1} \sum_i \langle g_i - \mu, z\rangle^2$.
+
+    Computed in the $m \times m$ Gram space of the explicitly centered rows $Y_i = (g_i - \mu)$
+    (float64, scaled by a power of two so that no product overflows): the top eigenvector $u$ of
+    $Y Y^\top$ gives the projections $Y z = \sqrt{\lambda}\,u$, so $i^* = \arg\max_i |u_i|$ (the
+    lowest index on ties; the first finite row when they are all equal). The absolute value makes the choice
+    independent of the eigenvector's sign, which the paper's signed argmax leaves to the online
+    estimate's random start. Rows holding NaN or Inf are never chosen; at least one must be finite."""
+    X = _check(G_benign, 0, "mimic").double()
+    finite = torch.isfinite(X).all(dim=1)
+    if not bool(finite.any()):
+        raise ValueError("mimic: every benign row holds NaN or Inf; the default target needs a finite row "
+                         "(pass target explicitly)")
+    ids = torch.nonzero(finite).flatten()
+    if bool((X[ids] == X[ids[0]]).all()):  # no direction at all (a rounded mean would invent one)
+        return int(ids[0])
+    Y = _unit_scaled(X[ids])               # exact power-of-two scalings: no product below over- or underflows
+    Y = _unit_scaled(Y - Y.mean(dim=0))    # centered around the mean row directly, never through the Gram
+    _, vectors = torch.linalg.eigh(Y @ Y.T)
+    return int(ids[torch.argmax(vectors[:, -1].abs())])
+
+
+def mimic(G_benign, n_byz, target: int | None = None):
+    r"""Mimic (Karimireddy, He & Jaggi, ICLR 2022, "Byzantine-Robust Learning on Heterogeneous Datasets
+    via Bucketing"): every Byzantine row is a copy of one honest row $g_{i^*}$, which over-weights
+    that client's data and under-represents the others' under heterogeneity.
+
+    ``target`` (an index into G_benign) chooses $i^*$; by default ``mimic_target`` does, from this
+    round's updates alone. The authors' attacker is stateful: it estimates $z$ online (one power
+    step per round from a seeded random start, a running mean $\mu$), re-chooses $i^*$ during a
+    warm-up and then keeps it fixed. This function is stateless: it uses the exact top direction of
+    the current round; for the fixed-after-warm-up behaviour pass the index found in the warm-up
+    rounds as ``target``. ByzFL's ``Mimic(epsilon)`` is ``target=epsilon`` (it has no heuristic)."""
+    X = _check(G_benign, n_byz, "mimic")
+    target = mimic_target(G_benign) if target is None else check_int("mimic", "target", target, 0, X.shape[0] - 1)
+    return _rows(G_benign[target], n_byz, G_benign)
+
+
+@dataclass(frozen=True)
+class LineSearch:
+    """What ``optimal_scale`` found: the best ``scale``, its ``distance``, and every ``trials``
+    entry (scale, distance) in evaluation order; a distance of -inf marks a non-finite one."""
+    scale: float
+    distance: float
+    trials: tuple
+
+
+def _check_search(name, aggregator, evals, start, delta, ratio, pre):
+    if not callable(aggregator):
+        raise TypeError(f"{name}: aggregator must be an aggregator or a callable of an (n, d) tensor, "
+                        f"got {aggregator!r}")
+    if callable(pre) or isinstance(pre, (str, bytes)) or not hasattr(pre, "__iter__"):
+        raise TypeError(f"{name}: pre must be a sequence of callables (n, d) -> (n', d), got {pre!r}")
+    pre = tuple(pre)
+    for p in pre:
+        if not callable(p):
+            raise TypeError(f"{name}: pre holds {p!r}, which is not callable")
+    evals = check_int(name, "evals", evals, 1)
+    start = check_float(name, "start", start)
+    delta = check_float(name, "delta", delta)
+    if delta == 0:
+        raise ValueError(f"{name}: delta=0.0 is out of range; allowed non-zero (and finite)")
+    ratio = check_float(name, "ratio", ratio, lo=0.5, lo_open=True, hi=1.0, hi_open=True)
+    return evals, start, delta, ratio, pre
+
+
+def optimal_scale(G_benign, n_byz, attack, aggregator, *, evals: int = 20, start: float = 0.0,
+                  delta: float = 10.0, ratio: float = 0.8, pre=()) -> LineSearch:
+    r"""Line search for the scale $s$ of ``attack(G_benign, n_byz, s)`` that maximises
+    $\|\mathrm{agg}(\mathrm{pre}(G_{benign}; B(s))) - \mu\|_2$, $B(s)$ the Byzantine rows appended
+    after the honest rows (ByzFL's order), ``pre`` applied in turn, $\mu$ the honest mean; the
+    distance is computed in float64 (scaled, so a finite huge one stays finite).
+
+    The search is ByzFL's (Optimal_InnerProductManipulation / Optimal_ALittleIsEnough), ``evals``
+    evaluations in all: evaluate ``start``; expansion: propose best + step (step = ``delta``), on a
+    strict improvement take it and double the step, otherwise multiply the step by ``ratio`` and
+    stop; contraction, with the evaluations left: propose best + step, take it on a strict
+    improvement, multiply the step by ``ratio`` every time. Proposals always move by +step, so the
+    sign of ``delta`` sets the direction searched.
+
+    A trial whose aggregate or distance is NaN or Inf counts as -inf, so it never becomes the best
+    (ByzFL takes an Inf distance as an improvement and a NaN one as none). A robustagg Aggregator
+    is deep-copied for each trial: each one meets the server's current state (CenteredClipping's
+    center, a generator) and the caller's object is left as it was; other callables are called as
+    they are."""
+    return _line_search(G_benign, n_byz, attack, aggregator, evals, start, delta, ratio, pre, "optimal_scale")
+
+
+def _line_search(G_benign, n_byz, attack, aggregator, evals, start, delta, ratio, pre, name) -> LineSearch:
+    X = _check(G_benign, n_byz, name)
+    evals, start, delta, ratio, pre = _check_search(name, aggregator, evals, start, delta, ratio, pre)
+    mu = X.double().mean(dim=0)
+    trials = []
+
+    def evaluate(scale):
+        vectors = torch.cat([G_benign, attack(G_benign, n_byz, scale).to(G_benign.dtype)])
+        for p in pre:
+            vectors = p(vectors)
+            if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[1] != X.shape[1]:
+                raise ValueError(f"{name}: pre step {p!r} returned {getattr(vectors, 'shape', type(vectors))}; "
+                                 f"it must return an (n', {X.shape[1]}) tensor")
+        trial = copy.deepcopy(aggregator) if isinstance(aggregator, Aggregator) else aggregator
+        out = trial(vectors)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (X.shape[1],):
+            raise ValueError(f"{name}: the aggregator returned {getattr(out, 'shape', type(out))}; it must "
+                             f"return a [{X.shape[1]}] tensor")
+        diff = out.detach().to(mu.device, torch.float64) - mu
+        distance = row_norms(diff[None])[0].item() if bool(torch.isfinite(diff).all()) else -math.inf
+        distance = distance if math.isfinite(distance) else -math.inf
+        trials.append((scale, distance))
+        return distance
+
+    best, best_y, step, left = start, evaluate(start), delta, evals - 1
+    while left > 0:                        # expansion
+        left -= 1
+        y = evaluate(best + step)
+        if y > best_y:
+            best, best_y, step = best + step, y, step * 2
+        else:
+            step *= ratio
+            break
+    while left > 0:                        # contraction
+        left -= 1
+        y = evaluate(best + step)
+        if y > best_y:
+            best, best_y = best + step, y
+        step *= ratio
+    return LineSearch(best, best_y, tuple(trials))
+
+
+def optimal_ipm(G_benign, n_byz, aggregator, *, evals: int = 20, start: float = 0.0, delta: float = 10.0,
+                ratio: float = 0.8, pre=()):
+    r"""IPM with a searched $\epsilon$: every row is ``ipm(G_benign, n_byz, eps)``, $-\epsilon\mu$
+    (Xie et al. 2020), with $\epsilon$ the ``optimal_scale`` line search's best against
+    ``aggregator`` (a robustagg aggregator or any callable of an (n, d) tensor returning [d]),
+    after the ``pre`` steps. ``optimal_scale(G_benign, n_byz, ipm, aggregator, ...)`` returns the
+    $\epsilon$ found, its distance and the trials.
+
+    ByzFL's ``Optimal_InnerProductManipulation(agg, pre_agg_list, f, evals, start, delta, ratio)``
+    is this with n_byz = f and the same evals, start, delta, ratio (its tau is our eps). Its
+    defaults differ: ``agg=Average()``, ``pre_agg_list=[Clipping(c=2.0)]``; ours has no default
+    aggregator and ``pre=()``."""
+    found = _line_search(G_benign, n_byz, ipm, aggregator, evals, start, delta, ratio, pre,
+                         "optimal_ipm")
+    return ipm(G_benign, n_byz, found.scale)
+
+
+def optimal_alie(G_benign, n_byz, aggregator, *, evals: int = 20, start: float = 0.0, delta: float = 10.0,
+                 ratio: float = 0.8, pre=()):
+    r"""ALIE with a searched $z$: every row is ``lie(G_benign, n_byz, z)``, $\mu - z\sigma$ (Baruch
+    et al. 2019), with $z$ the ``optimal_scale`` line search's best against ``aggregator``; as
+    ``optimal_ipm`` otherwise. Needs at least 2 benign rows.
+
+    ByzFL's ``Optimal_ALittleIsEnough`` sends $\mu + \tau\sigma$, so its tau is our $-z$: ByzFL
+    with (start, delta) is ours with (-start, -delta), the same evals and ratio. The same defaults
+    search opposite directions (ours towards $\mu - z\sigma$, z > 0, as in the paper)."""
+    found = _line_search(G_benign, n_byz, lie, aggregator, evals, start, delta, ratio, pre,
+                         "optimal_alie")
+    return lie(G_benign, n_byz, found.scale)
+
+
 def _check_byzantine(byzantine, n: int) -> list[int]:
     if isinstance(byzantine, (str, bytes)) or not hasattr(byzantine, "__iter__"):
         raise TypeError(f"apply: byzantine must be a sequence of client indices, got {byzantine!r}")
@@ -299,4 +473,6 @@ def apply(updates, byzantine, attack, **params):
 
 
 ATTACKS = {f.__name__: f for f in (lie, byzmean, min_max, min_sum, sign_flip, gaussian, noise, ipm, scaling,
-                                   nan_inject)}
+                                   nan_inject, mimic)}
+# Attacks that need the aggregator they attack: attack(G_benign, n_byz, aggregator, **params).
+ADAPTIVE_ATTACKS = {f.__name__: f for f in (optimal_ipm, optimal_alie)}
