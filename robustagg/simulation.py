@@ -211,8 +211,10 @@ def default_aggregators(n: int, f: int, d: int | None = None) -> dict[str, Calla
     SparseFed's k = d / 10; ``NORM_BOUND`` for the clipping rules, and as the clip of SparseFed
     (step 1 of its algorithm) and of RobustLR (its paper's combination with norm clipping, which
     the vote needs against boosted updates: the vote counts signs, and on the coordinates it
-    passes the mean carries their size). FLTrust and FLTrustAmp start
-    without a root update: ``run`` gives them the server's update on the root dataset every round.
+    passes the mean carries their size). FLTrust and FLTrustAmp start without a root update:
+    ``run`` gives them the server's update on the root dataset every round. MoNNA trusts client 0
+    (its rule assumes that client honest). The Pipeline is nearest-neighbour mixing before the
+    trimmed mean, the pairing Allouah et al. (2023) recommend.
     """
     n = check_int("default_aggregators", "n", n, 1)
     f = check_int("default_aggregators", "f", f, 0, n - 1, " (at least one honest client)")
@@ -239,6 +241,12 @@ def default_aggregators(n: int, f: int, d: int | None = None) -> dict[str, Calla
         "MgDen": lambda: A.MgDen(k_nearest=n - f, malicious_frac=f / n),
         "FLTrust": lambda: A.FLTrust(),
         "FLTrustAmp": lambda: A.FLTrustAmp(),
+        "Meamed": lambda: A.Meamed(f),
+        "MDA": lambda: A.MDA(f),
+        "MoNNA": lambda: A.MoNNA(f),
+        "CAF": lambda: A.CAF(f),
+        "SMEA": lambda: A.SMEA(f),
+        "Pipeline": lambda: A.Pipeline(A.NNM(f), A.TrimmedMean(trim=f)),
     }
 
 

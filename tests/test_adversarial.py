@@ -658,7 +658,10 @@ def adversarial_aggregators(root):
         "SignGuard": A.SignGuard(), "SignGuardSim": A.SignGuard(variant="sim"), "SignGuardDist": A.SignGuard(variant="dist"),
         "CosDen": A.CosDen(3, 0.2, kernel=1, layout=flat), "EuDen": A.EuDen(3, 0.2, kernel=1, layout=flat),
         "MgDen": A.MgDen(3, 0.2, kernel=1, layout=flat, score="official"), "FLTrust": A.FLTrust(root),
-        "FLTrustAmp": A.FLTrustAmp(root, kernel=1, layout=flat),
+        "FLTrustAmp": A.FLTrustAmp(root, kernel=1, layout=flat), "Meamed": A.Meamed(2), "MDA": A.MDA(2),
+        "MoNNA": A.MoNNA(2, idx=12), "CAF": A.CAF(2), "SMEA": A.SMEA(2),
+        "NNM-TrimmedMean": A.Pipeline(A.NNM(2), A.TrimmedMean(trim=2)),
+        "Bucketing-Krum": A.Pipeline(A.Bucketing(2, seed=0), A.Krum(1)), "ARC-FedAvg": A.Pipeline(A.ARC(2), A.FedAvg()),
     }
 
 

@@ -205,6 +205,7 @@ def test_eager_calls_still_check_argument_values():
 AGGREGATORS = {
     "CoordinateMedian": lambda **kw: aggregators.CoordinateMedian(**kw),
     "TrimmedMean": lambda **kw: aggregators.TrimmedMean(trim=1, **kw),
+    "Meamed": lambda **kw: aggregators.Meamed(f=1, **kw),
 }
 
 

@@ -442,7 +442,8 @@ def _every_aggregator(root, **kw):
         A.MultiKrum(1, **kw), A.MultiKrumCos(1, **kw), A.Bulyan(1, **kw), A.DnC(1, **kw),
         A.InvariantAggregator(0.2, **kw), A.RobustLR(2, **kw), A.SparseFed(k=3, **kw), A.SignGuard(**kw),
         A.CosDen(**density, **kw), A.EuDen(**density, **kw), A.MgDen(**density, **kw),
-        A.FLTrust(root, **kw), A.FLTrustAmp(root, kernel=1, **kw),
+        A.FLTrust(root, **kw), A.FLTrustAmp(root, kernel=1, **kw), A.Meamed(1, **kw), A.MDA(1, **kw),
+        A.MoNNA(1, **kw), A.CAF(1, **kw), A.SMEA(1, **kw), A.Pipeline(A.NNM(1), A.TrimmedMean(trim=1), **kw),
     ]
 
 
