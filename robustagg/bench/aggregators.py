@@ -4,6 +4,9 @@
 settings follow the papers' usual ones scaled to n: f = n // 5 assumed attackers wherever a rule
 needs f, SparseFed keeps 1% of the coordinates, and the clipping radii are the norm of
 ``root_update`` (the server's reference update), so that clipping is active but not degenerate.
+SMEA searches all C(n, f) subsets, so it assumes at most ``SMEA_F`` attackers (n subsets: ByzFL's
+SMEA, which the peers section times, makes a pass over G per subset); after
+``Bucketing(BUCKET_SIZE)`` Krum sees half as many rows and assumes f // 2 of them bad.
 """
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ import torch
 
 from .. import aggregators as A
 from ..layout import Layout
+
+SMEA_F = 1
+BUCKET_SIZE = 2
 
 
 def make_aggregators(n: int, layout: Layout, root_update: torch.Tensor, backend: str | None,
@@ -60,4 +66,12 @@ def make_aggregators(n: int, layout: Layout, root_update: torch.Tensor, backend:
         "MgDen": A.MgDen(**density),
         "FLTrust": A.FLTrust(root_update, **common),
         "FLTrustAmp": A.FLTrustAmp(root_update, kernel=2, layout=layout, **common),
+        "Meamed": A.Meamed(f, **common),
+        "MDA": A.MDA(f, **common),
+        "MoNNA": A.MoNNA(f, idx=0, **common),
+        "CAF": A.CAF(f, **common),
+        "SMEA": A.SMEA(min(f, SMEA_F), **common),
+        "NNM+TrimmedMean": A.Pipeline(A.NNM(f), A.TrimmedMean(trim=f), **common),
+        "Bucketing+Krum": A.Pipeline(A.Bucketing(BUCKET_SIZE, seed=seed), A.Krum(f // 2), **common),
+        "ARC+FedAvg": A.Pipeline(A.ARC(f), A.FedAvg(), **common),
     }

@@ -50,6 +50,44 @@ Conventions, mapped so that all compute the same thing:
   remaining). Ties in distance to the median at the beta-th place: robustagg keeps the lower
   client index, Flower whichever ``np.argpartition`` puts first; so they agree unless two values
   equidistant from the median compete for the last place.
+- Meamed(f), per coordinate the mean of the n - f values nearest the median: ByzFL ``Meamed(f)``
+  (the same count, and numpy's median for an even n). Ties in distance to the median between
+  different values at the last place: robustagg keeps the lower client index, ByzFL whichever
+  ``np.argpartition`` (``torch.topk``) puts first.
+- MDA with f = min(f, MDA_F): ByzFL ``MDA(f)`` walks all C(n, f) subsets of n - f clients in
+  ``itertools.combinations`` order, in Python, and keeps the first of least diameter, the same
+  lexicographically smallest subset as robustagg's exact search. At the benchmark's n = 50 and
+  f = 10 that is C(50, 10) = 1e10 subsets, so both are given f = MDA_F = 2 (1225 subsets), named
+  in the rule ("MDA(f=2)").
+- MoNNA(f, idx=0): ByzFL ``MoNNA(f, idx=0)``; both count the trusted client among its n - f
+  neighbours. Ties in distance at the last place: the lower index in robustagg, ``argpartition``'s
+  order in ByzFL.
+- CAF(f): ByzFL ``CAF(f)``, for f >= 1 (with f = 0 its loop never runs and it returns None, so
+  there is no thunk). ByzFL estimates each iteration's top eigenpair with one power-method step
+  from a random start (numpy's or torch's global RNG) where robustagg's is exact, and takes
+  tau_max over all n clients, those at weight 0 included (a row far from the rest stays the
+  largest and the loop then crawls: minutes for one row at 1e6 with honest spread 1, no end at
+  1e300): its result is a random approximation of the rule, timed here, not the same result. On
+  the benchmark's random rows its loop stops after a few iterations. The two agree where that
+  step is exact (d = 1) and both loops stop at the same iteration (tests/test_bench_peers.py).
+- SMEA with f = min(f, SMEA_F): ByzFL ``SMEA(f)`` runs one power-method step of d-sized work on
+  each of the C(n, f) subsets, so both are given f = SMEA_F = 1 (n subsets), named in the rule.
+  That step starts from a random vector, so its eigenvalues are random underestimates: the
+  results agree where the least-eigenvalue subset is unambiguous (f rows far from the others),
+  not in general.
+- The pre-aggregators return their (n', d) matrix on both sides (robustagg's ``PreAggregator``
+  called on G). NNM(f): ByzFL ``NNM(f)``, n - f neighbours the row itself included, ties as
+  MoNNA's. ARC(f): ByzFL ``ARC(f)``, which writes the clipped rows into its input (here a view of
+  G, or G itself), so its thunk hands it a copy of G, made inside the thunk and timed: robustagg
+  leaves G as it is and writes a new matrix, the same traffic. ByzFL computes the clip count
+  ``int((2 * f / n) * (n - f))`` in floating point, which rounds an exact integer down at some
+  (n, f) (the first with n >= 2f + 3 is n = 242, f = 33); there it clips one row fewer than the
+  exact floor, and the ByzFL thunk is left out. Bucketing(s=BUCKET_SIZE): ByzFL ``Bucketing(s)``
+  draws its permutation from numpy's (or torch's) global RNG, robustagg from its seed
+  (BUCKETING_SEED, a fresh instance each call, so every call draws the same permutation). The
+  ByzFL thunk is handed robustagg's permutation: for the length of the call, the module's
+  ``random_tool`` is replaced by one whose ``permutation`` gathers the rows in that order, and
+  put back after, so ByzFL does its own gather and no global RNG is drawn from or changed.
 """
 from __future__ import annotations
 
@@ -65,10 +103,13 @@ import numpy as np
 import torch
 
 from .. import aggregators as A
+from .aggregators import BUCKET_SIZE, SMEA_F   # the aggregator bench's settings of the same rules
 
 GEOMETRIC_MEDIAN_STEPS = 10
 GEOMETRIC_MEDIAN_NU = 1e-6          # robustagg's default; ByzFL's is 0.1
 CENTERED_CLIPPING_ITERS = 3
+MDA_F = 2                           # ByzFL's MDA walks all C(n, f) subsets: 1225 at n = 50
+BUCKETING_SEED = 0
 PACKAGES = ("byzfl", "flwr", "numpy", "torch")
 
 
@@ -215,11 +256,68 @@ def _bulyan(x: _Inputs, flower, f: int) -> tuple[str, Callable, dict]:
     return f"Bulyan(f={f})", lambda: agg(x.G), peers
 
 
+def _byzfl_only(x: _Inputs, byzfl, name: str, ours, theirs) -> tuple[str, Callable, dict]:
+    """A rule whose one peer is ByzFL's: ``ours`` on G, and ``theirs(byzfl)``, ByzFL's rule (or
+    None where it has none), on what ByzFL is handed."""
+    rule = None if byzfl is None else theirs(byzfl)
+    peers = {} if rule is None else {f"byzfl {type(rule).__name__}": lambda: rule(x.byzfl)}
+    return name, lambda: ours(x.G), peers
+
+
+def _byzfl_rules(x: _Inputs, byzfl, f: int) -> list[tuple[str, Callable, dict]]:
+    """Meamed, MDA, MoNNA, CAF, SMEA and NNM: ByzFL's rules of the same names and parameters."""
+    mda_f, smea_f = min(f, MDA_F), min(f, SMEA_F)
+    return [
+        _byzfl_only(x, byzfl, f"Meamed(f={f})", A.Meamed(f), lambda b: b.Meamed(f=f)),
+        _byzfl_only(x, byzfl, f"MDA(f={mda_f})", A.MDA(mda_f), lambda b: b.MDA(f=mda_f)),
+        _byzfl_only(x, byzfl, f"MoNNA(f={f}, idx=0)", A.MoNNA(f, idx=0), lambda b: b.MoNNA(f=f, idx=0)),
+        # ByzFL's CAF(0) returns None
+        _byzfl_only(x, byzfl, f"CAF(f={f})", A.CAF(f), lambda b: b.CAF(f=f) if f > 0 else None),
+        _byzfl_only(x, byzfl, f"SMEA(f={smea_f})", A.SMEA(smea_f), lambda b: b.SMEA(f=smea_f)),
+        _byzfl_only(x, byzfl, f"NNM(f={f})", A.NNM(f), lambda b: b.NNM(f=f)),
+    ]
+
+
+def _arc(x: _Inputs, byzfl, f: int) -> tuple[str, Callable, dict]:
+    n = x.G.shape[0]
+    peers = {}
+    byzfl_clips_as_many = int((2 * f / n) * (n - f)) == 2 * f * (n - f) // n   # its float count, our exact one
+    if byzfl is not None and byzfl_clips_as_many:
+        rule = byzfl.ARC(f=f)
+        copy = np.copy if isinstance(x.byzfl, np.ndarray) else torch.clone
+        peers["byzfl ARC"] = lambda: rule(copy(x.byzfl))   # it clips rows in place
+    agg = A.ARC(f)
+    return f"ARC(f={f})", lambda: agg(x.G), peers
+
+
+def _bucketing(x: _Inputs, byzfl) -> tuple[str, Callable, dict]:
+    s, seed = BUCKET_SIZE, BUCKETING_SEED
+    peers = {}
+    if byzfl is not None:
+        # the permutation robustagg's Bucketing(seed=seed) draws first (torch.randperm on its generator)
+        order = torch.randperm(x.G.shape[0], generator=torch.Generator().manual_seed(seed))
+        index = order.numpy() if isinstance(x.byzfl, np.ndarray) else order.to(x.G.device)
+        our_permutation = types.SimpleNamespace(permutation=lambda vectors: vectors[index])
+        module = sys.modules[byzfl.Bucketing.__module__]   # whose random_tool Bucketing calls
+        rule = byzfl.Bucketing(s=s)
+
+        def on_our_permutation():
+            random_tool = module.random_tool
+            module.random_tool = lambda vectors: our_permutation
+            try:
+                return rule(x.byzfl)
+            finally:
+                module.random_tool = random_tool
+        peers["byzfl Bucketing"] = on_our_permutation
+    return f"Bucketing(s={s})", lambda: A.Bucketing(s, seed=seed)(x.G), peers
+
+
 def peer_rules(G: torch.Tensor, f: int) -> list[PeerRule]:
     """Each rule on G (n, d) by robustagg and by every installed peer, all computing the same result.
 
     ``f`` is the number of Byzantine clients assumed (TrimmedMean cuts f at each end, Krum scores
-    n - f - 2 neighbours, Bulyan uses min(f, (n - 3) // 4)); it needs n >= 2f + 3.
+    n - f - 2 neighbours, Bulyan uses min(f, (n - 3) // 4), MDA min(f, MDA_F), SMEA min(f, SMEA_F));
+    it needs n >= 2f + 3.
     """
     if not isinstance(G, torch.Tensor) or G.dim() != 2 or not G.is_floating_point():
         got = (f"shape {tuple(G.shape)}, dtype {G.dtype}" if isinstance(G, torch.Tensor) else type(G).__name__)
@@ -236,6 +334,9 @@ def peer_rules(G: torch.Tensor, f: int) -> list[PeerRule]:
         _geometric_median(x, byzfl),
         _centered_clipping(x, byzfl),
         _bulyan(x, flower, f),
+        *_byzfl_rules(x, byzfl, f),
+        _arc(x, byzfl, f),
+        _bucketing(x, byzfl),
     ]
     g_bytes = G.numel() * G.element_size()
     return [PeerRule(name, ours, peers, g_bytes) for name, ours, peers in built if peers]
