@@ -154,17 +154,24 @@ class ShardedClients(Clients):
         finite = ~self.agree(~s.finite)
         return ops.ClientStats(norm, counts / length, dot, ref_norm, ref_dist, cosine, finite)
 
+    def _reduce_symmetric(self, M: torch.Tensor) -> torch.Tensor:
+        """The all-reduced sum of symmetric matrices, exactly symmetric as one process's is: a ring
+        all-reduce adds each chunk in its own rank order, so (i, j) and (j, i) can differ in the
+        last bit, and MDA's conflict graph needs them equal."""
+        M = self._reduce(M, dist.ReduceOp.SUM)
+        return torch.maximum(M, M.T)
+
     def pairwise_with_flags(self, op) -> tuple[torch.Tensor, torch.Tensor]:
         M, bad = op(self.G, nonfinite="propagate", return_nonfinite=True, backend=self.backend)
         bad = self.agree(bad)
         if op is ops.pairwise_sqdist:
-            return self._reduce(M.double(), dist.ReduceOp.SUM).to(M.dtype), bad
+            return self._reduce_symmetric(M.double()).to(M.dtype), bad
         if op is ops.pairwise_cosine:
             # the cosines of the shards, each weighted by its share of both rows' norms
             part = ops.client_stats(self.G, nonfinite="propagate", backend=self.backend).norm.double()
             norm = self._norm(part)
             share = torch.where(norm > 0, part / norm, torch.zeros_like(norm))
-            C = self._reduce(M.double() * share[:, None] * share[None, :], dist.ReduceOp.SUM)
+            C = self._reduce_symmetric(M.double() * share[:, None] * share[None, :])
             C.diagonal().copy_((norm > 0).double())   # unit diagonal, 0 for a zero row, as in one process
             return C.clamp(-1.0, 1.0).to(M.dtype), bad
         raise NotImplementedError(f"ShardedClients: no sharded form of {op!r}")
@@ -182,8 +189,8 @@ class ShardedClients(Clients):
 
 # The rules whose every cross-coordinate step goes through the Clients methods above, with the
 # settings that keep them so. The others need their own sharded steps (listed in docs/distributed.md).
-EXACT = (A.FedAvg, A.CoordinateMedian, A.TrimmedMean, A.SignSGD, A.NormClipping, A.GeometricMedian,
-         A.CenteredClipping, A.Krum, A.MultiKrum, A.MultiKrumCos, A.Bulyan, A.InvariantAggregator,
+EXACT = (A.FedAvg, A.CoordinateMedian, A.TrimmedMean, A.Meamed, A.SignSGD, A.NormClipping, A.GeometricMedian,
+         A.CenteredClipping, A.Krum, A.MultiKrum, A.MultiKrumCos, A.Bulyan, A.MDA, A.InvariantAggregator,
          A.RobustLR, A.SignGuard, A.FLTrust)
 
 

@@ -2,6 +2,7 @@
 float64 versions of the papers' rules: brute-force subsets for MDA, sorted distances for MoNNA and
 Meamed, plus ties, non-finite rows, huge finite rows and the argument errors."""
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from conftest import DEVICE
 
 import robustagg
 from robustagg import aggregators as A
+from robustagg.aggregators.subsets import minimum_diameter_subset
 
 
 # ---------------------------------------------------------------- float64 paper formulas
@@ -215,3 +217,18 @@ def test_bad_arguments():
         A.MoNNA(1, idx=-1)
     with pytest.raises(ValueError, match="max_branches"):
         A.MDA(1, max_branches=0)
+
+
+def test_mda_search_is_unchanged_by_last_bit_asymmetry():
+    # An all-reduce over ranks can leave D[i, j] and D[j, i] one ulp apart; the search must still
+    # return n - f clients, the same as on the exactly symmetric matrix.
+    X = torch.randn(12, 7, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    X[10] = X[11] = X[9]
+    D = torch.cdist(X, X) ** 2
+    D = (D + D.T) / 2
+    skewed = D.clone()
+    lower = torch.tril(torch.ones(12, 12, dtype=torch.bool), diagonal=-1)   # the search reads the upper
+    skewed[lower] = torch.nextafter(D[lower], torch.tensor(math.inf, dtype=torch.float64))
+    expected = minimum_diameter_subset(D, 2)
+    assert len(expected[0]) == 10
+    assert minimum_diameter_subset(skewed, 2)[0] == expected[0]

@@ -23,7 +23,8 @@ from robustagg import aggregators as A
 from robustagg.distributed import ShardedAggregator, shard_bounds
 from robustagg.layout import Layout
 
-BITWISE = {"FedAvg", "CoordinateMedian", "TrimmedMean", "InvariantAggregator", "RobustLR", "RobustLR-median"}
+BITWISE = {"FedAvg", "CoordinateMedian", "TrimmedMean", "Meamed", "InvariantAggregator", "RobustLR",
+           "RobustLR-median"}
 WORLDS = [2, 3]
 
 
@@ -132,6 +133,9 @@ def test_shard_bounds_name_bad_arguments():
 @pytest.mark.parametrize("agg, words", [
     (A.SparseFed(5), "SparseFed has no sharded form"),
     (A.DnC(1), "DnC has no sharded form"),
+    (A.MoNNA(1), "MoNNA has no sharded form"),
+    (A.CAF(1), "CAF has no sharded form"),
+    (A.Pipeline(A.NNM(1), A.FedAvg()), "Pipeline has no sharded form"),
     (A.NormClipping(1.0, noise=0.1), "noise=0.1"),
     (A.RobustLR(2, base="median", clip=1.0), "clip_rows"),
 ])

@@ -89,6 +89,7 @@ def minimum_diameter_subset(D: torch.Tensor, f: int) -> tuple[list[int], float]:
     """The lexicographically smallest set of n - f positions among those of least diameter (the
     largest entry of the [n, n] distance matrix D between two of them), and that diameter."""
     n = D.shape[0]
+    D = torch.maximum(D, D.T)   # the conflict graph must be undirected, whatever rounding made D
     if f == 0:
         return list(range(n)), float(D.max())
     pairs = torch.triu_indices(n, n, offset=1)
