@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from robustagg.bench import cli
+from robustagg.layout import Layout
 from robustagg.bench.models import EXPECTED_D, model_layout
 from robustagg.bench.timing import Floor, Timer, Timing, format_seconds
 
@@ -167,14 +168,41 @@ def test_times_print_in_a_unit_that_suits_them():
     assert format_seconds(0.1234) == "123 ms"
 
 
-def test_a_case_that_runs_out_of_gpu_memory_is_skipped_and_noted():
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory"),
+    # what torch's host allocator raised for ByzFL's NNM at ResNet-18 size, n = 50
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 89391696000 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError("Unable to allocate 83.3 GiB for an array"),
+], ids=["gpu", "host-torch", "host-numpy"])
+def test_a_case_that_runs_out_of_memory_is_skipped_and_noted(error):
     timer = Timer(torch.device("cpu"), repeats=1)
 
     def out_of_memory():
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        raise error
 
     skipped = []
-    assert cli._measure_or_none(timer, out_of_memory, "ops median n=100 [torch-ref]", skipped) is None
-    assert skipped == ["ops median n=100 [torch-ref]: out of memory"]
+    assert cli._measure_or_none(timer, out_of_memory, "peers NNM(f=10) n=50 [byzfl NNM]", skipped) is None
+    assert skipped == ["peers NNM(f=10) n=50 [byzfl NNM]: out of memory"]
     assert cli._measure_or_none(timer, lambda: None, "ops median n=100 [cpu]", skipped).median > 0
     assert len(skipped) == 1
+
+
+def test_any_other_error_of_a_case_still_stops_the_run():
+    def broken():
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli._measure_or_none(Timer(torch.device("cpu"), repeats=1), broken, "ops median n=20 [cpu]", [])
+
+
+def test_rules_selects_aggregators_and_peer_rules_by_substring():
+    layout = Layout.from_shapes([(64,)])
+    G = torch.randn(20, 64)
+    aggregators = cli._section_items("aggregators", G, layout, None, ["Krum"])
+    assert sorted(c.name for c in aggregators) == ["Bucketing+Krum", "Krum", "MultiKrum", "MultiKrumCos"]
+    peer_names = [r.name for r in cli._section_items("peers", G, layout, None, ["Meamed", "MDA"])]
+    assert all(name.startswith(("Meamed", "MDA")) for name in peer_names)
+    assert cli._item_count("aggregators", 20, 64, torch.float32, layout, None, ["Krum"]) == 4
+    assert cli.main(["--d", "64", "--ops", "--aggregators", "--aggregator-n", "20", "--rules", "NoSuchRule",
+                     "--repeats", "1"]) == 0

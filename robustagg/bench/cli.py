@@ -56,12 +56,17 @@ def _backends(device, op):
 
 
 def _measure_or_none(timer, thunk, what, skipped) -> Timing | None:
-    """The timing of ``thunk``, or None (noted in ``skipped``) when the GPU runs out of memory:
-    the float64 references copy G, which at ResNet-101 size and n = 100 is 36 GB."""
+    """The timing of ``thunk``, or None (noted in ``skipped``) when it runs out of memory: the
+    float64 references copy G, which at ResNet-101 size and n = 100 is 36 GB of GPU memory, and
+    ByzFL's NNM gathers an (n, n - f, d) tensor, 89 GB at ResNet-18 size and n = 50."""
     try:
         return timer.measure(thunk)
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
+    except (MemoryError, RuntimeError) as error:
+        # torch.OutOfMemoryError on a GPU; torch's host allocator raises a plain RuntimeError
+        if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(error):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         skipped.append(f"{what}: out of memory")
         return None
 
@@ -141,22 +146,23 @@ def _peer_rules(G):
     return peer_rules(G, f=G.shape[0] // 5)
 
 
-def _section_items(section, G, layout, ops_filter):
-    """What a section times on G: Cases (ops, aggregators) or PeerRules (peers)."""
+def _section_items(section, G, layout, ops_filter, rules_filter=None):
+    """What a section times on G: Cases (ops, aggregators) or PeerRules (peers), those whose name
+    holds one of the section's filter substrings (every one without a filter)."""
     if section == "ops":
-        cases = op_cases(G, layout)
-        return [c for c in cases if any(s in c.name for s in ops_filter)] if ops_filter else cases
-    if section == "aggregators":
-        return _aggregator_cases(G, layout)
-    return _peer_rules(G)
+        items, chosen = op_cases(G, layout), ops_filter
+    else:
+        items = _aggregator_cases(G, layout) if section == "aggregators" else _peer_rules(G)
+        chosen = rules_filter
+    return [item for item in items if any(s in item.name for s in chosen)] if chosen else items
 
 
-def _item_count(section, n, d, dtype, layout, ops_filter):
+def _item_count(section, n, d, dtype, layout, ops_filter, rules_filter=None):
     """How many cases a section will time, from a stand-in G of the same shape and dtype that holds
     one row of memory: the count does not depend on G's values, and the real G of each section is
     only built when its turn comes."""
     stand_in = torch.zeros(1, d, dtype=dtype).expand(n, d)
-    return len(_section_items(section, stand_in, layout, ops_filter))
+    return len(_section_items(section, stand_in, layout, ops_filter, rules_filter))
 
 
 def _add_x_fedavg(rows):
@@ -274,6 +280,8 @@ def _parser():
                         help="also time the peer libraries' versions of the same rules (ByzFL, Flower, numpy, "
                              "torch), where installed")
     parser.add_argument("--peer-n", type=_positive, default=20, help="client count for the peers section")
+    parser.add_argument("--rules", nargs="+", default=None,
+                        help="substrings selecting the aggregators and the peers' rules by name (default: all)")
     parser.add_argument("--full", action="store_true",
                         help="the whole matrix: ops at n = 20 50 100, the aggregators and the peers")
     parser.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32", "float64"])
@@ -331,11 +339,11 @@ def main(argv=None):
     rows, skipped = [], []
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     with Progress(transient=True) as progress:
-        total = sum(_item_count(section, n, d, dtype, layout, args.ops) for section, n in plan)
+        total = sum(_item_count(section, n, d, dtype, layout, args.ops, args.rules) for section, n in plan)
         task = progress.add_task("benchmarking", total=total)
         for section, n in plan:
             G = torch.randn(n, d, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
-            for item in _section_items(section, G, layout, args.ops):
+            for item in _section_items(section, G, layout, args.ops, args.rules):
                 progress.update(task, description=f"{section}: {item.name} n={n}")
                 run = _run_peer_rule if section == "peers" else lambda *a: _run_case(section, *a)
                 rows.extend(run(item, G, timer, skipped))
