@@ -487,17 +487,11 @@ OPTIMAL_RULES = {   # name -> (ByzFL rule, ours), for n = benign + n_byz rows
 }
 
 
-@pytest.mark.parametrize("search", [dict(evals=20, start=0.0, delta=10.0, ratio=0.8),
-                                    dict(evals=9, start=0.5, delta=-4.0, ratio=0.7)])
-@pytest.mark.parametrize("rule", list(OPTIMAL_RULES))
-@pytest.mark.parametrize("case", ["random", "one_far", "ties"])
-@pytest.mark.parametrize("n,d", size_params([(7, 16), (20, 50)]))
-def test_optimal_ipm_matches_optimal_inner_product_manipulation(case, rule, search, n, d):
-    X, n_byz = rows(case, n, d, seed=5), max(1, n // 3)
-    theirs_rule, ours_rule = OPTIMAL_RULES[rule]
-    expected = peer(byzfl_attacks.Optimal_InnerProductManipulation(theirs_rule(n_byz), pre_agg_list=[], f=n_byz,
-                                                                     **search), X)
-    assert_every_row(our_attack(attacks.optimal_ipm, X, n_byz, aggregator=ours_rule(n_byz), **search), expected)
+# kind -> (ByzFL's attack, ours, the sign that maps ByzFL's (start, delta) to ours, the rows' seed)
+OPTIMAL_ATTACKS = {
+    "ipm": ("Optimal_InnerProductManipulation", attacks.optimal_ipm, 1, 5),
+    "alie": ("Optimal_ALittleIsEnough", attacks.optimal_alie, -1, 6),
+}
 
 
 @pytest.mark.parametrize("search", [dict(evals=20, start=0.0, delta=10.0, ratio=0.8),
@@ -505,12 +499,14 @@ def test_optimal_ipm_matches_optimal_inner_product_manipulation(case, rule, sear
 @pytest.mark.parametrize("rule", list(OPTIMAL_RULES))
 @pytest.mark.parametrize("case", ["random", "one_far", "ties"])
 @pytest.mark.parametrize("n,d", size_params([(7, 16), (20, 50)]))
-def test_optimal_alie_matches_optimal_a_little_is_enough(case, rule, search, n, d):
-    X, n_byz = rows(case, n, d, seed=6), max(1, n // 3)
+@pytest.mark.parametrize("kind", list(OPTIMAL_ATTACKS))
+def test_optimal_attack_matches_byzfl(kind, case, rule, search, n, d):
+    theirs_attack, ours_attack, sign, seed = OPTIMAL_ATTACKS[kind]
+    X, n_byz = rows(case, n, d, seed=seed), max(1, n // 3)
     theirs_rule, ours_rule = OPTIMAL_RULES[rule]
-    expected = peer(byzfl_attacks.Optimal_ALittleIsEnough(theirs_rule(n_byz), pre_agg_list=[], f=n_byz, **search), X)
-    mapped = dict(search, start=-search["start"], delta=-search["delta"])
-    assert_every_row(our_attack(attacks.optimal_alie, X, n_byz, aggregator=ours_rule(n_byz), **mapped), expected)
+    expected = peer(getattr(byzfl_attacks, theirs_attack)(theirs_rule(n_byz), pre_agg_list=[], f=n_byz, **search), X)
+    mapped = dict(search, start=sign * search["start"], delta=sign * search["delta"])
+    assert_every_row(our_attack(ours_attack, X, n_byz, aggregator=ours_rule(n_byz), **mapped), expected)
 
 
 def test_optimal_ipm_with_byzfl_default_clipping():
