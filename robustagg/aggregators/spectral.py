@@ -27,8 +27,9 @@ from .base import Aggregator, Clients, Report, check_int
 # Columns of G per block of the Gram pass: a block of n rows is n x GRAM_BLOCK // n float64 values (32 MiB).
 GRAM_BLOCK = 1 << 22
 # Eigenvalues within this relative distance of the smallest, and CAF's scores within it of the
-# largest, count as tied (the tie rules below). Far above the rounding of the float64 Gram pass and the n x n eigensolver (O(n^2 eps) + O(d eps)
-# in the worst case), so ties by symmetry stay ties whatever the summation order.
+# largest, count as tied (the tie rules below). Far above the rounding of the float64 Gram pass
+# and the n x n eigensolver (O(n^2 eps) + O(d eps) in the worst case), so ties by symmetry stay
+# ties whatever the summation order.
 TIE_RTOL = 2.0 ** -30
 LOG2_TIE = math.log2(1 + TIE_RTOL)
 
