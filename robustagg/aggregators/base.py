@@ -219,6 +219,22 @@ class Clients:
 
 # ---------------------------------------------------------------- randomness and buffers
 
+def check_majority_f(owner: str, f, n: int) -> int:
+    """f with n >= 2f + 1: the honest majority that the rules averaging n - f chosen clients assume."""
+    f = check_int(owner, "f", f, 0)
+    if n < 2 * f + 1:
+        raise ValueError(f"{owner}: f={f} is too large for n={n} clients; {owner} needs n >= 2f+1, "
+                         f"so f must be in [0, {(n - 1) // 2}]")
+    return f
+
+
+def mean_of(rows: Clients, local: torch.Tensor) -> torch.Tensor:
+    """The plain mean of the rows in play at local positions ``local``, in one pass over G."""
+    coef = torch.zeros(rows.n, dtype=torch.float64)
+    coef[local] = 1.0
+    return rows.weighted_mean(coef)
+
+
 def make_generator(generator: torch.Generator | None, seed: int | None) -> torch.Generator:
     """The aggregator's only source of randomness: ``generator``, else a CPU generator seeded
     with ``seed`` (0 when neither is given, so that runs repeat)."""

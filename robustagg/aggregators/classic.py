@@ -9,7 +9,8 @@ import torch
 
 from .. import ops
 from .._dtypes import acc_dtype
-from .base import Aggregator, Clients, Report, check_float, check_int, check_multiplier, gaussian, make_generator
+from .base import (Aggregator, Clients, Report, check_float, check_int, check_majority_f, check_multiplier, gaussian,
+                   make_generator)
 
 
 class FedAvg(Aggregator):
@@ -98,10 +99,7 @@ class Meamed(Aggregator):
         self.f = check_int(self.name, "f", f, 0)
 
     def kept_for(self, n: int) -> int:
-        if n < 2 * self.f + 1:
-            raise ValueError(f"{self.name}: f={self.f} is too large for n={n} clients; {self.name} needs "
-                             f"n >= 2f+1, so f must be in [0, {(n - 1) // 2}]")
-        return n - self.f
+        return n - check_majority_f(self.name, self.f, n)
 
     def check_n(self, n):
         self.kept_for(n)

@@ -22,7 +22,7 @@ import torch
 
 from .. import ops
 from ..reference import row_norms
-from .base import Aggregator, Clients, Report, check_int
+from .base import Aggregator, Clients, Report, check_int, check_majority_f, mean_of
 
 # Columns of G per block of the Gram pass: a block of n rows is n x GRAM_BLOCK // n float64 values (32 MiB).
 GRAM_BLOCK = 1 << 22
@@ -69,12 +69,6 @@ def scaled_gram(rows: Clients, local: torch.Tensor, center: torch.Tensor, expone
 def unscaled(exponents: torch.Tensor) -> torch.Tensor:
     """2^(e_i - max e) per row: the factors that put scaled Gram entries back on one common scale."""
     return torch.ldexp(torch.ones(exponents.shape, dtype=torch.float64), (exponents - exponents.max()).to(torch.int32))
-
-
-def check_half(owner: str, f: int, n: int) -> None:
-    if 2 * f >= n:
-        raise ValueError(f"{owner}: f={f} is too large for n={n} clients; {owner} needs 2f < n, "
-                         f"so f must be in [0, {(n - 1) // 2}]")
 
 
 # ---------------------------------------------------------------- CAF
@@ -124,7 +118,7 @@ class CAF(Aggregator):
         self.f = check_int(self.name, "f", f, 0)
 
     def check_n(self, n):
-        check_half(self.name, self.f, n)
+        check_majority_f(self.name, self.f, n)
 
     def aggregate(self, rows: Clients, layout):
         norms = rows.stats().norm.double().cpu()   # screens NaN/Inf rows
@@ -215,7 +209,7 @@ class SMEA(Aggregator):
         self.max_subsets = check_int(self.name, "max_subsets", max_subsets, 1)
 
     def check_n(self, n):
-        check_half(self.name, self.f, n)
+        check_majority_f(self.name, self.f, n)
         count = math.comb(n, self.f)
         if count > self.max_subsets:
             raise ValueError(f"{self.name}: n={n}, f={self.f} gives C({n}, {self.f}) = {count} subsets of "
@@ -234,10 +228,7 @@ class SMEA(Aggregator):
         best = int(torch.argmin(keys))
         first = int((keys <= keys[best] + LOG2_TIE).nonzero()[0])
         chosen = subsets[first]
-        coef = torch.zeros(n, dtype=torch.float64)
-        coef[chosen] = 1.0
-        out = rows.weighted_mean(coef)
-        return out, SMEAReport(selected=rows.ids(chosen), eigenvalue=float(torch.exp2(keys[first])),
+        return mean_of(rows, chosen), SMEAReport(selected=rows.ids(chosen), eigenvalue=float(torch.exp2(keys[first])),
                                subsets=subsets.shape[0])
 
     @staticmethod

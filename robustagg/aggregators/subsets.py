@@ -8,23 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from .base import Aggregator, Clients, Report, check_int
-
-
-def check_majority_f(owner: str, f, n: int) -> int:
-    """f with n >= 2f + 1: the honest majority both rules assume (and ByzFL's 2f < n)."""
-    f = check_int(owner, "f", f, 0)
-    if n < 2 * f + 1:
-        raise ValueError(f"{owner}: f={f} is too large for n={n} clients; {owner} needs n >= 2f+1, "
-                         f"so f must be in [0, {(n - 1) // 2}]")
-    return f
-
-
-def mean_of(rows: Clients, local: torch.Tensor) -> torch.Tensor:
-    """The plain mean of the rows in play at local positions ``local``, in one pass over G."""
-    coef = torch.zeros(rows.n, dtype=torch.float64)
-    coef[local] = 1.0
-    return rows.weighted_mean(coef)
+from .base import Aggregator, Clients, Report, check_int, check_majority_f, mean_of
 
 
 # ---------------------------------------------------------------- MDA's exact subset search
