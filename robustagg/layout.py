@@ -140,6 +140,37 @@ class Layout:
         """Length of a pooled row: sum of (rows//k)*(cols//k) over pooled segments plus pass-through sizes."""
         return sum((s.rows // kernel) * (s.cols // kernel) if s.pooled else s.numel for s in self.segments_for(d))
 
+    def columns(self, d: int, lo: int, hi: int, kernel: int) -> "Layout":
+        """The layout of columns lo..hi-1 of a row of length d, to max-pool them on their own.
+
+        A pooled segment keeps the rows of its 2-D view that lie in the range, an unpooled one its
+        values there; pooling the pieces gives the range's part of the pooled row, in order. That
+        needs every cut inside a pooled segment's windows to fall between groups of ``kernel`` rows
+        (``robustagg.distributed.shard_bounds`` places them so), else a ValueError. Pieces that hold
+        no whole window (the rows past a segment's last window) pool to nothing and are left out.
+        """
+        segments = []
+        for s in self.segments_for(d):
+            a, b = max(s.offset, lo), min(s.offset + s.numel, hi)
+            if a >= b:
+                continue
+            if not s.pooled:
+                segments.append(Segment(s.name, a - lo, b - a, 1, b - a, False))
+                continue
+            step = kernel * s.cols                                # one row of windows
+            windows_end = s.offset + s.rows // kernel * step      # the rows after it pool to nothing
+            for cut in (lo, hi):
+                if s.offset < cut < windows_end and (cut - s.offset) % step:
+                    raise ValueError(f"columns {lo}..{hi} cut the pooled segment {s.name or ''} at offset "
+                                     f"{s.offset} ({s.rows} x {s.cols}) inside a window of kernel={kernel} rows, at "
+                                     f"{cut}; place the cuts with shard_bounds(d, world_size, layout, kernel)")
+            b = min(b, windows_end)
+            if a < b and s.cols >= kernel:
+                segments.append(Segment(s.name, a - lo, b - a, (b - a) // s.cols, s.cols, True))
+        part = Layout([], kind="columns")
+        part.segments, part.d = segments, hi - lo
+        return part
+
     def segment_table(self, d: int, kernel: int, restore: bool) -> list[int]:
         """The kernels' segment table: for each segment the five ints in_offset, rows, cols, pooled,
         out_offset, one segment after the other. It stays a host list (the raw op's ``int[]``): the

@@ -434,6 +434,15 @@ def topk_abs(x, k: int, *, nonfinite="raise", backend=None):
 
 # ---------------------------------------------------------------- max-pool amplification
 
+def check_pool_kernel(op: str, layout: Layout, d: int, kernel) -> int:
+    """``kernel`` for max-pooling rows of length d over ``layout``. A kernel beyond every pooled
+    segment's dimensions pools nothing: it is a mistake, not a setting (the paper's kernel 2 stays
+    allowed on layouts of tiny parameters)."""
+    dims = [max(s.rows, s.cols) for s in layout.segments_for(d) if s.pooled]
+    why = f" (the largest dimension of a pooled segment of {layout!r} over d={d}, or 2)" if dims else ""
+    return check_int(op, "kernel", kernel, 1, max(dims + [2]) if dims else None, why)
+
+
 def maxpool_amplify(G, layout: Layout, kernel: int = 2, restore: bool = False, *, nonfinite="raise",
                     return_nonfinite=False, backend=None) -> torch.Tensor:
     r"""AGRAmplifier's max-pooling (Gong et al. 2024): every pooled segment is viewed as a (rows, cols)
@@ -448,11 +457,7 @@ def maxpool_amplify(G, layout: Layout, kernel: int = 2, restore: bool = False, *
                         f"got {type(layout).__name__}")
     restore = check_bool(op, "restore", restore)
     d = G.shape[1]
-    # A kernel beyond every pooled segment's dimensions pools nothing: it is a mistake, not a setting
-    # (the paper's kernel 2 stays allowed on layouts of tiny parameters).
-    dims = [max(s.rows, s.cols) for s in layout.segments_for(d) if s.pooled]
-    why = f" (the largest dimension of a pooled segment of {layout!r} over d={d}, or 2)" if dims else ""
-    kernel = check_int(op, "kernel", kernel, 1, max(dims + [2]) if dims else None, why)
+    kernel = check_pool_kernel(op, layout, d, kernel)
     table = layout.segment_table(d, kernel, restore)
     width = d if restore else layout.pooled_width(d, kernel)
     (out,), bad = per_client(op, G, nonfinite, backend, lambda fn, X: fn(X, table, kernel, restore, width),

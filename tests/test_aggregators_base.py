@@ -247,3 +247,27 @@ def test_bench_make_aggregators_covers_every_rule_and_returns_d_vectors():
     for name, agg in aggs.items():
         out = agg(G)
         assert out.shape == (layout.d,) and bool(torch.isfinite(out).all()), name
+
+
+def test_noise_is_drawn_in_chunks_so_that_a_column_shard_draws_its_own_part(monkeypatch):
+    # a Clients over columns lo..hi of a d-column model (as robustagg.distributed makes them) draws
+    # the same values as one process at those columns, across chunk boundaries
+    from robustagg.aggregators import base
+    monkeypatch.setattr(base, "NOISE_CHUNK", 8)
+
+    class Shard(base.Clients):
+        def __init__(self, G, lo, d):
+            super().__init__(G, None, "drop", None)
+            self.lo, self.model_d = lo, d
+
+        @property
+        def d(self):
+            return self.model_d
+
+    G = torch.zeros(2, 37, dtype=torch.float64)
+    whole = base.Clients(G, None, "drop", None).gaussian(2.0, G[0], torch.Generator().manual_seed(5))
+    for lo, hi in [(0, 8), (3, 20), (16, 17), (30, 37)]:
+        part = Shard(G[:, lo:hi], lo, 37).gaussian(2.0, G[0, lo:hi], torch.Generator().manual_seed(5))
+        assert torch.equal(part, whole[lo:hi]), (lo, hi)
+    assert 1.0 < float(whole.std()) < 3.0
+

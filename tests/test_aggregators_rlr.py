@@ -45,7 +45,10 @@ def test_robust_lr_noise_is_added_before_the_lr_sign():
     G = rand_G(15, 400, shift=0.0)
     agg = A.RobustLR(theta=8, base="mean", clip=2.0, noise=0.5, seed=1)
     out = agg(G)
-    z = torch.randn(400, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * (0.5 * 2.0)
+    # the documented draw: one seed s from the aggregator's generator, then N(0, 1) from seed s + 0
+    # (d = 400 is one chunk)
+    s = int(torch.randint(0, 2 ** 62, (1,), generator=torch.Generator().manual_seed(1)))
+    z = torch.randn(400, generator=torch.Generator().manual_seed(s), dtype=torch.float64) * (0.5 * 2.0)
     votes = torch.sign(X64(G)).sum(0)
     lr = torch.where(votes.abs() >= 8, 1.0, -1.0)
     close(out, lr * (fedavg_ref(clipped(X64(G), 2.0)) + z))

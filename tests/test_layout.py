@@ -141,3 +141,37 @@ def test_flat_layout_rejects_bad_arguments(width, skip_tail, match):
 def test_flat_skip_tail_larger_than_d_is_rejected():
     with pytest.raises(ValueError, match="skip_tail=50 exceeds d=45"):
         Layout.flat(10, 50).segments_for(45)
+
+
+@pytest.mark.parametrize("layout, d", [
+    (Layout.from_shapes([(5, 4), (5,), (4, 3)]), 37),
+    (Layout.from_shapes([(7, 3, 2), (2,), (9, 5), ()]), 90),
+    (Layout.flat(4, skip_tail=13), 37),
+    (Layout.flat(6), 50),
+])
+@pytest.mark.parametrize("kernel", [1, 2, 3])
+def test_columns_pool_to_their_part_of_the_pooled_row(layout, d, kernel):
+    # cut at every point that keeps the kernel's windows whole; the pieces' pooled rows, in order,
+    # are the whole row's pooled row
+    from robustagg import ops
+    from robustagg.distributed import shard_bounds
+    G = torch.randn(3, d, generator=torch.Generator().manual_seed(kernel), dtype=torch.float64)
+    whole = ops.maxpool_amplify(G, layout, kernel)
+    for world in (2, 3, 5):
+        try:
+            bounds = shard_bounds(d, world, layout, kernel)
+        except ValueError:   # too few cuts for this many ranks
+            continue
+        pieces = []
+        for lo, hi in bounds:
+            part = layout.columns(d, lo, hi, kernel)
+            if part.pooled_width(hi - lo, kernel):
+                pieces.append(ops.maxpool_amplify(G[:, lo:hi], part, kernel))
+        assert torch.equal(torch.cat(pieces, dim=1), whole), (world, bounds)
+
+
+def test_columns_name_a_cut_inside_a_window():
+    layout = Layout.from_shapes([(4, 3)])
+    assert layout.columns(12, 6, 12, 2).pooled_width(6, 2) == 1
+    with pytest.raises(ValueError, match=r"at 3; place the cuts with shard_bounds"):
+        layout.columns(12, 3, 12, 2)

@@ -64,17 +64,16 @@ class _Density(Aggregator):
 
     def similarities(self, rows: Clients, norm: torch.Tensor, layout) -> dict[str, torch.Tensor]:
         lay = self.layout or layout
-        P = ops.maxpool_amplify(rows.G, lay, self.kernel, nonfinite="propagate", backend=self.backend)
-        if P.shape[1] == 0:
-            raise ValueError(f"{self.name}: layout={lay!r} with kernel={self.kernel} pools the d={rows.G.shape[1]} "
+        pooled, _ = rows.maxpool(lay, self.kernel)
+        if pooled.d == 0:
+            raise ValueError(f"{self.name}: layout={lay!r} with kernel={self.kernel} pools the d={rows.d} "
                              "coordinates to none; give a layout with a segment of at least kernel x kernel")
-        cos = ops.pairwise_cosine(P, nonfinite="propagate", backend=self.backend).double().cpu()
-        cos = rows.local_pairs(cos)   # P pools every row of G
+        cos = rows.local_pairs(pooled.pairwise_with_flags(ops.pairwise_cosine)[0].double().cpu())   # every row of G
         out = {"cos": cos} if "cos" in self.measures else {}
         if "euclid" in self.measures:
             # ||P_i/N_i - P_j/N_j||^2 = (a_i - a_j)^2 + 2 a_i a_j (1 - cos_ij) with a_i = ||P_i|| / N_i
-            pooled = rows.local(ops.client_stats(P, nonfinite="propagate", backend=self.backend).norm).cpu()
-            a = torch.where(norm > 0, pooled / norm, torch.zeros_like(norm))
+            pooled_norm = rows.local(pooled.client_stats().norm).cpu()
+            a = torch.where(norm > 0, pooled_norm / norm, torch.zeros_like(norm))
             sq = (a[:, None] - a[None, :]) ** 2 + 2 * a[:, None] * a[None, :] * (1 - cos)
             out["euclid"] = sq.clamp_min(0).sqrt()
         return out
@@ -199,9 +198,5 @@ class FLTrustAmp(FLTrust):
 
     def trust_cosine(self, rows, root, layout):
         norm = rows.stats().norm.cpu()   # unpooled norms; screens the rows
-        root_norm = float(ops.client_stats(root[None, :], backend=self.backend).norm[0])
-        lay = self.layout or layout
-        P = ops.maxpool_amplify(rows.G, lay, self.kernel, nonfinite="propagate", backend=self.backend)
-        p0 = ops.maxpool_amplify(root[None, :], lay, self.kernel, backend=self.backend)[0]
-        pooled = ops.client_stats(P, ref=p0, nonfinite="propagate", backend=self.backend)
-        return rows.local(pooled.cosine).cpu(), norm, root_norm
+        pooled, pooled_root = rows.maxpool(self.layout or layout, self.kernel, root)
+        return rows.local(pooled.client_stats(ref=pooled_root).cosine).cpu(), norm, rows.norm(root)

@@ -26,6 +26,7 @@ from ..layout import flatten, is_integer
 
 BUFFER_POLICIES = ("kept_median", "kept_mean", "rule")
 FLOAT_BUFFER_SUFFIXES = ("running_mean", "running_var")   # BatchNorm's floating buffers, by state_dict name
+NOISE_CHUNK = 1 << 20   # coordinates per independently seeded piece of a Gaussian draw (Clients.gaussian)
 
 
 @dataclass
@@ -147,13 +148,63 @@ class Clients:
 
     # ------------------------------------------------------------ what a sharded G combines
     # One process holds every coordinate. robustagg.distributed holds a column shard of G per
-    # rank and overrides these six to combine the ranks' partial results.
+    # rank and overrides the methods of this section to combine the ranks' partial results.
     sharded = False
+    lo = 0   # the model coordinate of G's first column
 
     @property
     def d(self) -> int:
         """The model's coordinate count (in one process, G's columns)."""
         return self.G.shape[1]
+
+    def derived(self, G: torch.Tensor, weights: torch.Tensor | None) -> "Clients":
+        """New rows over the same columns (a pre-aggregator's output), already screened."""
+        return Clients(G, weights, "propagate", self.backend)
+
+    def norm(self, v: torch.Tensor) -> float:
+        """||v|| of a [d] point, float64, scaled (finite for every finite v)."""
+        return float(ops.client_stats(v[None, :], nonfinite="propagate", backend=self.backend).norm[0])
+
+    def gram_total(self, K: torch.Tensor) -> torch.Tensor:
+        """An n x n matrix of sums over G's columns (a Gram matrix), over all d coordinates."""
+        return K
+
+    def sampled_columns(self, cols: torch.Tensor) -> torch.Tensor:
+        """Every row of G at the model coordinates ``cols`` (ascending), float64 on the CPU."""
+        return self.G.index_select(1, cols.to(self.G.device)).double().cpu()
+
+    def clip_rows(self, bound: float) -> torch.Tensor:
+        """Every row of G scaled to L2 norm <= bound (``ops.clip_rows``)."""
+        return ops.clip_rows(self.G, bound, nonfinite="propagate", backend=self.backend)
+
+    def topk_ef_step(self, u, error, momentum, k: int, rho: float):
+        """``ops.topk_ef_step`` over all d coordinates; returns G's column indices and values."""
+        return ops.topk_ef_step(u, error, momentum, k, rho, backend=self.backend)
+
+    def maxpool(self, layout, kernel: int, root: torch.Tensor | None = None):
+        """``ops.maxpool_amplify`` of every row of G (and of a [d] ``root``) over ``layout``: the
+        pooled rows as Clients (every row of G, unscreened) and the pooled root (or None)."""
+        P = ops.maxpool_amplify(self.G, layout, kernel, nonfinite="propagate", backend=self.backend)
+        pooled_root = None if root is None else ops.maxpool_amplify(root[None, :], layout, kernel,
+                                                                   backend=self.backend)[0]
+        return Clients(P, None, "propagate", self.backend), pooled_root
+
+    def gaussian(self, std: float, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """G's columns of one N(0, std^2 I) draw over all d coordinates, in ``like``'s dtype and device.
+
+        The draw is made in chunks of NOISE_CHUNK coordinates, chunk c from its own generator seeded
+        with s + c, where s is one number drawn from ``generator``: a column shard draws only its own
+        chunks, and its values are those one process draws."""
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        width = self.G.shape[1]
+        first, last = self.lo // NOISE_CHUNK, (self.lo + width - 1) // NOISE_CHUNK
+        chunks = [torch.randn(min(NOISE_CHUNK, self.d - c * NOISE_CHUNK), dtype=dtype, device=generator.device,
+                              generator=torch.Generator(device=generator.device).manual_seed(seed + c))
+                  for c in range(first, last + 1)]
+        start = self.lo - first * NOISE_CHUNK
+        z = torch.cat(chunks)[start:start + width]
+        return (z * std).to(device=like.device, dtype=like.dtype)
 
     def agree(self, bad: torch.Tensor) -> torch.Tensor:
         """Per-row non-finite flags, as every shard of G sees them."""
@@ -243,13 +294,6 @@ def make_generator(generator: torch.Generator | None, seed: int | None) -> torch
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         return generator
     return torch.Generator().manual_seed(0 if seed is None else int(seed))
-
-
-def gaussian(d: int, std: float, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """N(0, std^2 I) in d dimensions, drawn on the generator's device, in ``like``'s dtype and device."""
-    z = torch.randn(d, generator=generator, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32,
-                    device=generator.device)
-    return (z * std).to(device=like.device, dtype=like.dtype)
 
 
 def combine_buffers(held: dict, kept: list[int], weights: torch.Tensor | None, policy: str = "kept_median") -> dict:

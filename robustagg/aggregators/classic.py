@@ -9,7 +9,7 @@ import torch
 
 from .. import ops
 from .._dtypes import acc_dtype
-from .base import (Aggregator, Clients, Report, check_float, check_int, check_majority_f, check_multiplier, gaussian,
+from .base import (Aggregator, Clients, Report, check_float, check_int, check_majority_f, check_multiplier,
                    make_generator)
 
 
@@ -164,7 +164,7 @@ class NormClipping(Aggregator):
         # mean of clipped rows = sum_i (w_i * scale_i) g_i / sum_i w_i: one pass, no clipped copy of G.
         out = rows.combine(w * scale / w.sum())
         if self.noise > 0:
-            out = out + gaussian(out.shape[0], self.noise * self.max_norm, out, self.generator)
+            out = out + rows.gaussian(self.noise * self.max_norm, out, self.generator)
         return out, ClippingReport(selected=rows.all_ids(), clipped=rows.ids(scale < 1))
 
 

@@ -62,8 +62,7 @@ class DnC(Aggregator):
 
     def sample(self, rows: Clients) -> torch.Tensor:
         """The sampled columns of the finite rows (float64, CPU); rows non-finite there are dropped."""
-        cols = sample_columns(rows.G.shape[1], self.subsample_dim, self.generator)
-        X = rows.local(rows.G.index_select(1, cols.to(rows.G.device))).double().cpu()
+        X = rows.local(rows.sampled_columns(sample_columns(rows.d, self.subsample_dim, self.generator)))
         bad = ~torch.isfinite(X).all(dim=1)
         if bool(bad.any()) and rows.policy != "propagate":
             kept = rows.drop(bad)

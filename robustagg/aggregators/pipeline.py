@@ -184,7 +184,7 @@ class Bucketing(PreAggregator):
         order = [ids[i] for i in torch.randperm(rows.n, generator=self.generator,
                                                 device=self.generator.device).tolist()]
         G, weights, buckets = self.bucket_means(rows, order)
-        if rows.policy != "propagate" and not bool(torch.isfinite(G).all()):
+        if rows.policy != "propagate" and bool(rows.agree(~torch.isfinite(G).all(dim=1)).any()):
             rows.stats()   # finds and drops the non-finite clients (raises under "raise")
             kept = set(rows.all_ids())
             G, weights, buckets = self.bucket_means(rows, [i for i in order if i in kept])
@@ -260,7 +260,7 @@ class ARC(PreAggregator):
         # A float32 row of entries near 3e38 can have a norm beyond float32's range, which clip_rows'
         # bound (in G's arithmetic dtype) cannot hold: there the bound is that dtype's largest value.
         bound = min(threshold, dtype_max(rows.G.dtype))
-        clipped = ops.clip_rows(rows.G, bound, nonfinite="propagate", backend=rows.backend)
+        clipped = rows.clip_rows(bound)
         if rows.selection is not None:
             clipped = clipped.index_select(0, rows.selection)
         report = ARCReport(selected=ids, k=k, threshold=threshold, clipped=rows.ids(norm > threshold))
@@ -359,7 +359,7 @@ class Pipeline(Aggregator):
             # each output row stands for the caller's clients behind the input rows it came from
             sources = out.sources if sources is None else [sorted({c for i in row for c in sources[i]})
                                                            for row in out.sources]
-            current = Clients(out.G, out.weights, "propagate", self.backend)
+            current = current.derived(out.G, out.weights)
         if sources is None:
             sources = own_rows(rows)
         self.check_final_n(current.n, self.pre)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from .base import (Aggregator, Clients, Report, check_choice, check_float, check_int, check_multiplier, gaussian,
+from .base import (Aggregator, Clients, Report, check_choice, check_float, check_int, check_multiplier,
                    make_generator)
 from .classic import clip_factor, median_norm_step
 
@@ -77,15 +77,14 @@ class RobustLR(Aggregator):
             votes = rows.run(ops.sign_sum)
         elif self.base == "median":
             votes = rows.run(ops.sign_sum)   # screens the rows before the median reads them
-            G = rows.G if scale is None else ops.clip_rows(rows.G, self.clip, nonfinite="propagate",
-                                                           backend=self.backend)
+            G = rows.G if scale is None else rows.clip_rows(self.clip)
             base = ops.median(G, rows=rows.selection, nonfinite="propagate", backend=self.backend)
         else:
             # a positive clip factor never changes a sign
             votes = rows.run(ops.sign_sum)
             base = torch.sign(votes).to(rows.G.dtype) * self.sign_size(rows, norm)
         if self.noise > 0:
-            base = base + gaussian(base.shape[0], self.noise * self.clip, base, self.generator)
+            base = base + rows.gaussian(self.noise * self.clip, base, self.generator)
         positive = votes.abs() >= self.theta
         lr = torch.full_like(base, self.server_lr)  # in base's dtype: a float64 round keeps a float64 lr
         lr = torch.where(positive, lr, -lr)

@@ -89,8 +89,7 @@ class SparseFed(Aggregator):
             self.momentum = torch.zeros(d, dtype=state_dtype, device=u.device)
         if self.error.shape[0] != d:
             raise ValueError(f"{self.name}: the saved state has d={self.error.shape[0]} but the updates have d={d}")
-        idx, values = ops.topk_ef_step(u.to(self.error.dtype), self.error, self.momentum, self.k, self.rho,
-                                       backend=self.backend)
+        idx, values = rows.topk_ef_step(u.to(self.error.dtype), self.error, self.momentum, self.k, self.rho)
         delta = torch.zeros(d, dtype=self.error.dtype, device=u.device).index_copy_(0, idx, values) * self.lr
         return delta.to(rows.G.dtype), SparseFedReport(selected=rows.all_ids(), k=self.k, clipped=clipped,
-                                                       update_norm=float(delta.norm()))
+                                                       update_norm=rows.norm(delta))

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import ops
-from ..reference import row_norms
 from .base import Aggregator, Clients, Report, check_int, check_majority_f, mean_of
 
 # Columns of G per block of the Gram pass: a block of n rows is n x GRAM_BLOCK // n float64 values (32 MiB).
@@ -34,15 +33,14 @@ TIE_RTOL = 2.0 ** -30
 LOG2_TIE = math.log2(1 + TIE_RTOL)
 
 
-def scale_exponents(norms: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+def scale_exponents(norms: torch.Tensor, center_norm: float) -> torch.Tensor:
     r"""Per row, the integer $e_i$ with $\|x_i - z\| \cdot 2^{-e_i} < 1$ for the center $z$ (from the
     float64 row norms and $\|z\|$, as $\|x_i - z\| \le 2\max(\|x_i\|, \|z\|)$).
 
     The bound can exceed $\|x_i - z\|$ by much only where $x_i$ and $z$ agree in their leading
     digits, and there float64 subtraction loses those digits anyway; the scaled products stay far
     above the underflow threshold (2^-1022) for any difference float64 can resolve."""
-    center_norm = row_norms(center.detach().double().cpu()[None, :])[0]
-    bound = torch.maximum(norms.double().cpu(), center_norm)
+    bound = norms.double().cpu().clamp_min(center_norm)
     return torch.frexp(bound).exponent.to(torch.int64) + 1
 
 
@@ -52,7 +50,7 @@ def scaled_gram(rows: Clients, local: torch.Tensor, center: torch.Tensor, expone
 
     The rows are centered explicitly, block of columns by block of columns (so that memory stays
     n x GRAM_BLOCK/n whatever d is), scaled by $2^{-e_i}$, and each block adds its (k x b)(b x k)
-    product."""
+    product (summed over the column shards of a sharded G)."""
     G = rows.G
     index = rows.rows_of(local)
     k = index.numel()
@@ -63,7 +61,7 @@ def scaled_gram(rows: Clients, local: torch.Tensor, center: torch.Tensor, expone
     for start in range(0, G.shape[1], step):   # blocks of columns, not coordinates
         Y = torch.ldexp(G[index, start:start + step].double() - center[start:start + step], shift)
         K.addmm_(Y, Y.T)
-    return K.cpu()
+    return rows.gram_total(K).cpu()
 
 
 def unscaled(exponents: torch.Tensor) -> torch.Tensor:
@@ -130,7 +128,7 @@ class CAF(Aggregator):
         while float(c.sum()) > n - 2 * self.f:
             support = (c > 0).nonzero().flatten()
             mean = rows.weighted_mean(c)
-            exponents = scale_exponents(norms[support], mean)
+            exponents = scale_exponents(norms[support], rows.norm(mean))
             K = scaled_gram(rows, support, mean, exponents)
             factor = unscaled(exponents)
             w = c[support].sqrt() * factor
@@ -222,7 +220,7 @@ class SMEA(Aggregator):
         n, size = rows.n, rows.n - self.f
         subsets = torch.tensor(list(itertools.combinations(range(n), size)), dtype=torch.int64).reshape(-1, size)
         median = rows.run(ops.median)
-        exponents = scale_exponents(norms, median)
+        exponents = scale_exponents(norms, rows.norm(median))
         K = scaled_gram(rows, torch.arange(n), median, exponents)
         keys = torch.cat([self.log2_eigenvalues(K, exponents, chunk) for chunk in subsets.split(4096)])
         best = int(torch.argmin(keys))

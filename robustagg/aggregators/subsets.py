@@ -184,7 +184,8 @@ class MoNNA(Aggregator):
 
     def aggregate(self, rows: Clients, layout):
         trusted = rows.G[self.idx]
-        if not bool(ops.client_stats(trusted[None, :], nonfinite="propagate", backend=self.backend).finite[0]):
+        trusted_bad = ~ops.client_stats(trusted[None, :], nonfinite="propagate", backend=self.backend).finite
+        if bool(rows.agree(trusted_bad)[0]):
             if self.nonfinite == "raise":
                 rows.stats()   # raises NonFiniteUpdateError listing every non-finite client
             raise ValueError(f"{self.name}: the trusted client idx={self.idx} sent NaN or Inf, so there is no "
