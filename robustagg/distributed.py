@@ -2,17 +2,19 @@
 
 Rank r of W holds every client's values of the columns ``shard_bounds(d, W)[r]``: an (n, hi - lo)
 block of the client matrix G. ``ShardedAggregator(agg)(G_shard)`` returns that rank's slice of
-``agg(G)``:
+``agg(G)``, for every aggregator of ``robustagg.aggregators``:
 
-* coordinate-wise passes (medians, trimmed means, sign votes, weighted means) run on the block as
-  they would on G, so their columns are bitwise the single-process ones;
-* what a rule reads across coordinates (row norms, dot products, distances, cosines, sign-window
-  fractions, non-finite flags) is summed over the ranks with all-reduces of n or n x n float64
-  numbers; no d-sized vector crosses ranks. Norms are combined scaled, so a finite row of 1e300
-  keeps a finite norm.
+* coordinate-wise passes (medians, trimmed means, sign votes, weighted means, top-k updates) run on
+  the block as they would on G, so their columns are bitwise the single-process ones;
+* what a rule reads across coordinates (row norms, dot products, distances, cosines, Gram
+  matrices, sign-window fractions, non-finite flags, DnC's sampled columns) is summed over the
+  ranks from n, n x n or n x b float64 numbers; no d-sized vector crosses ranks. Norms are
+  combined scaled, so a finite row of 1e300 keeps a finite norm;
+* SparseFed's global top-k is a radix select over the ranks: histograms of the keys' digits are
+  all-reduced, the keys themselves stay put.
 
 Every rank makes the same decisions (dropped clients, selections), because each decision is made
-from the same all-reduced numbers; reports are the same on every rank.
+from the same combined numbers; reports are the same on every rank.
 """
 from __future__ import annotations
 
@@ -22,10 +24,13 @@ import torch.distributed as dist
 from . import aggregators as A
 from . import ops
 from ._checks import check_int, check_weights
+from ._dtypes import dtype_max
 from .aggregators.base import Clients
 from .layout import Layout
 
 __all__ = ["shard_bounds", "scatter_updates", "ShardedAggregator"]
+
+RADIX_BITS = 8   # bits of |e| per pass of the distributed top-k: 4 passes in float32, 8 in float64
 
 
 # ---------------------------------------------------------------- the split
@@ -154,24 +159,35 @@ class ShardedClients(Clients):
         finite = ~self.agree(~s.finite)
         return ops.ClientStats(norm, counts / length, dot, ref_norm, ref_dist, cosine, finite)
 
-    def _reduce_symmetric(self, M: torch.Tensor) -> torch.Tensor:
-        """The all-reduced sum of symmetric matrices, exactly symmetric as one process's is: a ring
-        all-reduce adds each chunk in its own rank order, so (i, j) and (j, i) can differ in the
-        last bit, and MDA's conflict graph needs them equal."""
-        M = self._reduce(M, dist.ReduceOp.SUM)
-        return torch.maximum(M, M.T)
+    def _sum_matrices(self, M: torch.Tensor) -> torch.Tensor:
+        """The sum of every rank's n x n matrix, added in rank order on every rank (an all-gather of
+        world x n^2 numbers, where an all-reduce moves about 2 n^2). An all-reduce adds each chunk in
+        its own rank order; here every entry is added in one order, so a sum of symmetric matrices
+        stays exactly symmetric (MDA's conflict graph needs (i, j) and (j, i) equal), and entries
+        equal in every part stay equal in the sum (identical rows keep a cosine of exactly 1)."""
+        parts = [torch.empty_like(M) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, M.contiguous(), group=self.group)
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        return total
 
     def pairwise_with_flags(self, op) -> tuple[torch.Tensor, torch.Tensor]:
         M, bad = op(self.G, nonfinite="propagate", return_nonfinite=True, backend=self.backend)
         bad = self.agree(bad)
         if op is ops.pairwise_sqdist:
-            return self._reduce_symmetric(M.double()).to(M.dtype), bad
+            return self._sum_matrices(M.double()).to(M.dtype), bad
         if op is ops.pairwise_cosine:
-            # the cosines of the shards, each weighted by its share of both rows' norms
+            # the cosines of the shards, each weighted by its share of both rows' norms ...
             part = ops.client_stats(self.G, nonfinite="propagate", backend=self.backend).norm.double()
             norm = self._norm(part)
             share = torch.where(norm > 0, part / norm, torch.zeros_like(norm))
-            C = self._reduce_symmetric(M.double() * share[:, None] * share[None, :])
+            C = self._sum_matrices(M.double() * share[:, None] * share[None, :])
+            # ... over sqrt(C_ii C_jj), which is 1 but for the rounding of the shares: identical rows
+            # then have C_ij = C_ii = C_jj and a cosine of exactly 1, as in one process
+            diag = C.diagonal().clone()
+            scale = (diag[:, None] * diag[None, :]).sqrt()
+            C = torch.where(scale > 0, C / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(C))
             C.diagonal().copy_((norm > 0).double())   # unit diagonal, 0 for a zero row, as in one process
             return C.clamp(-1.0, 1.0).to(M.dtype), bad
         raise NotImplementedError(f"ShardedClients: no sharded form of {op!r}")
@@ -184,26 +200,111 @@ class ShardedClients(Clients):
         count = torch.tensor([int(mask.sum())], dtype=torch.int64, device=mask.device)
         return int(self._reduce(count, dist.ReduceOp.SUM)) / self.d_total
 
+    def derived(self, G, weights):
+        return ShardedClients(G, weights, "propagate", self.backend, self.group, self.d_total, self.lo)
+
+    def norm(self, v: torch.Tensor) -> float:
+        part = ops.client_stats(v[None, :], nonfinite="propagate", backend=self.backend).norm
+        return float(self._norm(part)[0])
+
+    def gram_total(self, K: torch.Tensor) -> torch.Tensor:
+        return self._sum_matrices(K)
+
+    def sampled_columns(self, cols: torch.Tensor) -> torch.Tensor:
+        # Each column is one rank's; the others add -0.0, which leaves every value, +-0 included, as is.
+        width, device = self.G.shape[1], self.G.device
+        mine = (cols >= self.lo) & (cols < self.lo + width)
+        X = torch.full((self.n_total, cols.numel()), -0.0, dtype=torch.float64, device=device)
+        X[:, mine.to(device)] = self.G.index_select(1, (cols[mine] - self.lo).to(device)).double()
+        return self._reduce(X, dist.ReduceOp.SUM).cpu()
+
+    def clip_rows(self, bound: float) -> torch.Tensor:
+        # min(1, bound / ||g_i||) on every shard: a clipped row's shard r is bounded by its own share,
+        # bound * ||g_i||_r / ||g_i||; an unclipped row's shards by the dtype's largest value (no-op)
+        part = ops.client_stats(self.G, nonfinite="propagate", backend=self.backend).norm.double()
+        norm = self._norm(part)
+        clipped = torch.isfinite(norm) & (norm > bound)
+        share = torch.where(clipped, bound * part / torch.where(clipped, norm, torch.ones_like(norm)),
+                            torch.full_like(norm, dtype_max(self.G.dtype)))
+        return ops.clip_rows(self.G, share, nonfinite="propagate", backend=self.backend)
+
+    def topk_ef_step(self, u, error, momentum, k: int, rho: float):
+        ops.topk_ef_step(u, error, momentum, 0, rho, backend=self.backend)   # the update alone, bitwise
+        k = min(k, self.d_total)
+        if k == 0:
+            return torch.zeros(0, dtype=torch.int64, device=u.device), error[:0].clone()
+        # |e| of a finite float is ordered as its bits are, read as a non-negative integer
+        keys = error.abs().view(torch.int32 if error.element_size() == 4 else torch.int64)
+        threshold, above = self._kth_largest(keys, k)
+        ties = (keys == threshold).nonzero().flatten()
+        # ties go to the lowest model coordinates: the ranks before this one take theirs first
+        count = torch.tensor([ties.numel()], dtype=torch.int64, device=u.device)
+        every = [torch.zeros_like(count) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(every, count, group=self.group)
+        before = sum(int(c) for c in every[:dist.get_rank(self.group)])
+        take = min(max(k - above - before, 0), ties.numel())
+        idx = torch.cat([(keys > threshold).nonzero().flatten(), ties[:take]]).sort().values
+        values = error[idx].clone()
+        error[idx] = 0
+        momentum[idx] = 0
+        return idx, values
+
+    def _kth_largest(self, keys: torch.Tensor, k: int) -> tuple[int, int]:
+        """The k-th largest key of all shards (1 <= k <= d) and the count of keys above it: a radix
+        select from the top digit, RADIX_BITS bits a pass, each pass one all-reduce of a histogram
+        of 2^RADIX_BITS counts over the keys that still match; no key crosses ranks."""
+        bins = 1 << RADIX_BITS
+        threshold, above, remaining, candidates = 0, 0, k, keys
+        for shift in range(keys.element_size() * 8 - RADIX_BITS, -1, -RADIX_BITS):
+            digits = ((candidates >> shift) & (bins - 1)).long()
+            hist = self._reduce(torch.bincount(digits, minlength=bins), dist.ReduceOp.SUM)
+            from_top = hist.flip(0).cumsum(0)
+            pos = int(torch.searchsorted(from_top, remaining))   # first digit from the top reaching the k-th
+            digit = bins - 1 - pos
+            passed = int(from_top[pos] - hist[digit])
+            threshold, above, remaining = threshold | digit << shift, above + passed, remaining - passed
+            candidates = candidates[digits == digit]
+        return threshold, above
+
+    def maxpool(self, layout, kernel: int, root=None):
+        kernel = ops.check_pool_kernel("maxpool_amplify", layout, self.d_total, kernel)
+        width = self.G.shape[1]
+        mine = layout.columns(self.d_total, self.lo, self.lo + width, kernel)
+        total = layout.pooled_width(self.d_total, kernel)
+        lo = layout.columns(self.d_total, 0, self.lo, kernel).pooled_width(self.lo, kernel) if self.lo else 0
+        if mine.pooled_width(width, kernel) == 0:
+            # a shard that pools to nothing holds one zero column, which adds nothing to any sum
+            P = self.G.new_zeros(self.n_total, 1)
+            return ShardedClients(P, None, "propagate", self.backend, self.group, total, lo), \
+                (None if root is None else root.new_zeros(1))
+        P = ops.maxpool_amplify(self.G, mine, kernel, nonfinite="propagate", backend=self.backend)
+        pooled_root = None if root is None else ops.maxpool_amplify(root[None, :], mine, kernel,
+                                                                   backend=self.backend)[0]
+        return ShardedClients(P, None, "propagate", self.backend, self.group, total, lo), pooled_root
+
 
 # ---------------------------------------------------------------- the aggregator
 
-# The rules whose every cross-coordinate step goes through the Clients methods above, with the
-# settings that keep them so. The others need their own sharded steps (listed in docs/distributed.md).
-EXACT = (A.FedAvg, A.CoordinateMedian, A.TrimmedMean, A.Meamed, A.SignSGD, A.NormClipping, A.GeometricMedian,
-         A.CenteredClipping, A.Krum, A.MultiKrum, A.MultiKrumCos, A.Bulyan, A.MDA, A.InvariantAggregator,
-         A.RobustLR, A.SignGuard, A.FLTrust)
+# The rules whose every cross-coordinate step goes through the Clients methods above. A subclass
+# may add steps of its own, so the check is on the exact type.
+SHARDED = (A.FedAvg, A.CoordinateMedian, A.TrimmedMean, A.Meamed, A.SignSGD, A.NormClipping, A.GeometricMedian,
+           A.CenteredClipping, A.Krum, A.MultiKrum, A.MultiKrumCos, A.Bulyan, A.MDA, A.MoNNA, A.CAF, A.SMEA, A.DnC,
+           A.InvariantAggregator, A.RobustLR, A.SparseFed, A.SignGuard, A.CosDen, A.EuDen, A.MgDen, A.FLTrust,
+           A.FLTrustAmp, A.Pipeline)
+SHARDED_PRE = (A.NNM, A.Bucketing, A.ARC)
 
 
 def _not_sharded(agg) -> str | None:
     """Why ``agg`` cannot run sharded, or None."""
-    if type(agg) not in EXACT:
-        return (f"{agg.name} has no sharded form yet; the rules that have one are "
-                f"{', '.join(cls.__name__ for cls in EXACT)}")
-    if getattr(agg, "noise", 0) > 0:
-        return (f"{agg.name}(noise={agg.noise}) draws a d-sized noise vector, which the ranks would "
-                "have to draw in pieces of the one stream; use noise=0")
-    if isinstance(agg, A.RobustLR) and agg.base == "median" and agg.clip is not None:
-        return f"{agg.name}(base='median', clip=...) clips rows by their shard norms inside clip_rows"
+    if type(agg) not in SHARDED:
+        return (f"{agg.name} has no sharded form; the rules that have one are "
+                f"{', '.join(cls.__name__ for cls in SHARDED)}")
+    if isinstance(agg, A.Pipeline):
+        for stage in agg.pre:
+            if type(stage) not in SHARDED_PRE:
+                return (f"{agg!r}: the pre-aggregator {stage!r} has no sharded form; the ones that have one are "
+                        f"{', '.join(cls.__name__ for cls in SHARDED_PRE)}")
+        return _not_sharded(agg.final)
     return None
 
 
@@ -214,10 +315,13 @@ class ShardedAggregator:
     clients' updates for that rank's ``shard_bounds`` range (the same n on every rank, ranges in
     rank order) and returns that rank's slice of ``aggregator(G)``. ``last_report`` is the same on
     every rank. Stateful rules keep their state sharded: each rank's aggregator holds the state of
-    its own columns. Randomness (SignGuard's window) is drawn the same on every rank when each
-    rank builds its aggregator with the same seed.
+    its own columns. Randomness (SignGuard's window, DnC's columns, Bucketing's permutation,
+    noise) is drawn the same on every rank when each rank builds its aggregator with the same seed.
+    FLTrust's ``root_update`` is this rank's slice of the server's update; the max-pooled rules
+    take the whole model's ``layout`` and bounds from ``shard_bounds(d, world_size, layout)``.
 
-    Raises ValueError for a rule (or setting) that has no exact sharded form.
+    Raises ValueError for an aggregator without a sharded form: a type other than the shipped rules
+    (a subclass may read G in steps of its own), or a pipeline with another pre-aggregator.
     """
 
     def __init__(self, aggregator: A.Aggregator, group=None):
@@ -249,6 +353,6 @@ class ShardedAggregator:
         w = None if weights is None else check_weights(name, weights, n, G_shard.device)
         rows = ShardedClients(G_shard.contiguous(), w, self.aggregator.nonfinite, self.aggregator.backend,
                               self.group, d=sum(widths), lo=sum(widths[:rank]))
-        out, report = self.aggregator.run_rule(rows, Layout.from_shapes([(width,)]))
+        out, report = self.aggregator.run_rule(rows, Layout.from_shapes([(rows.d,)]))
         self.last_report = report
         return out

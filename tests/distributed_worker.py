@@ -15,8 +15,10 @@ N, D = 12, 37   # Bulyan(f=2) needs n >= 11 after a NaN client is dropped; 37 co
 ROUNDS = 2              # stateful rules run twice, so the second round starts from sharded state
 
 
-def inputs(kind: str, dtype=torch.float64) -> torch.Tensor:
-    """The full (N, D) matrix of one named kind, the same on every rank."""
+def inputs(kind: str, dtype=None) -> torch.Tensor:
+    """The full (N, D) matrix of one named kind, the same on every rank: float64, but for "float32"
+    (random values, where SparseFed's top-k reads 32-bit keys)."""
+    dtype = dtype or (torch.float32 if kind == "float32" else torch.float64)
     g = torch.Generator().manual_seed(7)
     G = torch.randn(N, D, generator=g, dtype=torch.float64) + 0.5
     if kind == "lie":
@@ -55,23 +57,52 @@ def rules(root: torch.Tensor):
         "SignGuard-dist": lambda: A.SignGuard(variant="dist", seed=3),
         "SignGuard-sim": lambda: A.SignGuard(variant="sim", seed=3),
         "FLTrust": lambda: A.FLTrust(root),
+        "NormClipping-noise": lambda: A.NormClipping(3.0, noise=0.1, seed=1),
+        "RobustLR-noise": lambda: A.RobustLR(4, clip=3.0, noise=0.1, seed=2),
+        "RobustLR-median-clip": lambda: A.RobustLR(4, base="median", clip=3.0),
+        "MoNNA": lambda: A.MoNNA(2, idx=1),
+        "CAF": lambda: A.CAF(2),
+        "SMEA": lambda: A.SMEA(1),
+        "DnC": lambda: A.DnC(2, niters=2, subsample_dim=10, seed=5),
+        "SparseFed": lambda: A.SparseFed(5),
+        "SparseFed-momentum-clip": lambda: A.SparseFed(5, rho=0.9, clip=3.0),
+        "CosDen": lambda: A.CosDen(4, 0.25, layout=LAYOUT),
+        "EuDen": lambda: A.EuDen(4, 0.25, layout=FLAT),
+        "MgDen-official": lambda: A.MgDen(4, 0.25, score="official", layout=LAYOUT),
+        "FLTrustAmp": lambda: A.FLTrustAmp(root, layout=LAYOUT),
+        "NNM-TrimmedMean": lambda: A.Pipeline(A.NNM(2), A.TrimmedMean(trim=2)),
+        "Bucketing-Median": lambda: A.Pipeline(A.Bucketing(2, seed=4), A.CoordinateMedian()),
+        "ARC-Krum": lambda: A.Pipeline(A.ARC(2), A.Krum(2)),
     }
 
 
-KINDS = ["random", "lie", "nan_in_last_shard", "huge", "ties"]
+# The max-pooled rules' layouts over D = 37, both with parts smaller than a shard. LAYOUT: a (5, 4)
+# weight whose last row pools to nothing, a bias, a (4, 3) weight. FLAT: the authors' rows of 4,
+# 13 columns skipped, so the last of 3 ranks pools to nothing at all.
+LAYOUT = Layout.from_shapes([(5, 4), (5,), (4, 3)])
+FLAT = Layout.flat(4, skip_tail=13)
+POOLED = {"CosDen": LAYOUT, "EuDen": FLAT, "MgDen-official": LAYOUT, "FLTrustAmp": LAYOUT}
+
+
+def bounds(name: str, world: int) -> list[tuple[int, int]]:
+    """The rule's column shards: around its pooling windows for the max-pooled rules."""
+    return shard_bounds(D, world, POOLED.get(name))
+
+
+KINDS = ["random", "lie", "nan_in_last_shard", "huge", "ties", "float32"]
 WEIGHTS = torch.arange(1, N + 1, dtype=torch.float64)
 
 
 def run_all(group=None):
     """{(rule, kind, round): (this rank's output slice, the report)} for every case."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    lo, hi = shard_bounds(D, world)[rank]
     out = {}
     for kind in KINDS:
         G = inputs(kind)
         root = G[:3].mean(0)
-        for name, make in rules(root[lo:hi]).items():
-            sharded = ShardedAggregator(make(), group)
+        for name in rules(root):
+            lo, hi = bounds(name, world)[rank]
+            sharded = ShardedAggregator(rules(root[lo:hi])[name](), group)
             weights = WEIGHTS if sharded.aggregator.uses_weights else None
             for r in range(ROUNDS):
                 value = sharded(G[:, lo:hi], weights)
