@@ -3,9 +3,11 @@
     python benchmarks/bench_distributed.py [--world 2] [--n 20] [--model resnet18-cifar] [--json PATH]
 
 Each rank builds the same G (fp32, ResNet-18 size by default) from one seed, keeps its column shard
-and times every sharded rule (median of --repeats calls after one warm-up); the threads are split
-evenly between the ranks, so 1 rank and W ranks use the same cores. The bytes that the collectives
-carry per call are counted on rank 0. On a 2-core machine only the ratios and the bytes mean
+(``shard_bounds`` with the model's layout) and times every rule of the benchmark's table
+(``robustagg.bench.aggregators``), sharded: the median of --repeats calls after one warm-up. The
+threads are split evenly between the ranks, so 1 rank and W ranks use the same cores. The bytes
+that the collectives carry per call are counted on rank 0: what rank 0 puts into each collective
+(its part of an all-reduce or all-gather). On a 2-core machine only the ratios and the bytes mean
 anything: the ranks share the memory bandwidth, and gloo runs over loopback.
 """
 import argparse
@@ -21,22 +23,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from robustagg import aggregators as A
-from robustagg.bench.models import EXPECTED_D
+from robustagg.bench.aggregators import make_aggregators
+from robustagg.bench.models import EXPECTED_D, model_layout
 from robustagg.distributed import ShardedAggregator, shard_bounds
-
-RULES = {
-    "FedAvg": lambda n, root: A.FedAvg(),
-    "CoordinateMedian": lambda n, root: A.CoordinateMedian(),
-    "TrimmedMean": lambda n, root: A.TrimmedMean(trim=n // 5),
-    "RobustLR": lambda n, root: A.RobustLR(max(1, round(0.4 * n))),
-    "NormClipping": lambda n, root: A.NormClipping(float(root.norm())),
-    "Krum": lambda n, root: A.Krum(n // 5),
-    "Bulyan": lambda n, root: A.Bulyan(min(n // 5, (n - 3) // 4)),
-    "GeometricMedian": lambda n, root: A.GeometricMedian(max_iter=10),
-    "SignGuard": lambda n, root: A.SignGuard(seed=0),
-    "FLTrust": lambda n, root: A.FLTrust(root),
-}
-
 
 def count_bytes(counter):
     """Wrap the collectives so that rank 0 counts what they carry."""
@@ -55,8 +44,8 @@ def count_bytes(counter):
 def worker(rank, world, init, args, path):
     torch.set_num_threads(max(1, args.threads // world))
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    d = EXPECTED_D[args.model]
-    lo, hi = shard_bounds(d, world)[rank]
+    d, layout = EXPECTED_D[args.model], model_layout(args.model)
+    lo, hi = shard_bounds(d, world, layout)[rank]   # around the max-pooling windows, for every rule
     G = torch.randn(args.n, d, generator=torch.Generator().manual_seed(0)) * 1e-2
     shard = G[:, lo:hi].contiguous()
     root = G[:2].mean(0)
@@ -64,8 +53,11 @@ def worker(rank, world, init, args, path):
     counter = {"bytes": 0, "calls": 0}
     count_bytes(counter)
     rows = {}
-    for name, make in RULES.items():
-        sharded = ShardedAggregator(make(args.n, root[lo:hi].clone() if name == "FLTrust" else root), None)
+    # the benchmark's table, made from the whole root update (radii, k); FLTrust takes this rank's slice
+    for name, aggregator in make_aggregators(args.n, layout, root, backend=None).items():
+        if isinstance(aggregator, A.FLTrust):
+            aggregator.root_update = root[lo:hi].clone()
+        sharded = ShardedAggregator(aggregator, None)
         sharded(shard)                                   # warm-up
         counter.update(bytes=0, calls=0)
         times = []
@@ -102,7 +94,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     one, many = run(1, args), run(args.world, args)
     print(f"{'rule':18} {'1 rank ms':>10} {f'{args.world} ranks ms':>11} {'ratio':>6} {'bytes/call':>11} {'collectives':>11}")
-    for name in RULES:
+    for name in one:
         a, b = one[name], many[name]
         print(f"{name:18} {a['ms']:10.1f} {b['ms']:11.1f} {b['ms'] / a['ms']:6.2f} {b['collective_bytes']:11,} "
               f"{b['collectives']:11}")

@@ -233,17 +233,24 @@ class ShardedClients(Clients):
         k = min(k, self.d_total)
         if k == 0:
             return torch.zeros(0, dtype=torch.int64, device=u.device), error[:0].clone()
+        # The global top k holds at most k of this shard's coordinates, its largest (ties to the
+        # lower index, as the global rule): the shard's own top k (one fused pass) are the only
+        # candidates, and the radix select reads those alone.
+        local, values = ops.topk_abs(error, min(k, error.numel()), backend=self.backend)
         # |e| of a finite float is ordered as its bits are, read as a non-negative integer
-        keys = error.abs().view(torch.int32 if error.element_size() == 4 else torch.int64)
+        keys = values.abs().view(torch.int32 if error.element_size() == 4 else torch.int64)
         threshold, above = self._kth_largest(keys, k)
+        # Ties go to the lowest model coordinates: the ranks before this one take theirs first. A
+        # shard whose candidates end inside the ties holds at least as many as are needed, so
+        # counting its candidate ties, not all of them, gives every rank the same share.
         ties = (keys == threshold).nonzero().flatten()
-        # ties go to the lowest model coordinates: the ranks before this one take theirs first
         count = torch.tensor([ties.numel()], dtype=torch.int64, device=u.device)
         every = [torch.zeros_like(count) for _ in range(dist.get_world_size(self.group))]
         dist.all_gather(every, count, group=self.group)
         before = sum(int(c) for c in every[:dist.get_rank(self.group)])
         take = min(max(k - above - before, 0), ties.numel())
-        idx = torch.cat([(keys > threshold).nonzero().flatten(), ties[:take]]).sort().values
+        chosen = torch.cat([(keys > threshold).nonzero().flatten(), ties[:take]]).sort().values
+        idx = local[chosen]
         values = error[idx].clone()
         error[idx] = 0
         momentum[idx] = 0

@@ -30,6 +30,11 @@ def inputs(kind: str, dtype=None) -> torch.Tensor:
     elif kind == "ties":
         G = torch.randint(-1, 2, (N, D), generator=g).double()
         G[1] = G[0]
+    elif kind == "equal_magnitudes":
+        # G_ij = c_i s_j: every coordinate of the mean has the same |value|, so SparseFed's top-k is
+        # all ties, spread over every rank; the rows are parallel (every cosine is 1)
+        signs = torch.randint(0, 2, (D,), generator=g).double() * 2 - 1
+        G = (1 + torch.arange(N, dtype=torch.float64) / N)[:, None] * signs[None, :]
     return G.to(dtype)
 
 
@@ -65,6 +70,7 @@ def rules(root: torch.Tensor):
         "SMEA": lambda: A.SMEA(1),
         "DnC": lambda: A.DnC(2, niters=2, subsample_dim=10, seed=5),
         "SparseFed": lambda: A.SparseFed(5),
+        "SparseFed-k20": lambda: A.SparseFed(20),   # takes more than a shard's coordinates
         "SparseFed-momentum-clip": lambda: A.SparseFed(5, rho=0.9, clip=3.0),
         "CosDen": lambda: A.CosDen(4, 0.25, layout=LAYOUT),
         "EuDen": lambda: A.EuDen(4, 0.25, layout=FLAT),
@@ -89,7 +95,7 @@ def bounds(name: str, world: int) -> list[tuple[int, int]]:
     return shard_bounds(D, world, POOLED.get(name))
 
 
-KINDS = ["random", "lie", "nan_in_last_shard", "huge", "ties", "float32"]
+KINDS = ["random", "lie", "nan_in_last_shard", "huge", "ties", "equal_magnitudes", "float32"]
 WEIGHTS = torch.arange(1, N + 1, dtype=torch.float64)
 
 

@@ -7,12 +7,12 @@ import torch
 
 from .. import ops
 from ..layout import Layout
-from .base import Aggregator, Clients, Report, check_choice, check_float, check_int
+from .base import Aggregator, Clients, Report, check_choice, check_float, check_int, on_cosine_grid, ranking_key
 
 
 def _stable_order(values: torch.Tensor, descending: bool) -> torch.Tensor:
-    """Per-row order of an [n, n] matrix; ties go to the lower index."""
-    return torch.sort(-values if descending else values, dim=-1, stable=True).indices
+    """Per-row order of an [n, n] matrix (``ranking_key``); ties go to the lower index."""
+    return torch.sort(ranking_key(-values if descending else values), dim=-1, stable=True).indices
 
 
 @dataclass
@@ -68,24 +68,33 @@ class _Density(Aggregator):
         if pooled.d == 0:
             raise ValueError(f"{self.name}: layout={lay!r} with kernel={self.kernel} pools the d={rows.d} "
                              "coordinates to none; give a layout with a segment of at least kernel x kernel")
-        cos = rows.local_pairs(pooled.pairwise_with_flags(ops.pairwise_cosine)[0].double().cpu())   # every row of G
+        cos = pooled.pairwise_with_flags(ops.pairwise_cosine)[0]
+        cos = rows.local_pairs(cos.double().cpu())   # P pools every row of G
         out = {"cos": cos} if "cos" in self.measures else {}
         if "euclid" in self.measures:
             # ||P_i/N_i - P_j/N_j||^2 = (a_i - a_j)^2 + 2 a_i a_j (1 - cos_ij) with a_i = ||P_i|| / N_i
             pooled_norm = rows.local(pooled.client_stats().norm).cpu()
             a = torch.where(norm > 0, pooled_norm / norm, torch.zeros_like(norm))
-            sq = (a[:, None] - a[None, :]) ** 2 + 2 * a[:, None] * a[None, :] * (1 - cos)
+            # 1 - cos from the cosine grid: for parallel clients it is 0, not rounding noise, which
+            # the square root would lift to 1e-8
+            sq = (a[:, None] - a[None, :]) ** 2 + 2 * a[:, None] * a[None, :] * (1 - on_cosine_grid(cos))
             out["euclid"] = sq.clamp_min(0).sqrt()
         return out
 
     def choose(self, M: torch.Tensor, similar_is_high: bool, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores and the kept clients (bool[n]) for one similarity or distance matrix."""
-        neighbours = _stable_order(M, descending=similar_is_high)[:, :self.k_nearest]
-        if self.score == "paper":
-            scores = M.gather(1, neighbours).sum(dim=1)
-        else:
-            scores = M[neighbours[:, :, None], neighbours[:, None, :]].sum(dim=(1, 2))
-        best = _stable_order(scores[None, :], descending=similar_is_high)[0, :keep]
+        """Scores and the kept clients (bool[n]) for one similarity or distance matrix. The ranks
+        come from the matrix on the cosine grid (``on_cosine_grid``: parallel clients tie in every
+        order of the sums); the reported scores from the matrix itself."""
+        grid = on_cosine_grid(M)
+        neighbours = _stable_order(grid, descending=similar_is_high)[:, :self.k_nearest]
+
+        def score(X):
+            if self.score == "paper":
+                return X.gather(1, neighbours).sum(dim=1)
+            return X[neighbours[:, :, None], neighbours[:, None, :]].sum(dim=(1, 2))
+
+        scores = score(M)
+        best = _stable_order(score(grid)[None, :], descending=similar_is_high)[0, :keep]
         chosen = torch.zeros(M.shape[0], dtype=torch.bool)
         chosen[best] = True
         return scores, chosen

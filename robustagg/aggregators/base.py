@@ -26,6 +26,8 @@ from ..layout import flatten, is_integer
 
 BUFFER_POLICIES = ("kept_median", "kept_mean", "rule")
 FLOAT_BUFFER_SUFFIXES = ("running_mean", "running_var")   # BatchNorm's floating buffers, by state_dict name
+RANKING_BITS = 40      # significant bits of the scores that rank clients (ranking_key)
+COSINE_STEP = 2.0 ** -36   # the grid of the cosines and unit-vector distances that rank clients (on_cosine_grid)
 NOISE_CHUNK = 1 << 20   # coordinates per independently seeded piece of a Gaussian draw (Clients.gaussian)
 
 
@@ -277,6 +279,32 @@ def check_majority_f(owner: str, f, n: int) -> int:
         raise ValueError(f"{owner}: f={f} is too large for n={n} clients; {owner} needs n >= 2f+1, "
                          f"so f must be in [0, {(n - 1) // 2}]")
     return f
+
+
+def ranking_key(scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` in float64, rounded to RANKING_BITS significant bits: the key by which the rules
+    rank clients, with a stable sort (ties to the lower index).
+
+    Scores equal in exact arithmetic (mirror-image clients, copies) come out of sums whose last
+    bits depend on the order of the additions: one process adds a row's coordinates in one order,
+    the shards of ``robustagg.distributed`` in another. Rounded, they are equal, so every order of
+    the sums ranks them the same. Rounding is monotone, so scores apart by more than a relative
+    2^-RANKING_BITS keep their order."""
+    mantissa, exponent = torch.frexp(scores.double())
+    return torch.ldexp(torch.round(mantissa * 2.0 ** RANKING_BITS), exponent - RANKING_BITS)   # both exact
+
+
+def on_cosine_grid(values: torch.Tensor) -> torch.Tensor:
+    """Cosines, or distances between unit vectors, in float64 rounded to multiples of COSINE_STEP,
+    for the rules that rank clients by them.
+
+    Their rounding error is absolute, not relative: two parallel clients (one a scaled copy of the
+    other) have a cosine of 1 but for the last bits, and a distance of 0 but for rounding noise,
+    whose bits depend on the order of the sums (one process, or the shards of
+    ``robustagg.distributed``). On the grid they are exactly 1 and 0, and sums of grid values are
+    exact, so such clients tie under every order; a step of 2^-36 is far above that noise even for
+    d = 1e9 and far below the spread of real clients."""
+    return torch.round(values.double() / COSINE_STEP) * COSINE_STEP
 
 
 def mean_of(rows: Clients, local: torch.Tensor) -> torch.Tensor:

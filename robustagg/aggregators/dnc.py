@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..reference import power_of_two_exponents
-from .base import Aggregator, Clients, Report, check_float, check_int, make_generator
+from .base import Aggregator, Clients, Report, check_float, check_int, make_generator, ranking_key
 
 
 def sample_columns(d: int, b: int, generator: torch.Generator) -> torch.Tensor:
@@ -87,7 +87,7 @@ class DnC(Aggregator):
             eigenvalues, eigenvectors = torch.linalg.eigh(centered @ centered.T)
             scores = eigenvalues[-1].clamp_min(0) * eigenvectors[:, -1] ** 2
             kept = torch.zeros(rows.n, dtype=torch.bool)
-            kept[torch.sort(scores, stable=True).indices[: self.kept_count(rows.n)]] = True
+            kept[torch.sort(ranking_key(scores), stable=True).indices[: self.kept_count(rows.n)]] = True
             good = kept if good is None else good & kept
             previous = rows.index
             report.scores.append(dict(zip(rows.all_ids(), torch.ldexp(scores, -2 * k).tolist())))

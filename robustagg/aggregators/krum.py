@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import ops
-from .base import Aggregator, Clients, Report, check_int
+from .base import Aggregator, Clients, Report, check_int, on_cosine_grid, ranking_key
 
 
 def krum_scores(D: torch.Tensor, f: int) -> torch.Tensor:
@@ -22,8 +22,8 @@ def krum_scores(D: torch.Tensor, f: int) -> torch.Tensor:
 
 
 def best_first(scores: torch.Tensor) -> torch.Tensor:
-    """Indices by ascending score; ties go to the lower index (stable sort)."""
-    return torch.sort(scores, stable=True).indices
+    """Indices by ascending score (``ranking_key``); ties go to the lower index (stable sort)."""
+    return torch.sort(ranking_key(scores), stable=True).indices
 
 
 def check_krum_f(owner: str, f, n: int, need: int = 2, extra: int = 3) -> int:
@@ -62,7 +62,7 @@ class MultiKrum(Aggregator):
 
     def distances(self, rows: Clients) -> torch.Tensor:
         if self.distance == "cosine":
-            return 1 - rows.pairwise(ops.pairwise_cosine).double().cpu()
+            return 1 - on_cosine_grid(rows.pairwise(ops.pairwise_cosine).cpu())
         return rows.pairwise(ops.pairwise_sqdist).double().cpu()
 
     def aggregate(self, rows: Clients, layout):

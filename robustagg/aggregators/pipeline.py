@@ -17,7 +17,7 @@ import torch
 from .. import ops
 from .._dtypes import dtype_max
 from .._policy import POLICIES
-from .base import Aggregator, Clients, Report, check_choice, check_int, make_generator
+from .base import Aggregator, Clients, Report, check_choice, check_int, make_generator, ranking_key
 
 
 # ---------------------------------------------------------------- what a stage hands on
@@ -129,7 +129,7 @@ class NNM(PreAggregator):
         D = rows.pairwise(ops.pairwise_sqdist).double().cpu()   # screens the rows
         self.check_n(rows.n)
         k = rows.n - self.f
-        nearest = torch.sort(D, dim=1, stable=True).indices[:, :k]   # stable: ties to the lower index
+        nearest = torch.sort(ranking_key(D), dim=1, stable=True).indices[:, :k]   # stable: ties to the lower index
         X = rows_in_play(rows)
         mixing = torch.zeros(rows.n, rows.n, dtype=X.dtype).scatter_(1, nearest, 1.0 / k).to(X.device)
         ids = rows.all_ids()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from .base import Aggregator, Clients, Report, check_int, check_majority_f, mean_of
+from .base import Aggregator, Clients, Report, check_int, check_majority_f, mean_of, ranking_key
 
 
 # ---------------------------------------------------------------- MDA's exact subset search
@@ -195,5 +195,5 @@ class MoNNA(Aggregator):
         check_majority_f(self.name, self.f, rows.n)
         # the trusted client is its own nearest neighbour, ahead of any exact copy of it
         dist[rows.all_ids().index(self.idx)] = -1.0
-        nearest = torch.sort(dist, stable=True).indices[:rows.n - self.f].sort().values
+        nearest = torch.sort(ranking_key(dist), stable=True).indices[:rows.n - self.f].sort().values
         return mean_of(rows, nearest), Report(selected=rows.ids(nearest))
