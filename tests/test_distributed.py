@@ -164,14 +164,14 @@ class FirstKrum(A.Krum):   # a user's rule: its own steps may read G across coor
     pass
 
 
-class Half(A.PreAggregator):
+class OwnStage(A.PreAggregator):   # a user's pre-aggregator
     def transform(self, rows):
         raise AssertionError("never reached")
 
 
 @pytest.mark.parametrize("agg, words", [
     (FirstKrum(1), "FirstKrum has no sharded form"),
-    (A.Pipeline(Half(), A.FedAvg()), "the pre-aggregator .* has no sharded form"),
+    (A.Pipeline(OwnStage(), A.FedAvg()), "the pre-aggregator .* has no sharded form"),
     (A.Pipeline(A.NNM(1), FirstKrum(1)), "FirstKrum has no sharded form"),
 ])
 def test_rules_without_a_sharded_form_say_so(agg, words):
