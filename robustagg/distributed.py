@@ -117,6 +117,7 @@ class ShardedClients(Clients):
         self.group = group
         self.d_total = d
         self.lo = lo
+        self._shard_norms = None   # each row's norm over this shard, once a pass has read them
 
     @property
     def d(self) -> int:
@@ -144,6 +145,8 @@ class ShardedClients(Clients):
         inside = max(hi - lo, 0)
         s = ops.client_stats(self.G, (lo, inside) if inside else (0, 1), ref, nonfinite="propagate",
                              backend=self.backend)
+        if inside == width:
+            self._shard_norms = s.norm.double()
         norm = self._norm(s.norm)
         counts = self._reduce((s.sign_frac.double() * inside).round(), dist.ReduceOp.SUM)
         dot = ref_norm = ref_dist = cosine = None
@@ -158,6 +161,13 @@ class ShardedClients(Clients):
             cosine = self._reduce(s.cosine.double() * share * ref_share, dist.ReduceOp.SUM).clamp(-1.0, 1.0)
         finite = ~self.agree(~s.finite)
         return ops.ClientStats(norm, counts / length, dot, ref_norm, ref_dist, cosine, finite)
+
+    def shard_norms(self) -> torch.Tensor:
+        """Each row's norm over this shard's columns, float64: from the last pass that read every
+        column, else from one ``client_stats`` pass."""
+        if self._shard_norms is None:
+            self._shard_norms = ops.client_stats(self.G, nonfinite="propagate", backend=self.backend).norm.double()
+        return self._shard_norms
 
     def _sum_matrices(self, M: torch.Tensor) -> torch.Tensor:
         """The sum of every rank's n x n matrix, added in rank order on every rank (an all-gather of
@@ -179,7 +189,7 @@ class ShardedClients(Clients):
             return self._sum_matrices(M.double()).to(M.dtype), bad
         if op is ops.pairwise_cosine:
             # the cosines of the shards, each weighted by its share of both rows' norms ...
-            part = ops.client_stats(self.G, nonfinite="propagate", backend=self.backend).norm.double()
+            part = self.shard_norms()
             norm = self._norm(part)
             share = torch.where(norm > 0, part / norm, torch.zeros_like(norm))
             C = self._sum_matrices(M.double() * share[:, None] * share[None, :])
@@ -221,7 +231,7 @@ class ShardedClients(Clients):
     def clip_rows(self, bound: float) -> torch.Tensor:
         # min(1, bound / ||g_i||) on every shard: a clipped row's shard r is bounded by its own share,
         # bound * ||g_i||_r / ||g_i||; an unclipped row's shards by the dtype's largest value (no-op)
-        part = ops.client_stats(self.G, nonfinite="propagate", backend=self.backend).norm.double()
+        part = self.shard_norms()
         norm = self._norm(part)
         clipped = torch.isfinite(norm) & (norm > bound)
         share = torch.where(clipped, bound * part / torch.where(clipped, norm, torch.ones_like(norm)),

@@ -191,7 +191,7 @@ class Layout:
         [n, d] one per row stacked (n, *shape), by default the clients' own ``self.held``.
         Integer entries that went through G are rounded to the nearest integer.
         """
-        if self._flat is not None or self.kind == "shapes":
+        if self._flat is not None or self.kind in ("shapes", "columns"):
             raise TypeError(f"a layout of kind {self.kind!r} describes pooling only; unflatten needs a layout from flatten()")
         vec = vec.detach()
         if vec.dim() == 2:

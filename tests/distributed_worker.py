@@ -16,9 +16,9 @@ ROUNDS = 2              # stateful rules run twice, so the second round starts f
 
 
 def inputs(kind: str, dtype=None) -> torch.Tensor:
-    """The full (N, D) matrix of one named kind, the same on every rank: float64, but for "float32"
-    (random values, where SparseFed's top-k reads 32-bit keys)."""
-    dtype = dtype or (torch.float32 if kind == "float32" else torch.float64)
+    """The full (N, D) matrix of one named kind, the same on every rank: float64, but for the
+    float32 kinds (where SparseFed's top-k reads 32-bit keys)."""
+    dtype = dtype or (torch.float32 if kind.endswith("float32") else torch.float64)
     g = torch.Generator().manual_seed(7)
     G = torch.randn(N, D, generator=g, dtype=torch.float64) + 0.5
     if kind == "lie":
@@ -27,6 +27,8 @@ def inputs(kind: str, dtype=None) -> torch.Tensor:
         G[4, D - 1] = float("nan")   # one entry, on the last rank only: every rank must drop client 4
     elif kind == "huge":
         G[2] = 1e300                 # finite: norms and cosines stay finite, and client 2 is outvoted
+    elif kind == "huge_float32":
+        G[2] = 3e38                  # float32's largest values: its squares and sums overflow float32
     elif kind == "ties":
         G = torch.randint(-1, 2, (N, D), generator=g).double()
         G[1] = G[0]
@@ -95,7 +97,7 @@ def bounds(name: str, world: int) -> list[tuple[int, int]]:
     return shard_bounds(D, world, POOLED.get(name))
 
 
-KINDS = ["random", "lie", "nan_in_last_shard", "huge", "ties", "equal_magnitudes", "float32"]
+KINDS = ["random", "lie", "nan_in_last_shard", "huge", "ties", "equal_magnitudes", "float32", "huge_float32"]
 WEIGHTS = torch.arange(1, N + 1, dtype=torch.float64)
 
 
